@@ -1,0 +1,526 @@
+"""Loading a configuration: schema defaults → preset (``method``) → YAML file → dotted overrides.
+
+    cfg = load_config("my.yaml", ["route2.credit=gae", "route2.gamma=0.9", "train.betas=[0.9,0.95]"])
+
+Precedence, lowest first: the schema defaults (:mod:`opd.config.schema`); the preset named by
+``method`` (taken from the overrides, else from the file; :mod:`opd.config.presets`); the file's
+own values; the overrides, in order. A mapping option (``teacher.routes``) is replaced as a whole
+by each layer, or set one entry at a time with ``teacher.routes.math=PATH``.
+
+Values are read with YAML 1.2 scalars: ``1e-3`` is a float and only ``true``/``false`` are
+booleans (YAML 1.1 would read ``1e-3`` as a string and ``precision: no`` as ``false``). An override
+of a string option keeps its text when YAML would read something else
+(``teacher.context_template=Hint: {context}``).
+
+Every problem — unknown sections or keys (with a suggestion), wrong types, out-of-range values,
+incompatible combinations (:mod:`opd.config.validate`) — is collected and raised together as one
+:class:`ConfigError`, each line naming where the value came from (preset, file or override).
+This module also holds the schema introspection (:func:`field_specs`) and the type conversion
+(:func:`coerce_value`) that the checks build on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+import yaml
+
+from opd.config.schema import SECTIONS, Config
+
+__all__ = [
+    "ConfigError", "FieldSpec", "Problem", "coerce_value", "config_from_dict", "config_to_dict",
+    "dump_config", "field_specs", "get_value", "load_config", "parse_override", "section_keys",
+    "suggest", "with_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; ``problems`` holds one line per problem (each says how to fix it)."""
+
+    def __init__(self, problems: Sequence[str], header: str = "invalid configuration") -> None:
+        self.problems: list[str] = list(problems)
+        n = len(self.problems)
+        body = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{header} ({n} problem{'' if n == 1 else 's'}):\n{body}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: a message and the dotted keys it is about (to cite where their values came from)."""
+
+    message: str
+    keys: tuple[str, ...] = ()
+    source: str | None = None  # where the offending entry came from, when it is not a stored value
+
+
+# ---------------------------------------------------------------------------------------------
+# schema introspection
+@dataclass(frozen=True)
+class FieldSpec:
+    """One option of the schema: dotted ``path`` (``route2.gamma``; ``seed`` for top-level ones)."""
+
+    path: str
+    section: str | None
+    name: str
+    type: Any
+    type_name: str
+    default: Any
+    doc: str
+    choices: tuple[str, ...] | None
+    low: float | None
+    high: float | None
+    low_open: bool
+    high_open: bool
+
+
+def _specs_of(cls: type, section: str | None) -> list[FieldSpec]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if section is None and f.name in SECTIONS:
+            continue
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append(FieldSpec(
+            path=f.name if section is None else f"{section}.{f.name}", section=section, name=f.name,
+            type=hints[f.name], type_name=str(f.type), default=default, doc=meta.get("doc", ""),
+            choices=meta.get("choices"), low=meta.get("low"), high=meta.get("high"),
+            low_open=bool(meta.get("low_open")), high_open=bool(meta.get("high_open")),
+        ))
+    return out
+
+
+@functools.cache
+def field_specs() -> dict[str, FieldSpec]:
+    """Every option, top-level ones first, then the sections in pipeline (schema) order."""
+    hints = typing.get_type_hints(Config)
+    specs = _specs_of(Config, None)
+    for section in SECTIONS:
+        specs += _specs_of(hints[section], section)
+    return {s.path: s for s in specs}
+
+
+def section_keys(section: str) -> list[str]:
+    """The option names of one section, in schema order."""
+    return [s.name for s in field_specs().values() if s.section == section]
+
+
+def get_value(cfg: Config, path: str) -> Any:
+    """The value of a dotted option path in ``cfg``."""
+    obj: Any = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def suggest(word: str, candidates: Sequence[str]) -> str | None:
+    """The closest candidate to a misspelt ``word`` (difflib), or None."""
+    hits = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return hits[0] if hits else None
+
+
+# ---------------------------------------------------------------------------------------------
+# types
+def _describe_type(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_describe_type(a) for a in inner) + " or null"
+    if origin is list:
+        return f"a list of {_describe_type(args[0]).split(' ', 1)[1]}s"
+    if origin is dict:
+        return "a mapping of strings to strings" if args == (str, str) else "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _describe_value(value: Any) -> str:
+    kind = ("null" if value is None else "a boolean" if isinstance(value, bool) else
+            "an integer" if isinstance(value, int) else "a number" if isinstance(value, float) else
+            "a string" if isinstance(value, str) else "a list" if isinstance(value, (list, tuple)) else
+            "a mapping" if isinstance(value, Mapping) else type(value).__name__)
+    return kind if value is None else f"{value!r} ({kind})"
+
+
+def _parse_number(text: str) -> float | None:
+    try:
+        return float(text.strip())
+    except ValueError:
+        return None
+
+
+def coerce_value(value: Any, tp: Any) -> Any:
+    """``value`` converted to the schema type ``tp``; raises ``TypeError`` saying what was expected.
+
+    Accepted conversions: ``int`` → ``float``; a string holding a number → ``float`` (YAML 1.1
+    reads ``1e-3`` as a string); an integral number or numeric string → ``int``; a tuple → list;
+    numeric mapping keys → strings. A ``bool`` is never a number and a number never a ``bool``;
+    ``None`` only where the type allows it; ``nan`` never.
+    """
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if value is None:
+            raise TypeError(f"null is not allowed here (expected {_describe_type(tp)})")
+        return coerce_value(value, inner[0])
+    expected = f"expected {_describe_type(tp)}, got {_describe_value(value)}"
+    if value is None:
+        raise TypeError(f"null is not allowed here ({expected})")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(expected)
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise TypeError(expected)
+        number = _parse_number(value) if isinstance(value, str) else value
+        if isinstance(number, (int, float)):
+            if isinstance(number, float) and math.isnan(number):
+                raise TypeError(f"nan is not allowed ({expected})")
+            if tp is float:
+                return float(number)
+            if isinstance(number, int):
+                return number
+            if number.is_integer():
+                return int(number)
+        raise TypeError(expected)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(expected + ("; quote it to keep it a string" if isinstance(value, (bool, int, float)) else ""))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(expected)
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(coerce_value(item, args[0]))
+            except TypeError as err:
+                raise TypeError(f"item {i}: {err}") from None
+        return out
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise TypeError(expected)
+        result = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                if isinstance(key, bool) or not isinstance(key, (int, float)):
+                    raise TypeError(f"key {key!r}: expected a string key")
+                key = str(key)
+            try:
+                result[key] = coerce_value(item, args[1])
+            except TypeError as err:
+                raise TypeError(f"entry {key!r}: {err}") from None
+        return result
+    raise TypeError(f"unsupported schema type {tp!r} (a bug in opd/config/schema.py)")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML 1.2 scalars
+_BOOL, _FLOAT, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int"
+_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT_RE = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$")
+_FLOAT_RE = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe loader with YAML 1.2 booleans, integers and floats (``1e-3`` is a float; ``no`` a string)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT, _INT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, _BOOL_RE, list("tTfF"))
+_Loader.add_implicit_resolver(_INT, _INT_RE, list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string that a YAML 1.1 *or* 1.2 reader would take for something else."""
+
+
+_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=True))  # `betas: [0.9, 0.98]`
+_Dumper.add_representer(str, lambda dumper, data: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", data, style='"' if "\n" in data else None))  # `"{context}\n"` on one line
+_Dumper.add_implicit_resolver(_BOOL, _BOOL_RE, list("tTfF"))
+_Dumper.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
+
+
+def _yaml_where(err: yaml.YAMLError) -> str:
+    """' at line L, column C: what' for a YAML syntax error (one line, 1-based positions)."""
+    mark, context_mark = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+    what = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    if context and context_mark is not None:
+        what += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else f": {what}"
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 — a SafeLoader subclass
+
+
+# ---------------------------------------------------------------------------------------------
+# layers: (path parts, value, source) entries checked against the schema
+@dataclass(frozen=True)
+class _Entry:
+    parts: tuple[str, ...]
+    value: Any
+    source: str
+    raw: str | None = None  # an override's text, kept for string options
+
+
+def _is_str_option(spec: FieldSpec) -> bool:
+    return spec.type is str or (get_origin(spec.type) in (Union, types.UnionType)
+                                and str in get_args(spec.type))
+
+
+def _unknown(parts: tuple[str, ...]) -> str:
+    specs, name = field_specs(), ".".join(parts)
+    top = [s.path for s in specs.values() if s.section is None]
+    head = parts[0]
+    if head in top:
+        return f"{name}: {head} is a top-level option and has no keys; write {head}=VALUE"
+    if head not in SECTIONS:
+        owners = [p for p in specs if p.endswith("." + head)]
+        hint = owners[0] if len(owners) == 1 else suggest(head, [*SECTIONS, *top])
+        return (f"{name}: unknown {'option' if len(parts) == 1 else 'section'}"
+                + (f"; did you mean {hint}?" if hint else f"; the sections are: {', '.join(SECTIONS)}"))
+    key = parts[1]
+    close = suggest(key, section_keys(head))
+    elsewhere = [p for p in specs if p.endswith("." + key)]
+    hint = f"{head}.{close}" if close else (elsewhere[0] if elsewhere else None)
+    return (f"{name}: unknown key" + (f"; did you mean {hint}?" if hint else
+                                      f"; the keys of {head} are: {', '.join(section_keys(head))}"))
+
+
+def _locate(entry: _Entry) -> tuple[list[tuple[str, str | None, Any]], list[Problem]]:
+    """Resolve an entry to (option path, mapping sub-key or None, value) triples, or problems."""
+    parts, specs, src = entry.parts, field_specs(), entry.source
+    name = ".".join(parts)
+    if len(parts) == 1 and parts[0] in SECTIONS:
+        if entry.value is None:
+            return [], []
+        if not isinstance(entry.value, Mapping):
+            return [], [Problem(f"{name}: a section must be a mapping of options, got "
+                                f"{_describe_value(entry.value)}", (name,), src)]
+        out: list[tuple[str, str | None, Any]] = []
+        problems: list[Problem] = []
+        for key, value in entry.value.items():
+            o, p = _locate(_Entry((name, str(key)), value, entry.source))
+            out += o
+            problems += p
+        return out, problems
+    path = ".".join(parts[:2]) if len(parts) > 1 else parts[0]
+    if path not in specs or (len(parts) == 1) != (specs[path].section is None):
+        return [], [Problem(_unknown(parts), (name,), src)]
+    spec = specs[path]
+    if len(parts) > 2:
+        if get_origin(spec.type) is not dict or len(parts) > 3:
+            return [], [Problem(f"{name}: {path} is not a mapping option, so it has no sub-key "
+                                f"{'.'.join(parts[2:])!r}", (name,), src)]
+        return [(path, parts[2], entry.value)], []
+    value = entry.value
+    if entry.raw is not None and _is_str_option(spec) and not isinstance(value, str) and value is not None:
+        value = entry.raw.strip()  # `teacher.context_template=Hint: {context}` stays text
+    return [(path, None, value)], []
+
+
+def _merge(entries: Sequence[_Entry], base: Mapping[str, Any] | None = None
+           ) -> tuple[dict[str, Any], dict[str, str], list[Problem]]:
+    """Apply entries in order: (values by option path, source of each value, problems)."""
+    values: dict[str, Any] = dict(base or {})
+    sources: dict[str, str] = {}
+    problems: list[Problem] = []
+    for entry in entries:
+        located, p = _locate(entry)
+        problems += p
+        for path, sub, value in located:
+            if sub is None:
+                values[path] = copy.deepcopy(value)
+            else:
+                current = values.get(path, field_specs()[path].default)
+                merged = dict(current) if isinstance(current, Mapping) else {}
+                merged[sub] = copy.deepcopy(value)
+                values[path] = merged
+            sources[path] = entry.source
+    return values, sources, problems
+
+
+def _mapping_entries(data: Mapping[str, Any], source: str) -> list[_Entry]:
+    return [_Entry((str(key),), value, source) for key, value in data.items()]
+
+
+def _read_file(path: str | Path) -> list[_Entry]:
+    p = Path(path)
+    source = f"file '{path}'"
+    if not p.is_file():
+        raise ConfigError([f"config file '{path}' does not exist (looked in {p.resolve().parent})"])
+    try:
+        data = _yaml_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{source} is not valid YAML{_yaml_where(err)}"]) from None
+    if data is None:
+        return []
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"{source} must hold a mapping of sections (rollout:, teacher:, ...), "
+                           f"got {_describe_value(data)}"])
+    return _mapping_entries(data, source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"route2.gamma=0.9"`` → ``("route2.gamma", 0.9)``; the value is read as a YAML 1.2 scalar,
+    list (``[0.9,0.95]``) or mapping (``{math: path}``); ``null`` is None."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError([f"override {text!r} is not of the form section.key=value (e.g. route2.gamma=0.9)"])
+    if not raw.strip():
+        raise ConfigError([f"override {text!r} has no value; write {key}=null for none, or {key}=\"\" for an "
+                           "empty string"])
+    try:
+        return key, _yaml_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"override {text!r}: the value is not valid YAML{_yaml_where(err)}; quote it"]) from None
+
+
+def _override_entries(overrides: Sequence[str]) -> list[_Entry]:
+    if isinstance(overrides, str):
+        raise ConfigError([f"overrides must be a list of strings, got the string {overrides!r}"])
+    entries, problems = [], []
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as err:
+            problems += err.problems
+            continue
+        entries.append(_Entry(tuple(key.split(".")), value, f"override '{text}'", raw=text.partition("=")[2]))
+    if problems:
+        raise ConfigError(problems)
+    return entries
+
+
+def _build(values: Mapping[str, Any]) -> Config:
+    """A Config holding ``values`` as given (unconverted; :func:`validate.collect_problems` converts)."""
+    cfg = Config()
+    for path, value in values.items():
+        spec = field_specs()[path]
+        setattr(cfg if spec.section is None else getattr(cfg, spec.section), spec.name, value)
+    return cfg
+
+
+def _finish(values: Mapping[str, Any], sources: Mapping[str, str], problems: list[Problem]) -> Config:
+    # validate builds on this module's introspection; imported here to keep the import graph acyclic
+    from opd.config.validate import collect_problems, format_problem
+
+    clean, more = collect_problems(_build(values))
+    problems = problems + more
+    if problems:
+        raise ConfigError([format_problem(p, sources) for p in problems])
+    return clean
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load, merge and validate a configuration (see the module docstring for the precedence).
+
+    Args:
+        path: a YAML file with one mapping per section (``route2: {credit: gae}``) and optionally
+            ``method: NAME`` / ``seed: N``; None for the defaults (plus overrides).
+        overrides: dotted ``section.key=value`` strings, applied last, in order; ``method=NAME``
+            picks the preset.
+
+    Raises:
+        ConfigError: listing every problem, each with the source of the offending value.
+    """
+    file_entries = _read_file(path) if path is not None else []
+    override_entries = _override_entries(overrides)
+    method = None
+    for entry in file_entries + override_entries:
+        if entry.parts == ("method",):
+            method = entry.value
+    preset_entries: list[_Entry] = []
+    if isinstance(method, str):
+        from opd.config.presets import PRESETS
+
+        if method in PRESETS:  # an unknown name is reported with the list of presets by validation
+            preset = PRESETS[method]
+            preset_entries = _mapping_entries(preset.values, f"preset '{method}'")
+    values, sources, problems = _merge(preset_entries + file_entries + override_entries)
+    return _finish(values, sources, problems)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as plain data: top-level options, then one mapping per section, in schema order."""
+    out: dict[str, Any] = {}
+    for spec in field_specs().values():
+        value = copy.deepcopy(get_value(cfg, spec.path))
+        if spec.section is None:
+            out[spec.name] = value
+        else:
+            out.setdefault(spec.section, {})[spec.name] = value
+    return out
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """The Config holding exactly ``data`` (as written by :func:`config_to_dict`), validated.
+
+    Missing options take their schema defaults; the preset named by ``method`` is **not** applied
+    (``method`` is kept as a label), so ``config_from_dict(config_to_dict(cfg)) == cfg``.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"a configuration must be a mapping, got {_describe_value(data)}"])
+    values, sources, problems = _merge(_mapping_entries(data, "the given mapping"))
+    return _finish(values, {}, problems)
+
+
+def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A validated copy of ``cfg`` with dotted overrides applied (for sweeps); no preset is re-applied."""
+    entries = _override_entries(overrides)
+    if any(e.parts == ("method",) for e in entries):
+        raise ConfigError(["with_overrides cannot change `method` (a preset is applied only when loading); "
+                           "use load_config(path, ['method=NAME', ...])"])
+    base = {spec.path: get_value(cfg, spec.path) for spec in field_specs().values()}
+    values, sources, problems = _merge(entries, base)
+    return _finish(values, sources, problems)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML: top-level options, then each section (schema order) under a comment.
+
+    ``load_config(path)`` and ``config_from_dict(yaml)`` both give back an equal Config.
+    """
+    data = config_to_dict(cfg)
+    hints = typing.get_type_hints(Config)
+
+    def dump(obj: Mapping[str, Any]) -> str:
+        return yaml.dump(dict(obj), Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                         allow_unicode=True, width=1000)
+
+    chunks = ["# opd configuration (`opd config-help` documents every option; `opd methods` the presets)\n"
+              + dump({k: v for k, v in data.items() if k not in SECTIONS})]
+    for section in SECTIONS:
+        doc = (hints[section].__doc__ or "").strip().splitlines()[0]
+        chunks.append(f"# {doc}\n" + dump({section: data[section]}))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(chunks), encoding="utf-8")

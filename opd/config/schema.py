@@ -1,0 +1,271 @@
+"""The configuration schema: one section per design variable of the survey, in pipeline order.
+
+A config file reads as the method's formula (docs/architecture.md, DESIGN §1):
+
+    rollout (state compatibility) → teacher (feedback) → support → route1 (distributional loss)
+    → route2 (log-ratio reward + temporal credit) → routing → gates → regularization → outcome
+    → train → eval
+
+Every field carries its documentation in ``metadata["doc"]`` (shown by ``opd config-help``),
+optional ``choices`` and numeric bounds; :mod:`opd.config.load` validates against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
+        low: float | None = None, high: float | None = None,
+        low_open: bool = False, high_open: bool = False) -> Any:
+    """A documented config field with optional choices / numeric bounds."""
+    meta = {"doc": doc, "choices": choices, "low": low, "high": high,
+            "low_open": low_open, "high_open": high_open}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class StudentConfig:
+    """The model being trained."""
+    model: str = opt("builtin:arith/student",
+                     "student model: a local folder, a hub id, or builtin:<task>/<name> for a shipped checkpoint")
+    tokenizer: str | None = opt(None, "tokenizer folder or hub id (default: the model's)")
+    dtype: str = opt("float32", "parameter dtype", choices=("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from: a built-in task, a JSONL file or a Hugging Face dataset."""
+    task: str = opt("arith", "built-in task name (arith) or 'jsonl' / 'hf' for user prompts",
+                    choices=("arith", "jsonl", "hf"))
+    path: str | None = opt(None, "JSONL file (task=jsonl) or dataset id / local dataset folder (task=hf)")
+    split: str = opt("train", "dataset split used for training prompts (task=hf)")
+    eval_path: str | None = opt(None, "held-out JSONL file / dataset for evaluation (default: hold out eval.size prompts)")
+    eval_split: str | None = opt(None, "dataset split for evaluation (task=hf); default: hold out from `split`")
+    prompt_field: str = opt("prompt", "field holding the prompt text")
+    answer_field: str | None = opt("answer", "field holding the reference answer (optional; verifier and SFT baselines)")
+    context_field: str | None = opt(None, "field holding teacher-only context (privileged information the student never sees)")
+    route_field: str | None = opt(None, "field whose value selects the teacher in teacher.routes (multi-teacher)")
+    verifier: str = opt("auto", "how completions are scored: auto (the task's own), exact_match, contains, none, "
+                        "or python:module:function taking (example, completion) -> float")
+    digits: int = opt(3, "arith: operand digits", low=1, high=9)
+    reverse_operands: bool = opt(True, "arith: write operands least-significant digit first (see opd/tasks/arith.py)")
+
+
+@dataclass
+class RolloutConfig:
+    """State compatibility: on which states the student is taught (survey variable 1)."""
+    prompts_per_step: int = opt(128, "prompts per optimizer step (global, across processes)", low=1)
+    samples_per_prompt: int = opt(1, "G: completions sampled per prompt (group baselines need G ≥ 2)", low=1)
+    max_new_tokens: int = opt(8, "maximum completion length", low=1)
+    temperature: float = opt(1.0, "sampling temperature of the behaviour policy μ", low=0.0, low_open=True)
+    top_p: float = opt(1.0, "nucleus sampling mass (Fu et al. 2603.25562 recommend < 1)", low=0.0, high=1.0, low_open=True)
+    top_k: int = opt(0, "top-k sampling (0 = off)", low=0)
+    truncated: str = opt("keep", "rollouts that hit max_new_tokens without EOS: keep their tokens in the loss, or mask them out",
+                         choices=("keep", "mask"))
+    on_policy_fraction: float = opt(1.0, "GKD λ: fraction of prompts whose completions the student samples; the rest "
+                                    "use `off_policy_source` (arXiv 2306.13649)", low=0.0, high=1.0)
+    off_policy_source: str = opt("teacher", "completions for the off-policy fraction: teacher samples or dataset answers",
+                                 choices=("teacher", "answer"))
+    teacher_mix: float = opt(0.0, "MiniLLM α: sample each token from α·π_T + (1−α)·π_S and weight by π_S/mix "
+                             "(arXiv 2306.08543; default there 0.2)", low=0.0, high=1.0)
+    prefix_tokens: int | None = opt(None, "partial rollouts: generate and train on only the first n completion tokens "
+                                    "(Prefix-OPD); such prefixes are not treated as truncated", low=1)
+    updates_per_rollout: int = opt(1, "optimizer passes over each rollout batch (> 1 makes samples stale: use route2.is_correction)", low=1)
+
+
+@dataclass
+class TeacherConfig:
+    """Feedback: who scores the student's tokens, and what it returns."""
+    model: str = opt("builtin:arith/teacher", "teacher model (folder / hub id / builtin:...), or 'self' for the student itself")
+    self_mode: str = opt("frozen", "self-teacher weights: a frozen copy of the initial student, or the live student",
+                         choices=("frozen", "live"))
+    use_context: bool = opt(False, "prepend the example's teacher-only context (data.context_field) to the teacher's prompt")
+    context_template: str = opt("{context}", "how the context is rendered before the prompt ({context} is replaced; add a separator "
+                               "your tokenizer knows, e.g. '{context}\\n')")
+    temperature: float = opt(1.0, "teacher temperature applied to its logits before log-softmax", low=0.0, low_open=True)
+    access: str = opt("auto", "what the teacher returns: sampled-token log-probs, top-k log-probs, full logits, "
+                      "or auto (the least the objective needs)", choices=("auto", "sampled", "topk", "full"))
+    topk: int = opt(32, "k for access=topk (and for diagnostics)", low=1)
+    dtype: str = opt("float32", "teacher dtype", choices=("float32", "bfloat16", "float16"))
+    routes: dict[str, str] = opt({}, "multi-teacher routing: {value of data.route_field: teacher model}; "
+                                 "prompts whose value is missing use `model`")
+    check_tokenizer: bool = opt(True, "stop before training when teacher and student tokenizers disagree")
+
+
+@dataclass
+class SupportConfig:
+    """Support construction: over which tokens the teacher signal is defined (route 1)."""
+    kind: str = opt("full", "support of the distributional loss", choices=(
+        "full", "teacher_topk", "student_topk", "union", "sampled", "teacher_topk_sampled"))
+    k: int = opt(32, "top-k size of the support", low=1)
+    norm: str = opt("renorm", "renormalise both distributions on the support, or keep a tail bucket for the rest",
+                    choices=("renorm", "tail"))
+    student_temperature: float = opt(1.0, "student temperature inside the loss", low=0.0, low_open=True)
+
+
+@dataclass
+class Route1Config:
+    """Route 1: a direct distributional loss at every visited state."""
+    divergence: str = opt("rkl", "per-token divergence D(π_T ‖ π_S) on the support (none = route 1 off)",
+                          choices=("none", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl"))
+    coef: float = opt(1.0, "weight of the route-1 term", low=0.0)
+    beta: float = opt(0.5, "generalized JSD β (0 = forward KL, 1 = reverse KL; GKD convention)", low=0.0, high=1.0)
+    alpha: float = opt(0.1, "skew KL / skew reverse KL α (DistiLLM)", low=0.0, high=1.0)
+    mu: float = opt(0.5, "AKL head mass threshold μ (Wu et al. 2404.02657)", low=0.0, high=1.0)
+    chunk_size: int = opt(0, "memory-efficient path: tokens per chunk (0 = auto: chunked only when the vocabulary is large)", low=0)
+
+
+@dataclass
+class Route2Config:
+    """Route 2: policy-gradient-style update from the per-token log-ratio reward."""
+    coef: float = opt(0.0, "weight of the route-2 term (0 = off)", low=0.0)
+    reward: str = opt("log_ratio", "per-token reward r_t", choices=("log_ratio", "clipped", "box_cox", "extrapolated"))
+    reward_low: float | None = opt(None, "clipped reward: lower bound")
+    reward_high: float | None = opt(None, "clipped reward: upper bound")
+    box_cox_alpha: float = opt(0.5, "PowerOPD Box–Cox α (> 0 bounds the reward below by −1/α)", low=0.0)
+    extrapolation_lambda: float = opt(1.0, "G-OPD λ (1 = plain OPD, > 1 = ExOPD); needs regularization.reference", low=0.0)
+    credit: str = opt("immediate", "temporal credit estimator", choices=("immediate", "return_to_go", "discounted", "gae"))
+    gamma: float = opt(1.0, "discount γ (discounted, gae)", low=0.0, high=1.0)
+    lam: float = opt(0.95, "GAE λ", low=0.0, high=1.0)
+    baseline: str = opt("none", "baseline subtracted from the credit", choices=(
+        "none", "batch_mean", "group_mean", "leave_one_out", "value"))
+    value: str = opt("closed_form", "value estimate for gae / baseline=value: closed_form V = −RKL_t (vOPD), "
+                     "zero, or decomposed V = −RKL_t + γ·U with a learned head U",
+                     choices=("closed_form", "zero", "decomposed"))
+    value_coef: float = opt(0.5, "weight of the value-head regression loss (value=decomposed)", low=0.0)
+    future_only: bool = opt(False, "credit from t+1 on (MiniLLM's long-term term); pair with a route-1 term that "
+                            "covers the immediate step (MiniLLM single-step decomposition)")
+    length_normalize: bool = opt(False, "MiniLLM length normalisation of the return (mean of remaining rewards)")
+    whiten: bool = opt(False, "whiten advantages over the batch's valid tokens")
+    adv_clip: float | None = opt(None, "clip advantages to ±adv_clip (rllm uses 5)", low=0.0, low_open=True)
+    is_correction: str = opt("ratio", "importance correction for stale samples: ratio (plain IS), ppo_clip, dppo "
+                             "(sign-conditioned trust-region mask), none (on-policy surrogate)",
+                             choices=("none", "ratio", "ppo_clip", "dppo"))
+    clip_low: float = opt(0.2, "PPO clip ε_low / DPPO δ_low", low=0.0)
+    clip_high: float = opt(0.2, "PPO clip ε_high / DPPO δ_high", low=0.0)
+    ratio_cap: float | None = opt(None, "truncate importance ratios at this value (TIS)", low=0.0, low_open=True)
+
+
+@dataclass
+class RoutingConfig:
+    """Vocabulary routing: where freed probability mass goes when a sampled token is suppressed."""
+    kind: str = opt("softmax", "softmax (student prior, plain PG) or cr_opd (counterfactual routing, [INFER])",
+                    choices=("softmax", "cr_opd"))
+    student_k: int | None = opt(8, "CR-OPD K′: an alternative is student-reachable if in the student's top-K′", low=1)
+    tau_s: float = opt(0.0, "CR-OPD τ_S: ...or if π_S(v) ≥ τ_S", low=0.0, high=1.0)
+    tau_t: float = opt(0.0, "CR-OPD τ_T: teacher support threshold π_T(v) ≥ τ_T", low=0.0, high=1.0)
+    kappa: float = opt(1.0, "CR-OPD κ: ρ ∝ π_T^κ π_S^(1−κ)", low=0.0, high=1.0)
+    eta: float = opt(1.0, "CR-OPD η_r: mix of routed target and student prior (0 = plain PG)", low=0.0, high=1.0)
+    tau_a: float = opt(0.0, "CR-OPD τ_A: route only tokens with A_t < −τ_A", low=0.0)
+
+
+@dataclass
+class GatesConfig:
+    """Gates and weights: which tokens count, by how much, and how per-token losses are reduced."""
+    mask_special_tokens: bool = opt(False, "drop special tokens other than EOS from the loss (Fu et al.)")
+    entropy_gate: str = opt("none", "TIP token gate ([INFER] form, arXiv 2604.14084)",
+                            choices=("none", "q1", "q3", "q1_or_q3"))
+    keep_fraction: float = opt(0.5, "TIP: fraction of tokens kept by the entropy quantile", low=0.0, high=1.0, low_open=True)
+    entropy_low: float | None = opt(None, "TIP Q3: low-entropy threshold (default: the batch median)")
+    divergence_high: float | None = opt(None, "TIP Q3: high-divergence threshold (default: the batch median)")
+    coverage_gate: bool = opt(False, "keep only tokens whose sample is in the teacher's top-k")
+    position: str = opt("uniform", "position weights", choices=("uniform", "linear_decay", "prefix", "drift"))
+    prefix_fraction: float = opt(0.3, "position=prefix: keep the first fraction of each completion", low=0.0, high=1.0, low_open=True)
+    decay_to: float = opt(0.0, "position=linear_decay: weight of the last token", low=0.0, high=1.0)
+    drift_beta: float = opt(1.0, "position=drift: IW-OPD β in exp(−β Σ_{t'<t} d_t') ([INFER])", low=0.0)
+    reduction: str = opt("token_mean", "how per-token losses become one scalar",
+                         choices=("token_mean", "sequence_mean", "constant"))
+
+
+@dataclass
+class RegularizationConfig:
+    """Regularization: what keeps the student sane."""
+    reference: str | None = opt("initial", "reference policy for the KL term and G-OPD: 'initial' (a frozen copy "
+                                "of the starting student), a model path, or null (none: ref_kl_coef and "
+                                "route2.reward=extrapolated then cannot be used)")
+    ref_kl_coef: float = opt(0.0, "weight of KL(π_S ‖ π_ref) (StableOPD)", low=0.0)
+    ref_kl_estimator: str = opt("k3", "estimator of the reference KL", choices=("k1", "k2", "k3", "full"))
+    entropy_coef: float = opt(0.0, "entropy bonus weight (loss −coef·H(π_S))", low=0.0)
+    sft_coef: float = opt(0.0, "weight of a cross-entropy term on the batch's off-policy rows (teacher samples or "
+                          "dataset answers, rollout.off_policy_source): SFT / rollout-mixture distillation", low=0.0)
+
+
+@dataclass
+class OutcomeConfig:
+    """Hybrids: a verifier's outcome reward beside the teacher signal (prime-rl teacher_tau / adv_tau)."""
+    adv_tau: float = opt(0.0, "weight of the group-normalised outcome advantage (0 = off)", low=0.0)
+    teacher_tau: float = opt(1.0, "weight of the OPD advantage", low=0.0)
+    normalize_std: bool = opt(True, "divide group-centred outcome rewards by the group std (GRPO)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+    steps: int = opt(150, "optimizer steps", low=1)
+    lr: float = opt(3e-4, "peak learning rate (AdamW)", low=0.0, low_open=True)
+    schedule: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = opt(0, "linear warmup steps", low=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", low=0.0)
+    betas: list[float] = opt([0.9, 0.98], "AdamW betas")
+    grad_clip: float | None = opt(1.0, "clip the global gradient norm (None = off)", low=0.0, low_open=True)
+    micro_batch_size: int | None = opt(None, "rollouts per forward/backward (gradient accumulation); None = whole local batch", low=1)
+    precision: str = opt("no", "mixed precision (accelerate)", choices=("no", "bf16", "fp16"))
+    device: str = opt("auto", "cpu, cuda or auto", choices=("auto", "cpu", "cuda"))
+    stop_after: int | None = opt(None, "stop after this step as if interrupted (a checkpoint is written); continue with "
+                                 "`opd distill --resume RUN_DIR` (for time-limited jobs)", low=1)
+    checkpoint_every: int = opt(0, "save a resumable checkpoint every n steps (0 = only at the end)", low=0)
+    keep_checkpoints: int = opt(2, "how many step checkpoints to keep", low=1)
+    log_every: int = opt(1, "write metrics every n steps", low=1)
+    threads: int | None = opt(None, "torch CPU threads (None = torch's default)", low=1)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation."""
+    every: int = opt(50, "evaluate every n steps (0 = only before and after)", low=0)
+    size: int | None = opt(None, "held-out prompts (default: 500 for built-in tasks; for a prompt file without "
+                           "data.eval_path, 10% of its records up to 500)", low=1)
+    batch_size: int = opt(500, "prompts per generation batch", low=1)
+    max_new_tokens: int | None = opt(None, "default: rollout.max_new_tokens", low=1)
+    teacher: bool = opt(True, "also evaluate the teacher once (for the before/after table)")
+
+
+@dataclass
+class LoggingConfig:
+    """Where a run writes."""
+    run_dir: str | None = opt(None, "run folder (default: runs/<method>-<time>)")
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(False, "also write TensorBoard events")
+    wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`)")
+    report: bool = opt(True, "write the HTML/Markdown report at the end")
+
+
+@dataclass
+class Config:
+    """A complete, resolved opd configuration."""
+    method: str | None = opt(None, "preset applied before the file's own values (see `opd methods`)")
+    seed: int = opt(0, "seed of prompts, sampling and initialisation")
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    support: SupportConfig = field(default_factory=SupportConfig)
+    route1: Route1Config = field(default_factory=Route1Config)
+    route2: Route2Config = field(default_factory=Route2Config)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    outcome: OutcomeConfig = field(default_factory=OutcomeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SECTIONS: tuple[str, ...] = (
+    "student", "data", "rollout", "teacher", "support", "route1", "route2", "routing", "gates",
+    "regularization", "outcome", "train", "eval", "logging",
+)

@@ -1,0 +1,494 @@
+"""Validation of a configuration: field types and ranges, incompatible combinations, soft warnings,
+and the teacher access the objective needs.
+
+Three levels, each collecting *every* problem before anything is raised:
+
+* **fields** — type (converted by :func:`opd.config.load.coerce_value`: an ``int`` is accepted for
+  a ``float``, a ``bool`` is never a number, ``null`` only for ``X | None`` options, a float written
+  ``1e-3`` is read even where YAML 1.1 made it a string), ``choices`` and numeric bounds from the
+  schema metadata, and a few option-specific rules (``data.verifier``, ``train.betas``);
+* **combinations** (:func:`check_combinations`) — settings that cannot work together, e.g. a
+  full-vocabulary loss with a teacher that only returns sampled-token log-probs;
+* **warnings** (:func:`config_warnings`) — settings that run but probably do not do what the user
+  meant (a knob that has no effect, stale samples without importance correction, ...).
+
+Errors are :class:`ConfigError`, a ``ValueError`` whose message lists one problem per line, each
+saying what is wrong and how to fix it; :mod:`opd.config.load` adds where each value came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from opd.config.load import (
+    ConfigError, FieldSpec, Problem, coerce_value, field_specs, get_value, section_keys, suggest,
+)
+from opd.config.schema import Config
+
+__all__ = [
+    "Access", "ConfigError", "Problem", "check_combinations", "check_field", "collect_problems",
+    "config_warnings", "format_problem", "normalize_config", "range_text", "required_teacher_access",
+    "resolve_teacher_access", "route1_on", "route2_on", "validate_config",
+]
+
+Access = Literal["sampled", "topk", "full"]
+ACCESS_ORDER: tuple[str, ...] = ("sampled", "topk", "full")
+VERIFIERS: tuple[str, ...] = ("auto", "exact_match", "contains", "none")
+_PYTHON_VERIFIER = re.compile(r"^python:[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# teacher signal each support construction needs (opd.math.support: student_topk and union need
+# teacher log-probs at student-chosen ids, which only full logits give)
+_SUPPORT_NEED: dict[str, str] = {"full": "full", "student_topk": "full", "union": "full",
+                                 "teacher_topk": "topk", "teacher_topk_sampled": "topk", "sampled": "sampled"}
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def range_text(spec: FieldSpec) -> str:
+    """The allowed range of a numeric option, e.g. ``in [0, 1]`` or ``> 0``; '' when unbounded."""
+    if spec.low is not None and spec.high is not None:
+        return f"in {'(' if spec.low_open else '['}{_num(spec.low)}, {_num(spec.high)}{')' if spec.high_open else ']'}"
+    if spec.low is not None:
+        return f"{'>' if spec.low_open else '≥'} {_num(spec.low)}"
+    if spec.high is not None:
+        return f"{'<' if spec.high_open else '≤'} {_num(spec.high)}"
+    return ""
+
+
+def check_field(spec: FieldSpec, value: Any) -> str | None:
+    """Choices, bounds and option-specific rules for an already-typed value; a message or None."""
+    if value is None:
+        return None
+    p = spec.path
+    if spec.choices and value not in spec.choices:
+        hint = suggest(str(value), spec.choices)
+        return (f"{p}={value!r} is not one of: {', '.join(spec.choices)}"
+                + (f"; did you mean {hint}?" if hint else ""))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = spec.low, spec.high
+        bad = ((lo is not None and (value < lo or (spec.low_open and value == lo)))
+               or (hi is not None and (value > hi or (spec.high_open and value == hi))))
+        if bad:
+            return f"{p}={value!r} is out of range: it must be {range_text(spec)}"
+    if p == "data.verifier" and value not in VERIFIERS and not _PYTHON_VERIFIER.match(value):
+        return (f"data.verifier={value!r} is not a verifier: use one of {', '.join(VERIFIERS)} "
+                "or python:module:function (a function (example, completion) -> float)")
+    if p == "train.betas" and (len(value) != 2 or not all(0.0 <= b < 1.0 for b in value)):
+        return f"train.betas={value!r}: AdamW needs two numbers in [0, 1), e.g. [0.9, 0.98]"
+    return None
+
+
+def normalize_config(cfg: Config) -> tuple[Config, list[Problem]]:
+    """A copy of ``cfg`` with every value converted to its schema type, and the field problems.
+
+    A value that cannot be converted, or is out of range / not a choice, is reported and replaced by
+    its default in the copy, so that the combination checks run on well-typed values only.
+    """
+    clean = copy.deepcopy(cfg)
+    problems = []
+    for spec in field_specs().values():
+        raw = get_value(cfg, spec.path)
+        try:
+            value = coerce_value(raw, spec.type)
+            message = check_field(spec, value)
+        except TypeError as err:
+            value, message = spec.default, f"{spec.path}: {err}"
+        if message:
+            problems.append(Problem(message, (spec.path,)))
+            value = copy.deepcopy(spec.default)
+        owner = clean if spec.section is None else getattr(clean, spec.section)
+        setattr(owner, spec.name, value)
+    if clean.method is not None:
+        from opd.config.presets import PRESETS, unknown_method_message
+
+        if clean.method not in PRESETS:
+            problems.append(Problem(unknown_method_message(clean.method), ("method",)))
+    return clean, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# what the objective uses
+def route1_on(cfg: Config) -> bool:
+    """Route 1 (a distributional loss) contributes to the loss."""
+    return cfg.route1.divergence != "none" and cfg.route1.coef > 0
+
+
+def route2_on(cfg: Config) -> bool:
+    """Route 2 (the log-ratio policy gradient) contributes to the loss."""
+    return cfg.route2.coef > 0
+
+
+def _uses_value(cfg: Config) -> bool:
+    return route2_on(cfg) and (cfg.route2.credit == "gae" or cfg.route2.baseline == "value")
+
+
+def _value_uses_rkl(cfg: Config) -> bool:
+    return _uses_value(cfg) and cfg.route2.value in ("closed_form", "decomposed")
+
+
+def _support_used(cfg: Config) -> bool:
+    return route1_on(cfg) or _value_uses_rkl(cfg)
+
+
+def _max_access(*levels: str) -> str:
+    return max(levels, key=ACCESS_ORDER.index)
+
+
+def _access_needs(cfg: Config) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(level, what needs it, keys) for every part of the objective that reads teacher feedback."""
+    kind = cfg.support.kind
+    needs = []
+    if route1_on(cfg):
+        needs.append((_SUPPORT_NEED[kind], f"route1.divergence={cfg.route1.divergence} on support.kind={kind}",
+                      ("route1.divergence", "support.kind")))
+    if route2_on(cfg) and cfg.routing.kind == "cr_opd":
+        needs.append(("topk", "routing.kind=cr_opd (it routes mass to the teacher's top-k alternatives)",
+                      ("routing.kind",)))
+    if _value_uses_rkl(cfg):
+        needs.append((_max_access("topk", _SUPPORT_NEED[kind]),
+                      f"route2.value={cfg.route2.value} (V(s_t) = −RKL_t computed on support.kind={kind})",
+                      ("route2.value", "support.kind")))
+    if cfg.gates.coverage_gate and (route1_on(cfg) or route2_on(cfg)):
+        needs.append(("topk", "gates.coverage_gate (is y_t in the teacher's top-k?)", ("gates.coverage_gate",)))
+    return needs
+
+
+def required_teacher_access(cfg: Config) -> Access:
+    """The least teacher signal the objective needs: ``sampled`` < ``topk`` < ``full``.
+
+    ``full`` for a route-1 loss on the full / student_topk / union support (teacher log-probs at
+    tokens the teacher did not choose); ``topk`` for a route-1 loss on a teacher_topk(_sampled)
+    support, CR-OPD routing, the closed-form or decomposed value ``V = −RKL_t`` (vOPD, GAE-OPD;
+    ``full`` when that RKL is taken on a full-vocabulary support) and the teacher-coverage gate;
+    ``sampled`` otherwise (sampled-token log-ratio rewards, the one-token ``sampled`` support).
+    ``teacher.access=auto`` resolves to this value.
+    """
+    return _max_access("sampled", *(level for level, _, _ in _access_needs(cfg)))  # type: ignore[return-value]
+
+
+def resolve_teacher_access(cfg: Config) -> Access:
+    """``teacher.access``, with ``auto`` replaced by :func:`required_teacher_access`."""
+    return required_teacher_access(cfg) if cfg.teacher.access == "auto" else cfg.teacher.access  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# incompatible combinations
+def _combination_problems(cfg: Config) -> list[Problem]:
+    r, t, s, r1, r2 = cfg.rollout, cfg.teacher, cfg.support, cfg.route1, cfg.route2
+    d, reg, out = cfg.data, cfg.regularization, cfg.outcome
+    on1, on2 = route1_on(cfg), route2_on(cfg)
+    P: list[Problem] = []
+
+    def add(message: str, *keys: str) -> None:
+        P.append(Problem(message, keys))
+
+    if not on1 and not on2 and reg.sft_coef == 0:
+        r1_state = "route1.divergence=none" if r1.divergence == "none" else "route1.coef=0"
+        add(f"no loss term is on ({r1_state}, route2.coef=0, regularization.sft_coef=0): nothing would be "
+            "trained; turn one on, e.g. route1.divergence=rkl, route2.coef=1, or method=<preset> (`opd methods`)",
+            "route1.divergence", "route1.coef", "route2.coef", "regularization.sft_coef")
+    # teacher feedback
+    unmet = [(level, what, keys) for level, what, keys in _access_needs(cfg)
+             if t.access != "auto" and ACCESS_ORDER.index(level) > ACCESS_ORDER.index(t.access)]
+    if unmet:
+        level = _max_access(*(u[0] for u in unmet))
+        add(f"teacher.access={t.access} is too little: " + "; ".join(f"{w} needs {lv} teacher feedback"
+                                                                     for lv, w, _ in unmet)
+            + f"; set teacher.access={level} (or auto)",
+            "teacher.access", *dict.fromkeys(k for u in unmet for k in u[2]))
+    if s.kind == "sampled" and s.norm == "renorm":
+        add("support.kind=sampled with support.norm=renorm is degenerate: a one-token support renormalises to "
+            "probability 1 for both models, so the divergence is always 0; set support.norm=tail "
+            "(the sampled token vs the rest)", "support.kind", "support.norm")
+    if (_support_used(cfg) and s.kind in ("teacher_topk", "teacher_topk_sampled")
+            and resolve_teacher_access(cfg) == "topk" and s.k > t.topk):
+        add(f"support.k={s.k} exceeds teacher.topk={t.topk}: with top-k feedback the teacher returns only its "
+            f"{t.topk} best tokens; set teacher.topk={s.k} or support.k={t.topk}", "support.k", "teacher.topk")
+    # route 2 and temporal credit
+    if r2.coef > 0 and r.on_policy_fraction == 0:
+        add("route2.coef > 0 but rollout.on_policy_fraction=0: route 2 is the policy gradient on the student's "
+            "own samples and there are none; raise rollout.on_policy_fraction or set route2.coef=0",
+            "route2.coef", "rollout.on_policy_fraction")
+    if cfg.routing.kind == "cr_opd" and not on2:
+        add("routing.kind=cr_opd reroutes the route-2 update, but route2.coef=0; set route2.coef > 0 "
+            "(e.g. 1) or routing.kind=softmax", "routing.kind", "route2.coef")
+    if on2 and r2.baseline in ("group_mean", "leave_one_out") and r.samples_per_prompt < 2:
+        add(f"route2.baseline={r2.baseline} averages over the samples of a prompt, but "
+            f"rollout.samples_per_prompt={r.samples_per_prompt}; set rollout.samples_per_prompt ≥ 2 "
+            "(e.g. 4) or route2.baseline=batch_mean", "route2.baseline", "rollout.samples_per_prompt")
+    if on2 and r2.length_normalize and r2.credit != "return_to_go":
+        add(f"route2.length_normalize=true normalises the return-to-go (MiniLLM) and needs "
+            f"route2.credit=return_to_go, not {r2.credit}", "route2.length_normalize", "route2.credit")
+    if on2 and r2.credit == "gae" and r2.baseline == "value":
+        add("route2.credit=gae already subtracts the value V(s_t); set route2.baseline=none "
+            "(or batch_mean / group_mean)", "route2.credit", "route2.baseline")
+    if on2 and r2.value == "decomposed" and r2.baseline == "value" and r2.credit != "gae":
+        add("route2.value=decomposed needs a value head, which is trained only with route2.credit=gae; "
+            "use route2.value=closed_form for a baseline (vOPD), or route2.credit=gae",
+            "route2.value", "route2.baseline", "route2.credit")
+    if on2 and r2.reward == "clipped":
+        if r2.reward_low is None and r2.reward_high is None:
+            add("route2.reward=clipped needs a bound: set route2.reward_low and/or route2.reward_high "
+                "(e.g. route2.reward_low=-5)", "route2.reward", "route2.reward_low", "route2.reward_high")
+        elif r2.reward_low is not None and r2.reward_high is not None and r2.reward_low > r2.reward_high:
+            add(f"route2.reward_low={r2.reward_low} > route2.reward_high={r2.reward_high}; swap them",
+                "route2.reward_low", "route2.reward_high")
+    if on2 and r2.reward == "extrapolated" and not reg.reference:
+        add("route2.reward=extrapolated (G-OPD) scores against a reference policy, but "
+            "regularization.reference is unset; set regularization.reference=initial (or a model path)",
+            "route2.reward", "regularization.reference")
+    if reg.ref_kl_coef > 0 and not reg.reference:
+        add("regularization.ref_kl_coef > 0 needs a reference policy; set regularization.reference=initial "
+            "(or a model path), or ref_kl_coef=0", "regularization.ref_kl_coef", "regularization.reference")
+    if out.adv_tau > 0:
+        if d.verifier == "none":
+            add(f"outcome.adv_tau={out.adv_tau} mixes in a verifier's outcome advantage, but data.verifier=none; "
+                "set data.verifier (auto, exact_match, contains or python:module:function) or outcome.adv_tau=0",
+                "outcome.adv_tau", "data.verifier")
+        if not on2:
+            add(f"outcome.adv_tau={out.adv_tau} enters through the route-2 advantage, but route2.coef=0; "
+                "set route2.coef > 0 (e.g. 1) or outcome.adv_tau=0", "outcome.adv_tau", "route2.coef")
+        if r.samples_per_prompt < 2:
+            add("the outcome advantage is group-normalised (GRPO) and is always 0 with "
+                "rollout.samples_per_prompt=1; set rollout.samples_per_prompt ≥ 2",
+                "outcome.adv_tau", "rollout.samples_per_prompt")
+    # state compatibility and data
+    if r.prefix_tokens is not None and r.prefix_tokens > r.max_new_tokens:
+        add(f"rollout.prefix_tokens={r.prefix_tokens} exceeds rollout.max_new_tokens={r.max_new_tokens}: "
+            f"a prefix cannot be longer than a completion; lower prefix_tokens or raise max_new_tokens",
+            "rollout.prefix_tokens", "rollout.max_new_tokens")
+    has_answers = d.task == "arith" or d.answer_field is not None
+    if r.on_policy_fraction < 1 and r.off_policy_source == "answer" and not has_answers:
+        add(f"rollout.on_policy_fraction={r.on_policy_fraction} with rollout.off_policy_source=answer trains "
+            "on dataset answers, but data.answer_field is unset; set data.answer_field to the field holding "
+            "the answer, or rollout.off_policy_source=teacher",
+            "rollout.on_policy_fraction", "rollout.off_policy_source", "data.answer_field")
+    if reg.sft_coef > 0:
+        if r.on_policy_fraction >= 1:
+            add("regularization.sft_coef > 0 trains on the off-policy rows (teacher samples or dataset answers), "
+                "but rollout.on_policy_fraction=1 leaves none; lower rollout.on_policy_fraction "
+                "(0 = pure SFT, method=sft-teacher) or set sft_coef=0",
+                "regularization.sft_coef", "rollout.on_policy_fraction")
+    if d.task in ("jsonl", "hf") and not d.path:
+        what = "the JSONL prompt file" if d.task == "jsonl" else "a dataset id or local dataset folder"
+        add(f"data.task={d.task} needs data.path ({what})", "data.task", "data.path")
+    # teachers
+    if t.use_context and d.context_field is None and d.task != "arith":
+        add(f"teacher.use_context=true but there is no teacher-only context: data.context_field is unset and "
+            f"data.task={d.task} has none built in; set data.context_field, or teacher.use_context=false",
+            "teacher.use_context", "data.context_field", "data.task")
+    if t.use_context and "{context}" not in t.context_template:
+        add(f"teacher.context_template={t.context_template!r} has no {{context}} placeholder, so the context "
+            "would never reach the teacher; e.g. teacher.context_template='{context}\\n'",
+            "teacher.context_template")
+    if t.model == "self" and t.routes:
+        add("teacher.model=self cannot be combined with teacher.routes (multi-teacher routing needs teacher "
+            "models); remove teacher.routes or name a teacher model", "teacher.model", "teacher.routes")
+    if t.model == "self" and t.self_mode == "live" and not t.use_context:
+        add("teacher.model=self with self_mode=live and use_context=false is the student itself: every teacher "
+            "signal is exactly 0; set teacher.use_context=true (with a context source) or self_mode=frozen",
+            "teacher.model", "teacher.self_mode", "teacher.use_context")
+    if d.route_field is not None and not t.routes:
+        add(f"data.route_field={d.route_field!r} selects a teacher from teacher.routes, but teacher.routes is "
+            "empty; add teacher.routes={value: model, ...} or unset data.route_field", "data.route_field",
+            "teacher.routes")
+    if t.routes and d.route_field is None:
+        add("teacher.routes is set but data.route_field is unset, so no prompt can be routed; set "
+            "data.route_field to the prompt field whose value picks the teacher", "teacher.routes", "data.route_field")
+    if t.routes and (r.teacher_mix > 0 or (r.on_policy_fraction < 1 and r.off_policy_source == "teacher")):
+        add("sampling from the teacher (rollout.teacher_mix > 0, or off-policy teacher samples) needs one "
+            "in-process teacher, not teacher.routes; remove the routes or sample from the student only",
+            "teacher.routes", "rollout.teacher_mix", "rollout.off_policy_source")
+    if cfg.student.model == "self":
+        add("student.model=self: only the teacher can be 'self'; name the student model", "student.model")
+    return P
+
+
+def check_combinations(cfg: Config) -> list[str]:
+    """Messages for every incompatible combination of settings in ``cfg`` (empty when none)."""
+    return [p.message for p in _combination_problems(cfg)]
+
+
+# ---------------------------------------------------------------------------------------------
+# soft issues
+def _ignored_knobs(cfg: Config) -> list[Problem]:
+    """Options set away from their default that have no effect in this configuration."""
+    specs = field_specs()
+    r1, r2, rt, g = cfg.route1, cfg.route2, cfg.routing, cfg.gates
+    changed = {p for p, spec in specs.items() if get_value(cfg, p) != spec.default}
+    P = []
+    groups = [
+        ("route1", not route1_on(cfg) and r1.divergence == "none", "route 1 is off (route1.divergence=none)",
+         {"route1.coef", "route1.divergence"}),
+        ("route2", not route2_on(cfg), "route 2 is off (route2.coef=0)", {"route2.coef"}),
+        ("routing", not route2_on(cfg), "routing applies to route 2, which is off (route2.coef=0)", set()),
+        ("support", not _support_used(cfg), "nothing uses the support (route 1 is off and no closed-form value)",
+         set()),
+    ]
+    silenced: set[str] = set()
+    for section, off, why, exempt in groups:
+        if off:
+            keys = [p for p in specs if p.startswith(section + ".") and p in changed and p not in exempt]
+            silenced.update(p for p in specs if p.startswith(section + "."))
+            if keys:
+                P.append(Problem(f"{', '.join(keys)} {'has' if len(keys) == 1 else 'have'} no effect: {why}",
+                                 tuple(keys)))
+    knobs = [
+        ("route1.beta", r1.divergence == "jsd", "route1.divergence=jsd"),
+        ("route1.alpha", r1.divergence in ("skl", "srkl"), "route1.divergence=skl or srkl"),
+        ("route1.mu", r1.divergence == "akl", "route1.divergence=akl"),
+        ("route2.reward_low", r2.reward == "clipped", "route2.reward=clipped"),
+        ("route2.reward_high", r2.reward == "clipped", "route2.reward=clipped"),
+        ("route2.box_cox_alpha", r2.reward == "box_cox", "route2.reward=box_cox"),
+        ("route2.extrapolation_lambda", r2.reward == "extrapolated", "route2.reward=extrapolated"),
+        ("route2.gamma", r2.credit in ("discounted", "gae"), "route2.credit=discounted or gae"),
+        ("route2.lam", r2.credit == "gae", "route2.credit=gae"),
+        ("route2.value", _uses_value(cfg), "route2.baseline=value or route2.credit=gae"),
+        ("route2.value_coef", r2.credit == "gae" and r2.value == "decomposed", "route2.credit=gae, value=decomposed"),
+        ("route2.clip_low", r2.is_correction in ("ppo_clip", "dppo"), "route2.is_correction=ppo_clip or dppo"),
+        ("route2.clip_high", r2.is_correction in ("ppo_clip", "dppo"), "route2.is_correction=ppo_clip or dppo"),
+        ("route2.ratio_cap", r2.is_correction != "none", "an importance correction (route2.is_correction)"),
+        ("gates.keep_fraction", g.entropy_gate in ("q1", "q1_or_q3"), "gates.entropy_gate=q1 or q1_or_q3"),
+        ("gates.entropy_low", g.entropy_gate in ("q3", "q1_or_q3"), "gates.entropy_gate=q3 or q1_or_q3"),
+        ("gates.divergence_high", g.entropy_gate in ("q3", "q1_or_q3"), "gates.entropy_gate=q3 or q1_or_q3"),
+        ("gates.prefix_fraction", g.position == "prefix", "gates.position=prefix"),
+        ("gates.decay_to", g.position == "linear_decay", "gates.position=linear_decay"),
+        ("gates.drift_beta", g.position == "drift", "gates.position=drift"),
+        ("support.k", cfg.support.kind not in ("full", "sampled"), "a top-k support kind"),
+        ("support.norm", cfg.support.kind != "full", "a support smaller than the vocabulary"),
+        ("regularization.ref_kl_estimator", cfg.regularization.ref_kl_coef > 0, "regularization.ref_kl_coef > 0"),
+        ("rollout.off_policy_source", cfg.rollout.on_policy_fraction < 1, "rollout.on_policy_fraction < 1"),
+        ("rollout.teacher_mix", cfg.rollout.on_policy_fraction > 0, "rollout.on_policy_fraction > 0"),
+        ("teacher.self_mode", cfg.teacher.model == "self", "teacher.model=self"),
+        ("teacher.context_template", cfg.teacher.use_context, "teacher.use_context=true"),
+        ("outcome.normalize_std", cfg.outcome.adv_tau > 0, "outcome.adv_tau > 0"),
+    ] + [(f"routing.{k}", rt.kind == "cr_opd", "routing.kind=cr_opd") for k in section_keys("routing") if k != "kind"]
+    for key, used, when in knobs:
+        if key in changed and key not in silenced and not used:
+            P.append(Problem(f"{key}={get_value(cfg, key)!r} has no effect: it is used only with {when}", (key,)))
+    return P
+
+
+def _warning_problems(cfg: Config) -> list[Problem]:
+    r, t, r1, r2, s = cfg.rollout, cfg.teacher, cfg.route1, cfg.route2, cfg.support
+    on1, on2 = route1_on(cfg), route2_on(cfg)
+    P: list[Problem] = []
+
+    def add(message: str, *keys: str) -> None:
+        P.append(Problem(message, keys))
+
+    if on2 and r2.future_only and not on1:
+        add("route2.future_only=true drops the immediate step from route 2 and no route-1 term covers it "
+            "(route 1 is off): the immediate reverse-KL step is never trained; add route1.divergence=rkl "
+            "(MiniLLM's single-step term) or set future_only=false", "route2.future_only", "route1.divergence")
+    if on2 and r2.future_only and r2.credit == "immediate":
+        add("route2.future_only=true with credit=immediate credits each token with the next token's reward only "
+            "(A_t = r_{t+1}); MiniLLM pairs future_only with credit=return_to_go", "route2.future_only",
+            "route2.credit")
+    if (on1 and on2 and r1.divergence == "rkl" and r2.reward == "log_ratio" and not r2.future_only
+            and r2.credit == "immediate"):
+        add("route1 (rkl) and route 2 (immediate log-ratio) both train the immediate step, so its reverse-KL "
+            "gradient is counted twice; set route2.future_only=true with credit=return_to_go (MiniLLM) "
+            "or turn one route off", "route1.divergence", "route2.credit", "route2.future_only")
+    reasons = [why for cond, why in (
+        (r.temperature != 1, f"rollout.temperature={r.temperature}"), (r.top_p < 1, f"rollout.top_p={r.top_p}"),
+        (r.top_k > 0, f"rollout.top_k={r.top_k}"), (r.teacher_mix > 0, f"rollout.teacher_mix={r.teacher_mix}"),
+    ) if cond]
+    if on2 and r2.is_correction == "none" and reasons:
+        add(f"the rollouts come from μ ≠ π_S ({', '.join(reasons)}) but route2.is_correction=none treats them as "
+            "the student's own samples, which biases the update; set route2.is_correction=ratio (or ppo_clip)",
+            "route2.is_correction", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.teacher_mix")
+    if on2 and r2.is_correction == "none" and r.updates_per_rollout > 1:
+        add(f"rollout.updates_per_rollout={r.updates_per_rollout} reuses each batch after the student moved, but "
+            "route2.is_correction=none ignores that staleness; set route2.is_correction=ppo_clip (or ratio, dppo)",
+            "rollout.updates_per_rollout", "route2.is_correction")
+    if on2 and r2.is_correction != "none" and (r.top_p < 1 or r.top_k > 0):
+        add("top-p / top-k sampling never proposes tokens outside the kept set, so the importance ratio π_S/μ "
+            "cannot correct for them (and is below 1 on every kept token at temperature 1); expect a small "
+            "bias, or sample with rollout.top_p=1 and rollout.top_k=0", "rollout.top_p", "rollout.top_k")
+    if on1 and t.temperature != s.student_temperature:
+        add(f"teacher.temperature={t.temperature} differs from support.student_temperature="
+            f"{s.student_temperature}: route 1 pulls the student towards the teacher's tempered distribution; "
+            "set both to the same value unless that is intended", "teacher.temperature", "support.student_temperature")
+    if on2 and t.temperature != 1:
+        add(f"teacher.temperature={t.temperature}: route 2's reward compares the tempered teacher with the "
+            "untempered student, so r_t is not 0 even where the models agree; set teacher.temperature=1 unless "
+            "intended", "teacher.temperature")
+    if t.temperature != 1 and t.model.startswith(("http://", "https://")):
+        add(f"teacher.temperature={t.temperature} with a teacher server: servers usually return untempered "
+            "log-probs; check that the server applies the temperature", "teacher.temperature", "teacher.model")
+    if on2 and r2.reward == "extrapolated" and r2.extrapolation_lambda == 1:
+        add("route2.reward=extrapolated with extrapolation_lambda=1 equals reward=log_ratio but still loads a "
+            "reference model; use reward=log_ratio, or λ > 1 for ExOPD", "route2.reward",
+            "route2.extrapolation_lambda")
+    if on2 and r2.credit == "gae" and r2.value == "decomposed" and r2.value_coef == 0:
+        add("route2.value=decomposed with value_coef=0 never trains its value head (U stays 0); "
+            "set route2.value_coef > 0 (e.g. 0.5)", "route2.value", "route2.value_coef")
+    if on2 and r2.baseline == "value" and r2.value == "zero":
+        add("route2.baseline=value with value=zero subtracts 0; use value=closed_form (vOPD) or baseline=none",
+            "route2.baseline", "route2.value")
+    if _value_uses_rkl(cfg) and s.kind == "sampled":
+        add("the closed-form value V = −RKL_t is computed on support.kind=sampled, a two-point (token vs rest) "
+            "approximation; use support.kind=teacher_topk (or full) for a useful value",
+            "route2.value", "support.kind")
+    if cfg.route1.divergence != "none" and cfg.route1.coef == 0:
+        add(f"route1.divergence={cfg.route1.divergence} with route1.coef=0: route 1 is off; "
+            "write route1.divergence=none to say so", "route1.divergence", "route1.coef")
+    if t.model == "self" and t.self_mode == "frozen" and not t.use_context:
+        add("teacher.model=self without use_context is the initial student: this only regularises towards the "
+            "starting point; set teacher.use_context=true for self-distillation", "teacher.model",
+            "teacher.use_context")
+    if cfg.data.context_field is not None and not t.use_context:
+        add(f"data.context_field={cfg.data.context_field!r} is set but teacher.use_context=false, so the "
+            "context is never shown; set teacher.use_context=true", "data.context_field", "teacher.use_context")
+    if cfg.train.warmup_steps >= cfg.train.steps:
+        add(f"train.warmup_steps={cfg.train.warmup_steps} ≥ train.steps={cfg.train.steps}: the learning rate "
+            "never reaches its peak", "train.warmup_steps", "train.steps")
+    return P + _ignored_knobs(cfg)
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Soft issues: settings that run but probably do not do what was meant (empty when none)."""
+    return [p.message for p in _warning_problems(cfg)]
+
+
+# ---------------------------------------------------------------------------------------------
+def format_problem(problem: Problem, sources: Mapping[str, str] | None = None) -> str:
+    """The problem's message, followed by where its non-default values came from."""
+    if problem.source is not None:
+        return f"{problem.message} (from {problem.source})"
+    if not sources:
+        return problem.message
+    cited = [(k, sources[k]) for k in problem.keys if sources.get(k, "default") != "default"]
+    if not cited:
+        return problem.message
+    labels = {label for _, label in cited}
+    if len(labels) == 1 and len(problem.keys) == 1:
+        return f"{problem.message} (from {cited[0][1]})"
+    return f"{problem.message} ({'; '.join(f'{k} from {label}' for k, label in cited)})"
+
+
+def collect_problems(cfg: Config) -> tuple[Config, list[Problem]]:
+    """The type-converted copy of ``cfg`` and every field problem and incompatible combination."""
+    clean, problems = normalize_config(cfg)
+    bad = {key for p in problems for key in p.keys}
+    # combinations are judged on the sanitised copy; those about an already-reported key are noise
+    problems += [p for p in _combination_problems(clean) if not bad.intersection(p.keys)]
+    return clean, problems
+
+
+def validate_config(cfg: Config, sources: Mapping[str, str] | None = None) -> Config:
+    """Check ``cfg`` (e.g. one built or edited in code) and return its type-converted copy.
+
+    Raises :class:`ConfigError` listing every field problem and incompatible combination;
+    ``sources`` maps dotted keys to where their values came from (``preset 'gkd'``, ``file 'x.yaml'``,
+    ``override 'a.b=c'``) and the messages cite them. Warnings are not raised: :func:`config_warnings`.
+    """
+    clean, problems = collect_problems(cfg)
+    if problems:
+        raise ConfigError([format_problem(p, sources) for p in problems])
+    return clean

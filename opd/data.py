@@ -1,0 +1,376 @@
+"""User prompt sources: a JSONL file or a Hugging Face dataset, as a :class:`~opd.tasks.base.Task`.
+
+Each record (a JSON object / a dataset row) becomes an :class:`~opd.tasks.base.Example`:
+
+=====================  ==========================================================
+``prompt``             ``record[prompt_field]`` (required, a string)
+``answer``             ``record[answer_field]`` (numbers are written with ``str``)
+``teacher_context``    ``record[context_field]`` (teacher-only privileged text)
+``fields``             the whole record (``route_field`` values written as strings)
+=====================  ==========================================================
+
+Held-out set: the records of ``eval_path`` / ``eval_split`` when given, otherwise a fixed slice
+of ``eval_size`` records chosen by a ``seed``-ed shuffle. Training never returns a record whose
+prompt text is in the held-out set (duplicates in the file included).
+
+Training order: epoch ``e`` visits the training records in a permutation drawn from
+``(seed, task seed, e)``; step ``s`` with batch size ``n`` takes positions ``s·n … s·n + n − 1`` of
+the concatenated epochs. The batch is a pure function of ``(seed, step, batch_size)``: an exact
+resume needs only the step.
+
+Verifiers (``verify(example, completion)``, the completion decoded with special tokens kept and
+cut at the first ``eos_token`` when one is given; a completion without it scores 0):
+
+* ``exact_match`` — 1.0 when ``completion.strip() == answer.strip()``;
+* ``contains`` — 1.0 when ``answer.strip()`` occurs in the completion;
+* ``none`` — no verifier: ``verify`` returns NaN and ``has_verifier`` is False;
+* ``python:module:function`` — ``function(example, completion) -> float`` (the raw completion);
+* ``auto`` — ``exact_match`` when the records carry answers, else ``none``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from opd.tasks.base import Example
+
+__all__ = ["DataError", "HFDatasetTask", "JsonlTask", "make_verifier", "read_jsonl"]
+
+Verifier = Callable[[Example, str], float]
+
+#: Default held-out size when ``eval_size`` is None: 10 % of the records, at most this many.
+_DEFAULT_EVAL_CAP = 500
+
+
+class DataError(ValueError):
+    """A prompt file or dataset that cannot be read as examples (the message says where and why)."""
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per non-blank line.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DataError: a line that is not valid JSON (``file:line`` and the parser's message) or not a
+            JSON object; a file with no records.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file {str(p)!r} does not exist (data.path / data.eval_path); pass a JSONL file "
+                                "with one JSON object per line")
+    records: list[dict[str, Any]] = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{p}:{lineno}: invalid JSON ({err.msg} at column {err.colno}); each line must be "
+                                "one JSON object") from err
+            if not isinstance(record, dict):
+                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            record["__line__"] = lineno
+            records.append(record)
+    if not records:
+        raise DataError(f"{p} holds no records; write one JSON object per line")
+    return records
+
+
+def make_verifier(spec: str, *, has_answers: bool, eos_token: str | None = None) -> Verifier | None:
+    """The verifier named by ``spec`` (see the module docstring), or None for ``none``.
+
+    Raises:
+        ValueError: an unknown spec, ``exact_match``/``contains`` without answers, or a
+            ``python:`` spec whose module or function cannot be loaded (the message says which).
+    """
+    if spec == "auto":
+        spec = "exact_match" if has_answers else "none"
+    if spec == "none":
+        return None
+    if spec in ("exact_match", "contains"):
+        if not has_answers:
+            raise ValueError(f"verifier {spec!r} needs reference answers but the records have none; set "
+                             "data.answer_field to the field that holds them, or use verifier none / python:...")
+        contains = spec == "contains"
+
+        def builtin(example: Example, completion: str) -> float:
+            if eos_token is not None:
+                head, sep, _ = completion.partition(eos_token)
+                if not sep:
+                    return 0.0  # truncated: the model never stopped
+                completion = head
+            if example.answer is None:
+                return 0.0
+            answer = example.answer.strip()
+            return float(answer in completion) if contains else float(completion.strip() == answer)
+
+        return builtin
+    if spec.startswith("python:"):
+        parts = spec.split(":")
+        if len(parts) != 3 or not all(parts[1:]):
+            raise ValueError(f"verifier {spec!r} must look like python:module:function, e.g. python:my_pkg.rewards:score")
+        _, module_name, fn_name = parts
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"verifier {spec!r}: cannot import module {module_name!r} ({err}); put it on PYTHONPATH") from err
+        fn = getattr(module, fn_name, None)
+        if not callable(fn):
+            raise ValueError(f"verifier {spec!r}: module {module_name!r} has no callable {fn_name!r}")
+        return lambda example, completion: float(fn(example, completion))
+    raise ValueError(f"unknown verifier {spec!r}; choose auto, exact_match, contains, none or python:module:function")
+
+
+class _RecordTask:
+    """A :class:`~opd.tasks.base.Task` over in-memory records (see the module docstring)."""
+
+    name = "records"
+
+    def __init__(
+        self,
+        train_records: list[Mapping[str, Any]],
+        eval_records: list[Mapping[str, Any]] | None,
+        *,
+        source: str,
+        eval_source: str | None = None,
+        prompt_field: str,
+        answer_field: str | None,
+        context_field: str | None,
+        route_field: str | None,
+        verifier: str,
+        eval_size: int | None,
+        seed: int,
+        eos_token: str | None,
+    ):
+        self.source = source
+        self.prompt_field, self.answer_field = prompt_field, answer_field
+        self.context_field, self.route_field = context_field, route_field
+        self.seed = seed
+        examples = self._examples(train_records, source)
+        if eval_records is not None:
+            eval_examples = self._examples(eval_records, eval_source or f"{source} (eval)")
+            if eval_size is not None:
+                eval_examples = eval_examples[:eval_size]
+            pool = examples
+        else:
+            n = len(examples)
+            size = min(_DEFAULT_EVAL_CAP, max(1, n // 10)) if eval_size is None else eval_size
+            if not 1 <= size < n:
+                raise DataError(f"eval_size={size} leaves no training prompts among the {n} records of {source}; "
+                                "lower eval.size or give a separate eval file (data.eval_path / data.eval_split)")
+            order = list(range(n))
+            random.Random(f"opd-heldout:{seed}").shuffle(order)
+            held = set(order[:size])
+            eval_examples = [examples[i] for i in sorted(held)]
+            pool = [examples[i] for i in range(n) if i not in held]
+        eval_prompts = {e.prompt for e in eval_examples}
+        self._train = [e for e in pool if e.prompt not in eval_prompts]
+        self._eval = eval_examples
+        if not self._train:
+            raise DataError(f"every training prompt of {source} also appears in the held-out set; nothing is left to train on")
+        has_answers = all(e.answer is not None for e in self._train + self._eval)
+        self._verifier = make_verifier(verifier, has_answers=has_answers, eos_token=eos_token)
+        self._perm_cache: dict[tuple[int, int], list[int]] = {}
+
+    def _examples(self, records: Iterable[Mapping[str, Any]], source: str) -> list[Example]:
+        out: list[Example] = []
+        answers_seen: bool | None = None
+        for i, record in enumerate(records):
+            where = f"{source}:{record['__line__']}" if "__line__" in record else f"{source} row {i}"
+            fields = {k: v for k, v in record.items() if k != "__line__"}
+            prompt = self._field(fields, self.prompt_field, where, required=True)
+            if not isinstance(prompt, str):
+                raise DataError(f"{where}: field {self.prompt_field!r} must be a string, got {type(prompt).__name__}")
+            answer = None
+            if self.answer_field is not None:
+                has = self.answer_field in fields and fields[self.answer_field] is not None
+                if answers_seen is None:
+                    answers_seen = has
+                elif has != answers_seen:  # answers on some records only: a data bug, not a choice
+                    self._field(fields, self.answer_field, where, required=True)
+                    raise DataError(f"{where}: field {self.answer_field!r} is present here but missing on earlier "
+                                    "records; give every record an answer or none")
+                answer = None if not has else str(fields[self.answer_field])
+            context = None
+            if self.context_field is not None:
+                context = str(self._field(fields, self.context_field, where, required=True))
+            if self.route_field is not None and fields.get(self.route_field) is not None:
+                fields[self.route_field] = str(fields[self.route_field])
+            out.append(Example(prompt=prompt, answer=answer, teacher_context=context, fields=fields))
+        if not out:
+            raise DataError(f"{source} holds no records")
+        return out
+
+    @staticmethod
+    def _field(fields: Mapping[str, Any], name: str, where: str, *, required: bool) -> Any:
+        if name not in fields or fields[name] is None:
+            if required:
+                raise DataError(f"{where}: missing field {name!r}; the record has fields {sorted(fields)}. Set "
+                                "data.prompt_field / answer_field / context_field to the right names")
+            return None
+        return fields[name]
+
+    @property
+    def num_train(self) -> int:
+        """Training records (after removing held-out prompts)."""
+        return len(self._train)
+
+    @property
+    def has_verifier(self) -> bool:
+        """False when the verifier is ``none`` (``verify`` returns NaN)."""
+        return self._verifier is not None
+
+    def _permutation(self, seed: int, epoch: int) -> list[int]:
+        key = (seed, epoch)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 4:
+                self._perm_cache.clear()
+            order = list(range(len(self._train)))
+            random.Random(f"opd-train:{self.seed}:{seed}:{epoch}").shuffle(order)
+            self._perm_cache[key] = order
+        return self._perm_cache[key]
+
+    def train_examples(self, step: int, batch_size: int, seed: int) -> list[Example]:
+        """``batch_size`` training examples for ``step``: positions ``step·batch_size …`` of the
+        seeded per-epoch permutations (a pure function of ``seed``, ``step`` and ``batch_size``)."""
+        if step < 0 or batch_size < 1:
+            raise ValueError(f"step must be >= 0 and batch_size >= 1, got step={step}, batch_size={batch_size}")
+        n = len(self._train)
+        start = step * batch_size
+        return [self._train[self._permutation(seed, pos // n)[pos % n]] for pos in range(start, start + batch_size)]
+
+    def eval_examples(self, n: int | None = None) -> list[Example]:
+        """The first ``n`` (default: all) held-out examples, always the same ones."""
+        n = len(self._eval) if n is None else n
+        if not 1 <= n <= len(self._eval):
+            raise ValueError(f"n must be in [1, {len(self._eval)}] (the held-out set of {self.source}), got {n}; "
+                             "raise eval_size or provide a larger eval file")
+        return list(self._eval[:n])
+
+    def verify(self, example: Example, completion: str) -> float:
+        """The configured verifier's score, NaN when there is none."""
+        if self._verifier is None:
+            return math.nan
+        return self._verifier(example, completion)
+
+
+class JsonlTask(_RecordTask):
+    """Prompts from a JSONL file (one JSON object per line), with a held-out set and a verifier.
+
+    Args:
+        path: the training file.
+        prompt_field, answer_field, context_field, route_field: record fields (answer, context
+            and route are optional; a set ``context_field`` must be present on every record).
+        verifier: see the module docstring.
+        eval_path: a separate held-out file; default: hold out ``eval_size`` records of ``path``.
+        eval_size: held-out size (default: 10 % of the records, at most 500); with ``eval_path``,
+            the first ``eval_size`` records of that file.
+        seed: seed of the held-out slice and of the training order.
+        eos_token: the tokenizer's EOS string; built-in verifiers cut the completion there.
+
+    Raises:
+        FileNotFoundError / DataError: see :func:`read_jsonl`; a missing field (which field, which
+            line, which fields the record has); a held-out set that leaves nothing to train on.
+    """
+
+    name = "jsonl"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        prompt_field: str = "prompt",
+        answer_field: str | None = "answer",
+        context_field: str | None = None,
+        route_field: str | None = None,
+        verifier: str = "auto",
+        eval_path: str | os.PathLike[str] | None = None,
+        eval_size: int | None = None,
+        seed: int = 0,
+        eos_token: str | None = None,
+    ):
+        self.path = Path(path).expanduser()
+        super().__init__(
+            read_jsonl(self.path), None if eval_path is None else read_jsonl(eval_path), source=str(self.path),
+            eval_source=None if eval_path is None else str(Path(eval_path).expanduser()),
+            prompt_field=prompt_field, answer_field=answer_field, context_field=context_field,
+            route_field=route_field, verifier=verifier, eval_size=eval_size, seed=seed, eos_token=eos_token,
+        )
+
+
+def _import_datasets() -> Any:
+    try:
+        return importlib.import_module("datasets")
+    except ImportError as err:
+        raise ImportError("data.task=hf needs the `datasets` package: pip install 'opd[hub]'") from err
+
+
+def _load_split(datasets: Any, name_or_path: str, split: str) -> list[Mapping[str, Any]]:
+    """Rows of ``split`` from a ``save_to_disk`` folder or ``load_dataset(name_or_path)``."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        ds = datasets.load_from_disk(str(path))
+        if (path / "dataset_dict.json").is_file():
+            if split not in ds:
+                raise DataError(f"{path} has no split {split!r}; splits: {sorted(ds)}")
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(name_or_path, split=split)
+    return [dict(row) for row in ds]
+
+
+class HFDatasetTask(_RecordTask):
+    """Prompts from a Hugging Face dataset: a hub id / local dataset script or data folder
+    (``datasets.load_dataset``), or a folder written by ``save_to_disk``.
+
+    ``split`` gives the training rows. Held-out rows: ``eval_path`` (a JSONL file, or another
+    dataset read at ``eval_split``, default ``split``) when given; else ``eval_split`` of
+    ``name_or_path``; else ``eval_size`` rows of ``split``. Other arguments as :class:`JsonlTask`.
+    ``datasets`` is imported only here (``pip install 'opd[hub]'``).
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        name_or_path: str,
+        split: str = "train",
+        *,
+        eval_split: str | None = None,
+        eval_path: str | os.PathLike[str] | None = None,
+        prompt_field: str = "prompt",
+        answer_field: str | None = "answer",
+        context_field: str | None = None,
+        route_field: str | None = None,
+        verifier: str = "auto",
+        eval_size: int | None = None,
+        seed: int = 0,
+        eos_token: str | None = None,
+    ):
+        datasets = _import_datasets()
+        self.name_or_path = name_or_path
+        train = _load_split(datasets, name_or_path, split)
+        evals: list[Mapping[str, Any]] | None = None
+        eval_source = None
+        if eval_path is not None:
+            if Path(eval_path).expanduser().is_file():
+                evals, eval_source = list(read_jsonl(eval_path)), str(Path(eval_path).expanduser())
+            else:
+                eval_source = f"{os.fspath(eval_path)}[{eval_split or split}]"
+                evals = _load_split(datasets, os.fspath(eval_path), eval_split or split)
+        elif eval_split is not None:
+            evals, eval_source = _load_split(datasets, name_or_path, eval_split), f"{name_or_path}[{eval_split}]"
+        super().__init__(
+            train, evals, source=f"{name_or_path}[{split}]", eval_source=eval_source,
+            prompt_field=prompt_field, answer_field=answer_field,
+            context_field=context_field, route_field=route_field, verifier=verifier, eval_size=eval_size,
+            seed=seed, eos_token=eos_token,
+        )

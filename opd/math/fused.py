@@ -1,0 +1,409 @@
+"""Memory-efficient distributional losses from hidden states: the lm_head is fused into the loss.
+
+A full-vocabulary loss on ``N = B·T`` tokens naively materialises several ``[N, V]`` fp32 tensors
+(logits, log-softmaxes, mixtures, and what autograd keeps for backward). Here the student's
+lm_head ``z = h Wᵀ + b`` is applied to chunks of ``chunk_size`` tokens, and the gradient of each
+chunk is computed inside the forward pass (the grad-in-forward design of Liger's chunked losses,
+performance.md §1.2, §1.7; written here from the chain rule, not copied):
+
+    loss = Σ_n w_n · D_n,         D_n = divergence(student support dist, teacher support dist)
+    for each chunk c:   z_c = h_c Wᵀ + b   (fp32, a leaf),   dz_c = ∂(Σ_{n∈c} w_n D_n)/∂z_c
+                        ∂loss/∂h_c = dz_c W,   ∂loss/∂W += dz_cᵀ h_c,   ∂loss/∂b += Σ_n dz_c[n]
+
+so peak memory is ``O(chunk · V)`` instead of ``O(N · V)``, with no recomputation (backward only
+multiplies the stored gradients by the incoming scalar). The per-chunk math reuses
+:func:`opd.math.support.support_from_logprobs` and :mod:`opd.math.divergences` — there is no second
+implementation of any divergence. The teacher is given as hidden states + lm_head weights
+(projected chunk by chunk, no grad), as logits (sliced per chunk), or as top-k log-probs.
+
+The matmuls run in fp32 (inputs are upcast per chunk), which avoids the bf16 logit rounding that
+makes fused-JSD gradients 4–23 % off (Liger issue #1432, performance.md §1.3).
+
+:func:`dense_linear_divergence` is the same computation with the logits materialised (the reference
+and the small-vocabulary path); :func:`fused_linear_token_logprobs` gives ``log π(y_n | h_n)`` with a
+chunked, recomputing backward (route R2's sampled-token log-probs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from opd.math._checks import check_ndim
+from opd.math.divergences import resolve_divergence
+from opd.math.reduce import masked_sum
+from opd.math.support import SupportSpec, support_from_logprobs, tempered_log_softmax
+
+ExtraFn = Callable[[Tensor, Tensor | None, slice], dict[str, Tensor]]
+#: Elements of one ``[chunk, V]`` fp32 buffer when ``chunk_size`` is None: 2**22 (16 MiB), i.e.
+#: 131 tokens at V = 32,000 and 32 at V = 128,000. Peak memory of the chunked path is a small
+#: multiple of this plus the ``[V, H]`` weight gradient; chosen with bench/fused_divergence.py.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def auto_chunk_size(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Tokens per chunk so that one ``[chunk, V]`` buffer holds about ``chunk_elements`` elements."""
+    if vocab_size < 1 or chunk_elements < 1:
+        raise ValueError(f"vocab_size and chunk_elements must be >= 1, got {vocab_size}, {chunk_elements}")
+    return max(1, chunk_elements // vocab_size)
+
+
+def fused_linear_divergence(
+    student_hidden_NH: Tensor,
+    student_weight_VH: Tensor,
+    weights_N: Tensor,
+    *,
+    spec: SupportSpec,
+    divergence: str,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    mu: float = 0.5,
+    teacher_hidden_NH: Tensor | None = None,
+    teacher_weight_VH: Tensor | None = None,
+    teacher_logits_NV: Tensor | None = None,
+    teacher_topk_ids_NK: Tensor | None = None,
+    teacher_topk_logprobs_NK: Tensor | None = None,
+    sampled_ids_N: Tensor | None = None,
+    student_bias_V: Tensor | None = None,
+    teacher_bias_V: Tensor | None = None,
+    chunk_size: int | None = None,
+    extra_fn: ExtraFn | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Chunked ``loss = Σ_n weights_N[n] · D_n`` without ever holding ``[N, V]`` logits.
+
+    ``D_n`` is ``divergence`` (see :mod:`opd.math.divergences`; knobs ``beta``, ``alpha``, ``mu``)
+    between the student's and the teacher's distributions on the support ``spec`` of token ``n``,
+    with the student's logits ``h_n Wᵀ + b``. ``weights_N`` are detached per-token weights (mask ×
+    gates × reducer weights from :func:`opd.math.reduce.reduction_weights`); rows with weight 0
+    contribute exactly 0 to the loss and its gradient.
+
+    Returns ``(loss, per_token_N, extras)``: the fp32 scalar loss (differentiable w.r.t. the student
+    hidden states, weight and bias), the detached ``D_n``, and the detached per-token tensors that
+    ``extra_fn(student_logp_chunk, teacher_logp_chunk, rows)`` returns for each chunk, concatenated.
+    ``extra_fn`` sees the tempered full-vocabulary log-probs of the chunk (the teacher's is ``None``
+    when the teacher is given only as top-k) and ``rows``, the chunk's ``slice`` of the ``N`` tokens.
+    The loss supports one backward pass (no double backward).
+
+    ``chunk_size`` is the number of tokens per chunk; ``None`` picks :func:`auto_chunk_size` ``(V)``
+    (about ``CHUNK_ELEMENTS`` logits per chunk, so memory does not grow with ``V``).
+    """
+    args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu,
+                 teacher_hidden_NH, teacher_weight_VH, teacher_logits_NV, teacher_topk_ids_NK,
+                 teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn)
+    h, W, b = student_hidden_NH, student_weight_VH, student_bias_V
+    needs = (h.requires_grad, W.requires_grad, b is not None and b.requires_grad)
+    if not (torch.is_grad_enabled() and any(needs)):
+        with torch.no_grad():
+            loss, per_token, extras, _ = _run_chunks(args, (False, False, False))
+        return loss, per_token, extras
+    out: dict = {}
+    loss = _FusedLinearDivergence.apply(h, W, b, lambda: _run_chunks(args, needs), out)
+    return loss, out["per_token"], out["extras"]
+
+
+def dense_linear_divergence(
+    student_hidden_NH: Tensor,
+    student_weight_VH: Tensor,
+    weights_N: Tensor,
+    *,
+    spec: SupportSpec,
+    divergence: str,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    mu: float = 0.5,
+    teacher_hidden_NH: Tensor | None = None,
+    teacher_weight_VH: Tensor | None = None,
+    teacher_logits_NV: Tensor | None = None,
+    teacher_topk_ids_NK: Tensor | None = None,
+    teacher_topk_logprobs_NK: Tensor | None = None,
+    sampled_ids_N: Tensor | None = None,
+    student_bias_V: Tensor | None = None,
+    teacher_bias_V: Tensor | None = None,
+    chunk_size: int | None = None,
+    extra_fn: ExtraFn | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """:func:`fused_linear_divergence` with the ``[N, V]`` logits materialised and plain autograd.
+
+    The reference for the chunked path and the right choice for small vocabularies (``chunk_size``
+    is accepted for signature compatibility and ignored).
+    """
+    args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu,
+                 teacher_hidden_NH, teacher_weight_VH, teacher_logits_NV, teacher_topk_ids_NK,
+                 teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn)
+    rows, spec = slice(0, student_hidden_NH.shape[0]), args.spec
+    z = student_hidden_NH.float() @ student_weight_VH.float().T
+    if student_bias_V is not None:
+        z = z + student_bias_V.float()
+    s_logp = tempered_log_softmax(z, spec.student_temperature)
+    per_token, extras = _chunk_divergence(args, s_logp, rows)
+    loss = masked_sum(per_token, args.weights)
+    return loss, per_token.detach(), {k: v.detach() for k, v in extras.items()}
+
+
+def fused_linear_token_logprobs(
+    hidden_NH: Tensor,
+    weight_VH: Tensor,
+    ids_N: Tensor,
+    *,
+    bias_V: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``log π(ids_N[n] | h_n) = z_n[y_n]/τ − logsumexp(z_n/τ)``, ``z_n = h_n Wᵀ + b``, as fp32 ``[N]``.
+
+    Differentiable w.r.t. ``hidden_NH``, ``weight_VH`` and ``bias_V`` without keeping ``[N, V]``: the
+    forward keeps the per-token logsumexp, the backward recomputes each chunk's logits and applies
+    ``∂ log π(y)/∂z = (e_y − softmax(z/τ))/τ``. Ids must lie in ``[0, V)``.
+    """
+    _check_head("hidden_NH", hidden_NH, "weight_VH", weight_VH, "bias_V", bias_V)
+    N, V = hidden_NH.shape[0], weight_VH.shape[0]
+    if ids_N.shape != (N,):
+        raise ValueError(f"ids_N has shape {tuple(ids_N.shape)}; expected ({N},) to match hidden_NH "
+                         f"{tuple(hidden_NH.shape)}")
+    if ids_N.numel() and (int(ids_N.min()) < 0 or int(ids_N.max()) >= V):
+        raise ValueError(f"ids_N must lie in [0, V = {V}), got range [{int(ids_N.min())}, {int(ids_N.max())}]")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    chunk_size = _check_chunk(chunk_size, V)
+    return _FusedTokenLogprobs.apply(hidden_NH, weight_VH, bias_V, ids_N.long(), float(temperature), chunk_size)
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+class _Args:
+    """Checked arguments of the linear-divergence functions (one place for the shape rules)."""
+
+    def __init__(self, h, W, weights, spec, divergence, beta, alpha, mu, th, tW, t_logits, topk_ids,
+                 topk_logprobs, sampled, b, tb, chunk_size, extra_fn):
+        _check_head("student_hidden_NH", h, "student_weight_VH", W, "student_bias_V", b)
+        N, V = h.shape[0], W.shape[0]
+        if weights.shape != (N,):
+            raise ValueError(f"weights_N has shape {tuple(weights.shape)}; expected ({N},) to match "
+                             f"student_hidden_NH {tuple(h.shape)}")
+        if (th is None) != (tW is None):
+            raise ValueError("teacher_hidden_NH and teacher_weight_VH go together: pass both or neither")
+        if th is not None:
+            if t_logits is not None:
+                raise ValueError("pass the teacher either as teacher_hidden_NH + teacher_weight_VH or as "
+                                 "teacher_logits_NV, not both")
+            _check_head("teacher_hidden_NH", th, "teacher_weight_VH", tW, "teacher_bias_V", tb)
+            if th.shape[0] != N or tW.shape[0] != V:
+                raise ValueError(f"teacher_hidden_NH {tuple(th.shape)} / teacher_weight_VH {tuple(tW.shape)} "
+                                 f"must have N = {N} rows / V = {V} rows like the student's")
+        elif tb is not None:
+            raise ValueError("teacher_bias_V needs teacher_hidden_NH and teacher_weight_VH")
+        if t_logits is not None and t_logits.shape != (N, V):
+            raise ValueError(f"teacher_logits_NV has shape {tuple(t_logits.shape)}; expected ({N}, {V})")
+        for name, t in (("teacher_topk_ids_NK", topk_ids), ("teacher_topk_logprobs_NK", topk_logprobs)):
+            if t is not None and (t.dim() != 2 or t.shape[0] != N):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({N}, K)")
+        if sampled is not None and sampled.shape != (N,):
+            raise ValueError(f"sampled_ids_N has shape {tuple(sampled.shape)}; expected ({N},)")
+        has_teacher_logits = th is not None or t_logits is not None
+        if spec.needs_teacher_logits and not has_teacher_logits:
+            raise ValueError(f"support kind {spec.kind!r} needs the teacher's full distribution: pass "
+                             "teacher_hidden_NH with teacher_weight_VH, or teacher_logits_NV")
+        if not has_teacher_logits and topk_ids is None:
+            raise ValueError("no teacher given: pass teacher_hidden_NH with teacher_weight_VH, "
+                             "teacher_logits_NV, or teacher_topk_ids_NK with teacher_topk_logprobs_NK")
+        if spec.kind in ("sampled", "teacher_topk_sampled") and sampled is None:
+            raise ValueError(f"support kind {spec.kind!r} needs the sampled tokens: pass sampled_ids_N")
+        chunk_size = _check_chunk(chunk_size, V)
+        self.div_fn = resolve_divergence(divergence, beta=beta, alpha=alpha, mu=mu)
+        self.h, self.W, self.b = h, W, b
+        self.weights = weights.detach().float()
+        self.spec, self.chunk_size, self.extra_fn = spec, chunk_size, extra_fn
+        self.th, self.tb = th, tb
+        self.tW = None if tW is None else tW.detach().float()
+        self.t_logits, self.topk_ids, self.topk_logprobs, self.sampled = t_logits, topk_ids, topk_logprobs, sampled
+
+
+def _check_head(h_name: str, h: Tensor, w_name: str, W: Tensor, b_name: str, b: Tensor | None) -> None:
+    check_ndim(h_name, h, 2)
+    check_ndim(w_name, W, 2)
+    if h.shape[1] != W.shape[1]:
+        raise ValueError(f"{h_name} has shape {tuple(h.shape)} and {w_name} has shape {tuple(W.shape)}; "
+                         "their last (hidden) dimensions must be equal")
+    if b is not None and b.shape != (W.shape[0],):
+        raise ValueError(f"{b_name} has shape {tuple(b.shape)}; expected ({W.shape[0]},) to match "
+                         f"{w_name} {tuple(W.shape)}")
+
+
+def _check_chunk(chunk_size: int | None, vocab_size: int) -> int:
+    if chunk_size is None:
+        return auto_chunk_size(vocab_size)
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1 or None (auto), got {chunk_size}")
+    return int(chunk_size)
+
+
+def _chunk_divergence(args: _Args, s_logp: Tensor, rows: slice) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token divergence ``[n]`` from the student's tempered log-probs ``[n, V]`` of tokens ``rows``."""
+    spec = args.spec
+    t_logp = None
+    if args.th is not None:
+        with torch.no_grad():
+            t_logp = args.th[rows].detach().float() @ args.tW.T
+            if args.tb is not None:
+                t_logp += args.tb.detach().float()
+            _log_softmax_(t_logp, spec.teacher_temperature)
+    elif args.t_logits is not None:
+        t_logp = tempered_log_softmax(args.t_logits[rows].detach(), spec.teacher_temperature)
+    sup = support_from_logprobs(
+        s_logp, spec,
+        sampled_ids=None if args.sampled is None else args.sampled[rows],
+        teacher_logp=t_logp,
+        teacher_topk_ids=None if args.topk_ids is None else args.topk_ids[rows],
+        teacher_topk_logprobs=None if args.topk_logprobs is None else args.topk_logprobs[rows],
+    )
+    per_token = args.div_fn(sup.student_logp, sup.teacher_logp, None if spec.kind == "full" else sup.valid)
+    extras: dict[str, Tensor] = {}
+    if args.extra_fn is not None:
+        extras = args.extra_fn(s_logp.detach(), t_logp, rows)
+        n = s_logp.shape[0]
+        for key, value in extras.items():
+            if value.shape != (n,):
+                raise ValueError(f"extra_fn returned {key!r} with shape {tuple(value.shape)}; expected ({n},)")
+    return per_token, extras
+
+
+def _run_chunks(args: _Args, needs: tuple[bool, bool, bool]):
+    """Loss, per-token values, extras and (grad_h, grad_W, grad_b) of ``Σ w D``, chunk by chunk.
+
+    Every long-lived output is allocated before the loop and filled in place: a small tensor
+    allocated per chunk would land inside the hole freed by the chunk's ``[chunk, V]`` temporaries
+    and fragment the heap (glibc), growing the resident memory by about one such tensor per chunk.
+    """
+    h, N = args.h.detach(), args.h.shape[0]
+    W32 = args.W.detach().float()
+    b32 = None if args.b is None else args.b.detach().float()
+    grad_h = torch.zeros(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None
+    grad_W = torch.zeros(W32.shape, dtype=torch.float32, device=h.device) if needs[1] else None
+    grad_b = torch.zeros(W32.shape[0], dtype=torch.float32, device=h.device) if needs[2] else None
+    tau = args.spec.student_temperature
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    per_token_N = torch.zeros(N, dtype=torch.float32, device=h.device)
+    extras_N: dict[str, Tensor] = {}
+    for start in range(0, N, args.chunk_size):
+        rows = slice(start, min(N, start + args.chunk_size))
+        h_c = h[rows].float()
+        s_logp = h_c @ W32.T
+        if b32 is not None:
+            s_logp += b32
+        _log_softmax_(s_logp, tau)  # the logits' buffer now holds log softmax(z/τ)
+        w_c = args.weights[rows]
+        with_grad = any(needs) and bool((w_c != 0).any())
+        s_logp.requires_grad_(with_grad)
+        with torch.set_grad_enabled(with_grad):
+            d_c, e_c = _chunk_divergence(args, s_logp, rows)
+            loss_c = masked_sum(d_c, w_c)
+        loss += loss_c.detach()
+        per_token_N[rows] = d_c.detach()
+        for key, value in e_c.items():  # copied out before s_logp's buffer is reused below
+            if key not in extras_N:
+                extras_N[key] = torch.zeros(N, dtype=value.dtype, device=value.device)
+            extras_N[key][rows] = value.detach()
+        del d_c, e_c
+        if with_grad:
+            (dz,) = torch.autograd.grad(loss_c, s_logp)
+            # chain rule through log_softmax(z/τ): ∂/∂z = (g − softmax(z/τ) · Σ_v g) / τ, in place
+            total = dz.sum(dim=-1, keepdim=True)
+            dz.sub_(s_logp.detach().exp_().mul_(total))
+            if tau != 1.0:
+                dz /= tau
+            if grad_h is not None:
+                grad_h[rows] = dz @ W32
+            if grad_W is not None:
+                grad_W.addmm_(dz.T, h_c)
+            if grad_b is not None:
+                grad_b += dz.sum(dim=0)
+            del dz, total
+        del s_logp, loss_c
+    grad_W = None if grad_W is None else grad_W.to(args.W.dtype)
+    grad_b = None if grad_b is None else grad_b.to(args.b.dtype)
+    return loss, per_token_N, extras_N, (grad_h, grad_W, grad_b)
+
+
+class _FusedLinearDivergence(torch.autograd.Function):
+    """Grad-in-forward: ``forward`` computes the gradients; ``backward`` scales them by the scalar."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, run, out):  # noqa: ARG004 (h, W, b register the autograd edges)
+        loss, per_token, extras, grads = run()
+        out["per_token"], out["extras"] = per_token, extras
+        ctx.grads = grads
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        if bool(grad_loss == 1.0):
+            return (*grads, None, None)
+        return (*(None if g is None else g * grad_loss.to(g.dtype) for g in grads), None, None)
+
+
+class _FusedTokenLogprobs(torch.autograd.Function):
+    """Chunked ``log softmax(hWᵀ + b)/τ`` at given ids, recomputing each chunk's logits in backward."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, ids, temperature, chunk_size):
+        N = h.shape[0]
+        W32 = W.float()
+        b32 = None if b is None else b.float()
+        out = torch.empty(N, dtype=torch.float32, device=h.device)
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        for start in range(0, N, chunk_size):
+            rows = slice(start, min(N, start + chunk_size))
+            z = _scaled_logits(h[rows], W32, b32, temperature)
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            out[rows] = z.gather(-1, ids[rows, None])[:, 0] - lse[rows]
+        ctx.save_for_backward(h, W, b, ids, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        h, W, b, ids, lse = ctx.saved_tensors
+        tau, N = ctx.temperature, h.shape[0]
+        need_h, need_W, need_b = ctx.needs_input_grad[:3]
+        W32 = W.float()
+        b32 = None if b is None else b.float()
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_W = torch.zeros(W32.shape, dtype=torch.float32, device=h.device) if need_W else None
+        grad_b = torch.zeros(W32.shape[0], dtype=torch.float32, device=h.device) if need_b else None
+        g = grad_out.float() / tau
+        for start in range(0, N, ctx.chunk_size):
+            rows = slice(start, min(N, start + ctx.chunk_size))
+            z = _scaled_logits(h[rows], W32, b32, tau)
+            dz = torch.exp_(z.sub_(lse[rows, None])).mul_(-g[rows, None])  # −g·softmax, in place
+            dz.scatter_add_(-1, ids[rows, None], g[rows, None])  # + g·e_y
+            if grad_h is not None:
+                grad_h[rows] = (dz @ W32).to(h.dtype)
+            if grad_W is not None:
+                grad_W.addmm_(dz.T, h[rows].float())
+            if grad_b is not None:
+                grad_b += dz.sum(dim=0)
+        return (grad_h, None if grad_W is None else grad_W.to(W.dtype),
+                None if grad_b is None else grad_b.to(b.dtype), None, None, None)
+
+
+def _log_softmax_(x: Tensor, temperature: float) -> Tensor:
+    """``x ← log_softmax(x / τ)`` over the last dim, in place (no grad), saving a ``[chunk, V]`` buffer."""
+    if temperature != 1.0:
+        x /= temperature
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
+def _scaled_logits(h: Tensor, W32: Tensor, b32: Tensor | None, temperature: float) -> Tensor:
+    z = h.float() @ W32.T
+    if b32 is not None:
+        z += b32
+    if temperature != 1.0:
+        z /= temperature
+    return z

@@ -1,0 +1,123 @@
+"""One optimizer step: rollout → feedback → objective → update. Knows no method by name.
+
+The pieces are free functions so that tests can drive a single step (the multi-process
+gradient test does) and the loop in :mod:`opd.train` stays short.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from opd.objective import Objective, ObjectiveOutput, StudentOutputs, TokenCounts
+from opd.rollout import completion_forward, lm_head_of
+from opd.types import Feedback, Rollouts
+
+
+@dataclass
+class StepBatch:
+    """Everything the update needs, computed once per rollout batch (teacher runs once)."""
+
+    rollouts: Rollouts
+    feedback: Feedback
+    reference: Feedback | None
+    outcome_rewards_B: Tensor | None
+    counts: TokenCounts
+
+
+def student_forward(model: torch.nn.Module, rollouts: Rollouts, *, chunked: bool,
+                    value_head: torch.nn.Module | None = None) -> StudentOutputs:
+    """One student forward over the completion positions; it feeds the loss and the diagnostics."""
+    args = (rollouts.prompt_ids_BP, rollouts.prompt_mask_BP, rollouts.completion_ids_BT,
+            rollouts.completion_mask_BT)
+    if not chunked and value_head is None:
+        return StudentOutputs(logits_BTV=completion_forward(model, *args, output="logits"))
+    hidden_BTH = completion_forward(model, *args, output="hidden")
+    weight_VH, bias_V = lm_head_of(model)
+    # the value head reads detached features: it estimates the policy's value, it does not shape it
+    continuation_BT = None if value_head is None else value_head(hidden_BTH.detach().float()).squeeze(-1)
+    if chunked:
+        return StudentOutputs(hidden_BTH=hidden_BTH, head_weight_VH=weight_VH, head_bias_V=bias_V,
+                              continuation_BT=continuation_BT)
+    return StudentOutputs(logits_BTV=F.linear(hidden_BTH, weight_VH, bias_V), continuation_BT=continuation_BT)
+
+
+def token_counts(objective: Objective, rollouts: Rollouts, world_size: int = 1) -> TokenCounts:
+    """Normaliser counts over this process's rollouts, summed over all processes."""
+    mask = objective.base_mask(rollouts)
+    local = torch.tensor([float(mask.sum()), float((mask.sum(1) > 0).sum())], dtype=torch.float64)
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(local)
+    return TokenCounts(num_tokens=float(local[0]), num_sequences=float(local[1]), world_size=world_size)
+
+
+def micro_batches(batch_size: int, micro_batch_size: int | None, group_size: int) -> list[list[int]]:
+    """Row indices per micro-batch; groups of ``G`` samples of one prompt stay together."""
+    if micro_batch_size is None or micro_batch_size >= batch_size:
+        return [list(range(batch_size))]
+    size = max(group_size, (micro_batch_size // group_size) * group_size)
+    return [list(range(s, min(s + size, batch_size))) for s in range(0, batch_size, size)]
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    objective: Objective,
+    batch: StepBatch,
+    *,
+    micro_batch_size: int | None,
+    group_size: int,
+    chunked: bool,
+    value_head: torch.nn.Module | None = None,
+    autocast: Any = None,
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Forward/backward over micro-batches; gradients accumulate in ``.grad`` (not synced).
+
+    Returns the summed loss terms and the batch's per-token statistics (concatenated in row
+    order) for diagnostics.
+    """
+    sums: dict[str, float] = {}
+    parts: list[tuple[list[int], dict[str, Tensor]]] = []
+    for rows in micro_batches(batch.rollouts.batch_size, micro_batch_size, group_size):
+        mb = batch.rollouts.select(rows)
+        fb = batch.feedback.select(rows)
+        ref = None if batch.reference is None else batch.reference.select(rows)
+        outcome = None if batch.outcome_rewards_B is None else batch.outcome_rewards_B[rows]
+        ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
+        with ctx:
+            out: ObjectiveOutput = objective(student_forward(model, mb, chunked=chunked, value_head=value_head),
+                                             fb, mb, reference=ref, outcome_rewards_B=outcome, counts=batch.counts)
+        out.loss.backward()
+        for key, value in out.metrics.items():
+            if key.startswith("loss"):
+                sums[key] = sums.get(key, 0.0) + value
+        parts.append((rows, out.token_stats))
+    return sums, _concat_stats(parts, batch.rollouts.batch_size)
+
+
+def _concat_stats(parts: list[tuple[list[int], dict[str, Tensor]]], batch_size: int) -> dict[str, Tensor]:
+    if len(parts) == 1:
+        return {k: v.detach() for k, v in parts[0][1].items()}
+    keys = set.intersection(*(set(p.keys()) for _, p in parts))
+    out = {}
+    for key in keys:
+        first = parts[0][1][key]
+        full = torch.zeros((batch_size, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        for rows, stats in parts:
+            full[rows] = stats[key].detach()
+        out[key] = full
+    return out
+
+
+def sync_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average gradients over processes (the loss was scaled by the world size, so this is a sum)."""
+    if world_size <= 1 or not torch.distributed.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad.div_(world_size)

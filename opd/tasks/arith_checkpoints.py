@@ -1,0 +1,329 @@
+"""Train the shipped ``arith`` checkpoints: a teacher from scratch, a student warm-started on it.
+
+``python scripts/make_arith_checkpoints.py`` (which calls :func:`main`) writes four checkpoints
+into ``opd/assets/arith/``, each a ``save_pretrained`` folder (model + tokenizer, safetensors,
+float32) with an ``opd_card.json`` (parameters, held-out accuracy, steps, seconds, seeds, command):
+
+* ``teacher``: 3-digit addition, trained on the ground truth until its greedy exact match on the
+  500 held-out prompts reaches ``target`` (or the step budget ends; the best evaluation is kept);
+* ``student``: warm-started by supervised training on teacher samples (temperature 1) and stopped
+  as soon as its held-out accuracy first reaches ``band[0]``, so on-policy distillation has room
+  to lift it towards the teacher;
+* ``smoke_teacher`` / ``smoke_student``: the same for 2-digit addition with smaller models, for
+  fast tests.
+
+Every model shows a long loss plateau (about 1.5 nats/token, 0 % accuracy) before a sudden
+breakthrough, whose length depends on the seed; the schedules below were measured on 2 CPU cores
+(see the module ``PHASES`` and the report in the repository history). Everything is seeded and
+runs with a fixed number of threads, so a rerun on the same machine writes the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from opd.models import build_model, count_parameters, tiny_llama_config
+from opd.tasks.arith import ARITH_EOS, ArithTask, arith_tokenizer
+from opd.tasks.base import Example
+
+__all__ = ["PHASES", "Phase", "greedy_accuracy", "main", "train_phase"]
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "arith"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """How one checkpoint is trained.
+
+    ``teacher=None``: supervised on the ground truth, AdamW, ``warmup`` linear steps then cosine
+    decay to ``0.1 * lr`` at ``max_steps``; stops when held-out accuracy >= ``target``.
+    ``teacher="name"``: supervised on that checkpoint's samples at temperature 1, ``warmup``
+    then constant lr; stops when held-out accuracy first reaches ``target``.
+    ``min_accuracy``/``max_accuracy``: the accepted range of the final accuracy (else an error).
+    """
+
+    name: str
+    digits: int
+    layers: int
+    hidden: int
+    lr: float
+    batch_size: int
+    warmup: int
+    max_steps: int
+    target: float
+    min_accuracy: float
+    max_accuracy: float = 1.0
+    teacher: str | None = None
+    seed: int = 0
+    eval_every: int = 25  # while accuracy < 5 %
+    eval_every_rising: int = 5  # once accuracy >= 5 % (students: catch the band on the way up)
+    eval_size: int = 500  # held-out prompts used for stopping and for the card
+    hint_fraction: float = 0.0  # share of each batch whose prompt carries the teacher-only hint
+
+
+#: The shipped checkpoints, in training order (a student's teacher comes first).
+PHASES: dict[str, Phase] = {
+    p.name: p
+    for p in (
+        Phase("teacher", digits=3, layers=4, hidden=128, lr=1.5e-3, batch_size=128, warmup=100,
+              max_steps=800, target=0.99, min_accuracy=0.97, eval_every=50, eval_every_rising=25),
+        Phase("student", digits=3, layers=2, hidden=64, lr=2e-3, batch_size=128, warmup=50,
+              max_steps=2000, target=0.5, min_accuracy=0.4, max_accuracy=0.75, teacher="teacher"),
+        Phase("smoke_teacher", digits=2, layers=2, hidden=64, lr=3e-3, batch_size=128, warmup=50,
+              max_steps=800, target=0.99, min_accuracy=0.97, eval_every=50, eval_every_rising=25),
+        Phase("smoke_student", digits=2, layers=1, hidden=32, lr=3e-3, batch_size=128, warmup=20,
+              max_steps=2000, target=0.5, min_accuracy=0.4, max_accuracy=0.75, teacher="smoke_teacher"),
+    )
+}
+
+
+@torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    sample: bool,
+    batch_size: int = 1024,
+) -> list[list[int]]:
+    """Completion token ids per prompt (KV-cached ``generate``), cut after the first EOS.
+
+    ``sample=False`` is greedy; ``sample=True`` samples at temperature 1 from the full
+    distribution (global torch RNG). A completion without EOS was truncated at ``max_new_tokens``.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
+        kwargs = {"do_sample": True, "temperature": 1.0, "top_k": None, "top_p": None} if sample else {"do_sample": False}
+        seqs = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **kwargs)
+        for row in seqs[:, enc.input_ids.shape[1]:].tolist():
+            out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def greedy_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: ArithTask,
+    examples: Sequence[Example],
+    *,
+    with_context: bool = False,
+) -> float:
+    """Greedy exact-match accuracy of ``model`` on ``examples`` (the task's verifier).
+
+    ``with_context=True`` prepends each example's ``teacher_context`` to its prompt, as a
+    privileged self-teacher sees it.
+    """
+    prompts = [(e.teacher_context or "") + e.prompt if with_context else e.prompt for e in examples]
+    completions = generate_completions(model, tokenizer, prompts, task.max_new_tokens, sample=False)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=False)
+    return sum(task.verify(e, c) for e, c in zip(examples, texts)) / len(examples)
+
+
+def _batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+           completions: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside completions)."""
+    prompt_ids = tokenizer(list(prompts)).input_ids
+    rows = [p + c for p, c in zip(prompt_ids, completions)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompt_ids, rows)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        labels[i, len(p): len(r)] = ids[i, len(p): len(r)]
+    return ids, mask, labels
+
+
+def _lr_factor(phase: Phase, step: int) -> float:
+    if step < phase.warmup:
+        return (step + 1) / phase.warmup
+    if phase.teacher is not None:
+        return 1.0
+    progress = min(1.0, (step - phase.warmup) / max(1, phase.max_steps - phase.warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_phase(
+    phase: Phase,
+    teacher: PreTrainedModel | None = None,
+    *,
+    log=print,
+) -> tuple[PreTrainedModel, dict]:
+    """Train one checkpoint as ``phase`` says; return the model and its card (a dict).
+
+    Raises:
+        ValueError: a student phase without its ``teacher`` model.
+        RuntimeError: the final accuracy is outside ``[min_accuracy, max_accuracy]`` (the message
+            says what to change: usually the seed or the step budget).
+    """
+    if phase.teacher is not None and teacher is None:
+        raise ValueError(f"phase {phase.name!r} distils from {phase.teacher!r}: pass its model as teacher=")
+    tokenizer = arith_tokenizer()
+    task = ArithTask(digits=phase.digits, eval_size=phase.eval_size, context="answer")
+    n_hint = round(phase.hint_fraction * phase.batch_size)
+    eval_set = task.eval_examples()
+    config = tiny_llama_config(len(tokenizer), layers=phase.layers, hidden=phase.hidden, tokenizer=tokenizer)
+    model = build_model(config, seed=phase.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(phase, s))
+    torch.manual_seed(phase.seed)
+
+    train_seconds, eval_seconds = 0.0, 0.0
+    history: list[tuple[int, float, float]] = []  # (step, train seconds, accuracy)
+    best = (-1.0, 0, None)  # (accuracy, step, state) for teachers
+    accuracy, step, loss_avg, next_eval = 0.0, 0, float("nan"), phase.eval_every
+    cache: list[list[int]] = []
+    while step < phase.max_steps:
+        t0 = time.perf_counter()
+        model.train()
+        examples = task.train_examples(step, phase.batch_size, seed=phase.seed)
+        if phase.teacher is None:
+            completions = [tokenizer(e.answer + ARITH_EOS, add_special_tokens=False).input_ids for e in examples]
+        else:
+            if not cache:  # sample the teacher for 8 steps at once: generate's overhead is per call
+                prompts = [e.prompt for s in range(step, step + 8)
+                           for e in task.train_examples(s, phase.batch_size, seed=phase.seed)]
+                cache = generate_completions(teacher, tokenizer, prompts, task.max_new_tokens, sample=True)
+            completions, cache = cache[: phase.batch_size], cache[phase.batch_size:]
+        # The first n_hint rows see the hint: the student learns to use a teacher-only context,
+        # so the student under that context is a strong self-teacher (the `opsd` preset).
+        prompts = [e.teacher_context + e.prompt if i < n_hint else e.prompt for i, e in enumerate(examples)]
+        ids, mask, labels = _batch(tokenizer, prompts, completions)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
+        train_seconds += time.perf_counter() - t0
+
+        if step == next_eval or step == phase.max_steps:
+            t0 = time.perf_counter()
+            model.eval()
+            accuracy = greedy_accuracy(model, tokenizer, task, eval_set)
+            eval_seconds += time.perf_counter() - t0
+            history.append((step, round(train_seconds, 2), accuracy))
+            log(f"  [{phase.name}] step {step:5d}  loss {loss_avg:.3f}  held-out acc {accuracy:6.1%}  "
+                f"train {train_seconds:6.1f}s  eval {eval_seconds:5.1f}s")
+            next_eval = step + (phase.eval_every_rising if accuracy >= 0.05 else phase.eval_every)
+            if phase.teacher is None and accuracy > best[0]:
+                best = (accuracy, step, {k: v.clone() for k, v in model.state_dict().items()})
+            if accuracy >= phase.target:
+                break
+    if phase.teacher is None and best[2] is not None and best[0] > accuracy:
+        log(f"  [{phase.name}] keeping the best evaluation: step {best[1]} ({best[0]:.1%})")
+        accuracy, step = best[0], best[1]
+        model.load_state_dict(best[2])
+    model.eval()
+    if not phase.min_accuracy <= accuracy <= phase.max_accuracy:
+        raise RuntimeError(
+            f"{phase.name}: held-out accuracy {accuracy:.1%} after {step} steps is outside the accepted "
+            f"range [{phase.min_accuracy:.0%}, {phase.max_accuracy:.0%}]. The loss plateau's length depends "
+            "on the seed and the machine's numerics: retry with another --seed, or raise max_steps in PHASES."
+        )
+    context_accuracy = greedy_accuracy(model, tokenizer, task, eval_set, with_context=True)
+    card = {
+        "name": phase.name, "task": repr(task), "parameters": count_parameters(model),
+        "layers": phase.layers, "hidden": phase.hidden, "heldout_accuracy": accuracy,
+        "heldout_accuracy_with_context": context_accuracy,
+        "heldout_size": len(eval_set), "steps": step, "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1), "threads": torch.get_num_threads(),
+        "phase": asdict(phase), "history": history,
+    }
+    return model, card
+
+
+def _save(model: PreTrainedModel, card: dict, folder: Path) -> int:
+    """Write model + tokenizer + card into ``folder`` (replaced atomically); return bytes on disk."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        arith_tokenizer().save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is package data
+        for p in tmp.iterdir():
+            p.chmod(0o644)
+        size = sum(p.stat().st_size for p in tmp.iterdir())
+        card = {**card, "bytes_on_disk": size}
+        (tmp / "opd_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        (tmp / "opd_card.json").chmod(0o644)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return size
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: train and save the shipped arith checkpoints; print a table."""
+    parser = argparse.ArgumentParser(
+        prog="make_arith_checkpoints",
+        description="Train the arith teacher/student checkpoints shipped in opd/assets/arith "
+                    "(deterministic; about 3-4 minutes on 2 CPU cores).",
+    )
+    parser.add_argument("--only", nargs="+", choices=list(PHASES), default=list(PHASES),
+                        help="checkpoints to (re)train; a student needs its teacher in --out or in this list")
+    parser.add_argument("--out", type=Path, default=_ASSETS, help="output folder (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every phase (default: 0)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2; changes the numerics)")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's one-shard bars
+    command = "python scripts/make_arith_checkpoints.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    from opd.models import load_model  # here so that `--help` stays fast
+
+    models: dict[str, PreTrainedModel] = {}
+    rows = []
+    t_start = time.perf_counter()
+    for name in [n for n in PHASES if n in args.only]:
+        phase = PHASES[name]
+        if args.seed != phase.seed:
+            phase = Phase(**{**asdict(phase), "seed": args.seed})
+        teacher = None
+        if phase.teacher is not None:
+            teacher = models.get(phase.teacher)
+            if teacher is None:
+                path = args.out / phase.teacher
+                if not (path / "config.json").is_file():
+                    parser.error(f"{name} needs its teacher {phase.teacher!r}: add it to --only or train it into {path} first")
+                teacher = load_model(path)
+        print(f"training {name}: {phase.layers}x{phase.hidden}, {phase.digits}-digit, "
+              f"{'teacher samples from ' + phase.teacher if phase.teacher else 'ground truth'}", flush=True)
+        model, card = train_phase(phase, teacher, log=lambda s: print(s, flush=True))
+        card["command"] = command.strip()
+        size = _save(model, card, args.out / name)
+        models[name] = model
+        rows.append((name, card["parameters"], size, card["heldout_accuracy"], card["steps"], card["train_seconds"], card["eval_seconds"]))
+
+    print(f"\n{'checkpoint':<14} {'params':>9} {'size':>9} {'held-out acc':>12} {'steps':>6} {'train s':>8} {'eval s':>7}")
+    for name, params, size, acc, steps, train_s, eval_s in rows:
+        print(f"{name:<14} {params:>9,} {size / 1e6:>7.2f}MB {acc:>12.1%} {steps:>6} {train_s:>8.1f} {eval_s:>7.1f}")
+    print(f"total wall time {time.perf_counter() - t_start:.0f}s; written to {args.out}")
+    return 0

@@ -1,0 +1,248 @@
+"""Character-level tokenizers built in-process, and the teacher/student tokenizer agreement check.
+
+Distillation compares two models token by token: the teacher scores the student's token ids in the
+student's contexts. That is only meaningful when both tokenizers map the same strings to the same
+ids and agree on the special tokens. :func:`compare_tokenizers` lists every difference that makes
+token-level distillation wrong; :func:`check_tokenizers_agree` turns those differences into one
+:class:`TokenizerMismatchError` before any training starts.
+
+:func:`char_tokenizer` builds the tiny tokenizers used by the built-in tasks and the tests: one
+token per character, ids ``pad=0, bos=1, eos=2, unk=3`` followed by the alphabet in order, BOS
+prepended by the post-processor, left padding for batched generation. It is a regular
+``transformers`` fast tokenizer, so ``save_pretrained`` / ``AutoTokenizer.from_pretrained``
+round-trip it with no custom code and no download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+__all__ = [
+    "TokenizerComparison",
+    "TokenizerMismatchError",
+    "char_tokenizer",
+    "check_tokenizers_agree",
+    "compare_tokenizers",
+]
+
+#: How many differing ``token -> id`` entries a vocabulary error message shows.
+_MAX_VOCAB_DIFFS_SHOWN = 5
+
+
+def char_tokenizer(
+    alphabet: str,
+    *,
+    bos: str = "^",
+    eos: str = "$",
+    pad: str = "_",
+    unk: str = "?",
+) -> PreTrainedTokenizerFast:
+    """Build a one-token-per-character fast tokenizer for ``alphabet``.
+
+    Ids: ``pad=0, bos=1, eos=2, unk=3``, then the characters of ``alphabet`` in order, so the
+    vocabulary size is ``len(alphabet) + 4``. Encoding ``"12+"`` gives ``[bos, '1', '2', '+']``
+    (the BOS comes from a ``TemplateProcessing`` post-processor; pass
+    ``add_special_tokens=False`` to leave it out). The special strings written inside a text are
+    parsed as their special tokens, so ``"861$"`` encodes the answer followed by EOS. Characters
+    outside the alphabet become ``unk``. Decoding concatenates characters without spaces;
+    ``skip_special_tokens=True`` drops bos/eos/pad/unk. Padding is on the left, as batched
+    generation with a decoder-only model needs.
+
+    Args:
+        alphabet: the ordinary characters, each a single character, no repeats.
+        bos, eos, pad, unk: the special-token strings; distinct and not in ``alphabet``.
+
+    Returns:
+        A ``transformers`` fast tokenizer whose ``save_pretrained`` folder loads back with
+        ``AutoTokenizer.from_pretrained`` (offline) with the same ids and special tokens.
+
+    Raises:
+        ValueError: empty alphabet, a multi-character or repeated alphabet entry, or special
+            tokens that collide with each other or with the alphabet.
+    """
+    if not alphabet:
+        raise ValueError("alphabet is empty; pass the characters the tokenizer must know, e.g. '0123456789+='")
+    repeated = sorted({c for c in alphabet if alphabet.count(c) > 1})
+    if repeated:
+        raise ValueError(f"alphabet repeats the characters {repeated}; list each character once")
+    specials = {"pad": pad, "bos": bos, "eos": eos, "unk": unk}
+    for role, tok in specials.items():
+        if not isinstance(tok, str) or not tok:
+            raise ValueError(f"{role} must be a non-empty string, got {tok!r}")
+    if len(set(specials.values())) != len(specials):
+        raise ValueError(f"special tokens must be distinct, got {specials}")
+    clashes = {role: tok for role, tok in specials.items() if tok in alphabet}
+    if clashes:
+        raise ValueError(
+            f"special tokens {clashes} also appear in the alphabet {alphabet!r}; "
+            "choose special strings outside the alphabet"
+        )
+
+    vocab = {tok: i for i, tok in enumerate([pad, bos, eos, unk, *alphabet])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    # "." matches exactly one character: every character becomes its own pre-token.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, vocab[bos])]
+    )
+    backend.decoder = decoders.Fuse()  # join characters with no separator
+    backend.add_special_tokens([pad, bos, eos, unk])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        padding_side="left",
+    )
+
+
+@dataclass
+class TokenizerComparison:
+    """Differences between a student and a teacher tokenizer.
+
+    Attributes:
+        errors: differences that make token-level distillation wrong (the teacher would score
+            different tokens than the student sampled). Training must not start.
+        warnings: legal but risky setups, e.g. ``pad == eos``: a collator that masks padding
+            then also masks the EOS, so the student never learns to stop.
+    """
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when there are no errors (warnings may remain)."""
+        return not self.errors
+
+
+class TokenizerMismatchError(ValueError):
+    """The student and teacher tokenizers disagree in a way that breaks distillation."""
+
+    def __init__(self, comparison: TokenizerComparison):
+        self.comparison = comparison
+        lines = "\n".join(f"  - {e}" for e in comparison.errors)
+        super().__init__(
+            f"student and teacher tokenizers disagree ({len(comparison.errors)} difference(s)):\n"
+            f"{lines}\n"
+            "Token-level distillation needs one vocabulary and the same special tokens: load the "
+            "teacher's tokenizer for both models, or pick a student from the teacher's family."
+        )
+
+
+def _special(tok: PreTrainedTokenizerBase, role: str) -> tuple[int | None, str | None]:
+    return getattr(tok, f"{role}_token_id", None), getattr(tok, f"{role}_token", None)
+
+
+def _describe(token_id: int | None, token: str | None) -> str:
+    if token_id is None and token is None:
+        return "unset"
+    return f"{token_id} ({token!r})"
+
+
+def _probe_text(tok: PreTrainedTokenizerBase, n: int = 32) -> str:
+    """A short text made of the first ``n`` ordinary tokens of the vocabulary."""
+    special_ids = set(tok.all_special_ids)
+    ids = [i for i in sorted(tok.get_vocab().values()) if i not in special_ids][:n]
+    return tok.decode(ids)
+
+
+def _chat_template(tok: PreTrainedTokenizerBase) -> Any:
+    return getattr(tok, "chat_template", None) or None
+
+
+def compare_tokenizers(
+    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase
+) -> TokenizerComparison:
+    """List the differences between two tokenizers that matter for distillation.
+
+    Checked, each reported with both values:
+
+    * **vocabulary** — size, and the first few ``token -> id`` entries that differ or exist on
+      one side only (an error: the teacher would score other tokens than the student sampled);
+    * **special tokens** — the ids and strings of bos, eos, pad and unk (error when they differ);
+    * **EOS vs padding** — ``pad == eos`` on either side (warning: masking padding also masks
+      the EOS, so "when to stop" is never learned); no EOS at all (error: rollouts cannot end);
+    * **encoding** — with equal vocabularies, one probe text must encode to the same ids (catches
+      different merges, pre-tokenizers or BOS insertion);
+    * **chat template** — present on one side only, or different (error: the teacher would
+      see differently formatted prompts than the student).
+
+    The padding side is not compared: each model pads its own batch.
+    """
+    result = TokenizerComparison()
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s_vocab != t_vocab:
+        diffs: list[str] = []
+        for token in sorted(set(s_vocab) | set(t_vocab), key=lambda t: (s_vocab.get(t, t_vocab.get(t)), t)):
+            s_id, t_id = s_vocab.get(token), t_vocab.get(token)
+            if s_id != t_id:
+                diffs.append(
+                    f"{token!r}: student {s_id if s_id is not None else 'missing'} vs "
+                    f"teacher {t_id if t_id is not None else 'missing'}"
+                )
+            if len(diffs) == _MAX_VOCAB_DIFFS_SHOWN:
+                break
+        result.errors.append(
+            f"vocabulary: student has {len(s_vocab)} tokens vs teacher {len(t_vocab)}; "
+            f"first differing entries: {'; '.join(diffs)}"
+        )
+    for role in ("bos", "eos", "pad", "unk"):
+        s, t = _special(student_tok, role), _special(teacher_tok, role)
+        if s != t:
+            result.errors.append(f"{role}_token_id: student {_describe(*s)} vs teacher {_describe(*t)}")
+    for side, tok in (("student", student_tok), ("teacher", teacher_tok)):
+        eos_id, pad_id = tok.eos_token_id, tok.pad_token_id
+        if eos_id is None:
+            result.errors.append(
+                f"{side} tokenizer has no eos_token: rollouts can never end; set tokenizer.eos_token"
+            )
+        elif pad_id is not None and pad_id == eos_id:
+            result.warnings.append(
+                f"{side} pad_token_id == eos_token_id == {eos_id} ({tok.eos_token!r}): masking padding "
+                "also masks the EOS, so the student never learns to stop; set a distinct pad token "
+                "or make sure completions are masked by length, not by pad id"
+            )
+    if s_vocab == t_vocab:
+        # Same vocabulary but different pre-tokenization, merges or BOS handling still changes
+        # the token ids of a text; encode one probe text with both.
+        probe = _probe_text(student_tok)
+        s_ids, t_ids = student_tok(probe).input_ids, teacher_tok(probe).input_ids
+        if s_ids != t_ids:
+            result.errors.append(
+                f"encoding of the probe text {probe!r}: student {s_ids[:16]} vs teacher {t_ids[:16]} "
+                "(same vocabulary, but different pre-tokenization, merges or BOS/EOS insertion)"
+            )
+    s_tpl, t_tpl = _chat_template(student_tok), _chat_template(teacher_tok)
+    if (s_tpl is None) != (t_tpl is None):
+        has, lacks = ("student", "teacher") if s_tpl is not None else ("teacher", "student")
+        result.errors.append(
+            f"chat_template: the {has} tokenizer has one and the {lacks} has none; prompts would be "
+            "formatted differently for the two models"
+        )
+    elif s_tpl != t_tpl:
+        result.errors.append(
+            "chat_template: student and teacher templates differ; prompts would be formatted "
+            "differently for the two models"
+        )
+    return result
+
+
+def check_tokenizers_agree(
+    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase
+) -> TokenizerComparison:
+    """Return :func:`compare_tokenizers`'s result, raising if it holds any error.
+
+    Raises:
+        TokenizerMismatchError: every error on one message, one line each, saying exactly what
+            differs (e.g. ``eos_token_id: student 2 ('$') vs teacher 3 ('</s>')``).
+    """
+    comparison = compare_tokenizers(student_tok, teacher_tok)
+    if comparison.errors:
+        raise TokenizerMismatchError(comparison)
+    return comparison
