@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the run's own progress bar
     # sub-commands with their own argparse get the rest of the line untouched
     if argv and argv[0] == "bias-lab":
         return cmd_bias_lab(argv[1:])
@@ -165,13 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # configuration / input errors: say what and how, no traceback
-        from opd.config.load import ConfigError
-
-        if isinstance(err, ConfigError) or os.environ.get("OPD_TRACEBACK") != "1":
-            print(f"opd {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except (ValueError, OSError) as err:  # bad config / input / paths: say what and how, no traceback
+        if os.environ.get("OPD_TRACEBACK") == "1":
+            raise
+        print(f"opd {args.command}: error: {err}", file=sys.stderr)
+        print("(set OPD_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

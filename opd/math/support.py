@@ -186,7 +186,13 @@ def support_from_logprobs(
         if teacher_logp is not None:
             t_tail = _complement_logsumexp(teacher_logp, in_support)
         else:
-            t_tail = _log1mexp(torch.logsumexp(t, dim=-1))
+            # Only the top-k is known: the tail is 1 − Σ top-k, which cannot be resolved below the
+            # rounding of that sum (≈ K·eps of the dtype). Floor it there instead of claiming an
+            # exact zero: a zero teacher tail would make RKL infinite wherever the student puts any
+            # mass off the teacher's top-k (the verl-style clamp, at the resolution of the data).
+            k_known = valid.sum(dim=-1).clamp(min=1).to(t.dtype)
+            floor = math.log(torch.finfo(t.dtype).eps) + torch.log(k_known)
+            t_tail = torch.maximum(_log1mexp(torch.logsumexp(t, dim=-1)), floor)
             t_tail = torch.where(in_support.all(dim=-1), neg_inf, t_tail)  # nothing left outside
         s = torch.cat([s, s_tail[..., None]], dim=-1)
         t = torch.cat([t, t_tail[..., None]], dim=-1)
