@@ -98,14 +98,34 @@ def build_teacher(cfg: Config, student: PreTrainedModel, tokenizer: PreTrainedTo
                   device: torch.device | str) -> Teacher:
     """The teacher named by ``cfg.teacher``: a model, the student itself (self-teacher), or routed."""
     t = cfg.teacher
+    teacher: Teacher
     if t.model == "self":
-        return SelfTeacher(student, tokenizer, mode=t.self_mode, temperature=t.temperature,
-                           use_context=t.use_context, context_template=t.context_template)
-    default = _model_teacher(cfg, t.model, tokenizer, device)
-    if not t.routes:
-        return default
-    routes = {value: _model_teacher(cfg, name, tokenizer, device) for value, name in t.routes.items()}
-    return RoutedTeacher(routes, default=default, field=cfg.data.route_field)
+        teacher = SelfTeacher(student, tokenizer, mode=t.self_mode, temperature=t.temperature,
+                              use_context=t.use_context, context_template=t.context_template)
+    else:
+        teacher = _model_teacher(cfg, t.model, tokenizer, device)
+        if t.routes:
+            routes = {value: _model_teacher(cfg, name, tokenizer, device) for value, name in t.routes.items()}
+            teacher = RoutedTeacher(routes, default=teacher, field=cfg.data.route_field)
+    return cached_teacher(cfg, teacher)
+
+
+def cached_teacher(cfg: Config, teacher: Teacher) -> Teacher:
+    """``teacher`` behind the score cache that ``cfg.teacher.cache`` asks for (unchanged for ``none``)."""
+    t = cfg.teacher
+    if t.cache == "none":
+        return teacher
+    from opd.teacher_cache import CachedTeacher, DiskFeedbackStore, FeedbackStore
+
+    if t.cache == "memory":
+        return CachedTeacher(teacher, FeedbackStore(t.store_dtype))
+    if not t.cache_dir:
+        raise ValueError("teacher.cache=disk needs teacher.cache_dir (the folder that holds the cache)")
+    signature = {"model": t.model, "self_mode": t.self_mode if t.model == "self" else None,
+                 "student": cfg.student.model if t.model == "self" else None, "routes": dict(t.routes),
+                 "temperature": t.temperature, "dtype": t.dtype, "use_context": t.use_context,
+                 "context_template": t.context_template}
+    return CachedTeacher(teacher, DiskFeedbackStore(t.cache_dir, t.store_dtype, signature=signature))
 
 
 def build_reference(cfg: Config, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

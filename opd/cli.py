@@ -33,6 +33,9 @@ def _print_summary(summary) -> None:
             rkl = f"{r.teacher_rkl:9.4f}" if r.teacher_rkl is not None else f"{'-':>9}"
             print(f"{name:<16} {r.accuracy:9.3f} {r.mean_length:9.2f} {r.truncation_rate:6.3f} {rkl}")
     state = "stopped early (resume with `opd distill --resume DIR`)" if summary.stopped_early else "done"
+    if getattr(summary, "stop_reason", None):
+        print(f"\nthe monitor stopped the run: {summary.stop_reason} (a checkpoint was saved; see the report)")
+        state = "stopped early"
     print(f"\n{state} in {summary.seconds:.1f} s; run folder: {summary.run_dir}")
 
 

@@ -164,8 +164,15 @@ class Objective:
         if not dense and (student.hidden_BTH is None or student.head_weight_VH is None):
             raise ValueError("StudentOutputs needs logits_BTV, or hidden_BTH with head_weight_VH")
         logp_BTV = torch.log_softmax(student.logits_BTV.float(), dim=-1) if dense else None
+        # On the chunked path, when nothing differentiates through log π_S(y_t) and nothing needs it
+        # before the loss, it is read off the route-1 pass's chunks instead of a separate pass over
+        # the LM head (one [N, V] projection fewer per step).
+        from_route1 = not dense and self._sampled_from_route1()
+        sampled_logp_BT: Tensor | None
         if dense:
             sampled_logp_BT = logp_BTV.gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1)
+        elif from_route1:
+            sampled_logp_BT = None
         else:
             b, t, h = student.hidden_BTH.shape
             sampled_logp_BT = fused_linear_token_logprobs(
@@ -173,7 +180,7 @@ class Objective:
                 bias_V=student.head_bias_V, chunk_size=self.chunk_size,
             ).reshape(b, t)
         teacher_logp_BT = feedback.sampled_logprobs_BT.float()
-        teacher_kl_BT = (sampled_logp_BT.detach() - teacher_logp_BT) * base_mask_BT
+        teacher_kl_BT = None if sampled_logp_BT is None else (sampled_logp_BT.detach() - teacher_logp_BT) * base_mask_BT
 
         # ---- gates and weights ---------------------------------------------------------------
         keep_BT = base_mask_BT.clone()
@@ -217,7 +224,12 @@ class Objective:
         # ---- route 1: distributional loss on the support -------------------------------------
         rkl_BT: Tensor | None = None
         if self.route1_on or self.needs_closed_form_value:
-            d_BT, rkl_BT, r1_loss, diag = self._route1(student, feedback, ids_BT, weight_BT, base_mask_BT)
+            d_BT, rkl_BT, r1_loss, diag = self._route1(student, feedback, ids_BT, weight_BT, base_mask_BT,
+                                                       want_sampled=from_route1)
+            if from_route1:
+                sampled_logp_BT = diag.pop("sampled_logp")
+                teacher_kl_BT = (sampled_logp_BT - teacher_logp_BT) * base_mask_BT
+                stats["teacher_kl"] = teacher_kl_BT
             stats.update(diag)
             if self.route1_on:
                 terms["route1"] = cfg.route1.coef * r1_loss
@@ -289,10 +301,20 @@ class Objective:
         )
         return {f"diag/{k}": v for k, v in diags.items()}
 
+    def _sampled_from_route1(self) -> bool:
+        """Whether the chunked path may take ``log π_S(y_t)`` from the route-1 chunks: only its
+        detached value is used (no route 2, SFT or sampled reference KL), nothing needs it before
+        the loss (no drift position weights), and the route-1 student temperature is 1."""
+        cfg = self.cfg
+        return (self.route1_on and not self.route2_on and cfg.regularization.ref_kl_coef == 0
+                and cfg.regularization.sft_coef == 0 and cfg.gates.position != "drift"
+                and cfg.support.student_temperature == 1.0)
+
     def _route1(self, student: StudentOutputs, feedback: Feedback, ids_BT: Tensor, weight_BT: Tensor,
-                mask_BT: Tensor) -> tuple[Tensor, Tensor | None, Tensor, dict[str, Tensor]]:
+                mask_BT: Tensor, want_sampled: bool = False) -> tuple[Tensor, Tensor | None, Tensor, dict[str, Tensor]]:
         """Per-token divergence, per-token RKL on the support (for closed-form values), weighted
-        loss, and — on the chunked path — the diagnostics computed from the same chunks.
+        loss, and — on the chunked path — the diagnostics computed from the same chunks (with
+        ``want_sampled``, also ``sampled_logp``: the student's ``log π_S(y_t)``, detached).
 
         Only the ``N`` valid tokens are packed and evaluated: padding positions (whose teacher
         signal is a placeholder) never enter a distribution, so they cannot produce inf/NaN in
@@ -337,6 +359,8 @@ class Objective:
 
         def extra_fn(s_logp: Tensor, t_logp: Tensor | None, rows: slice) -> dict[str, Tensor]:
             out = {} if diag_fn is None else {f"diag/{k}": v for k, v in diag_fn(s_logp, t_logp, rows).items()}
+            if want_sampled:
+                out["sampled_logp"] = s_logp.gather(-1, ids_N[rows, None].to(s_logp.device).long()).squeeze(-1)
             if rkl_extra:  # RKL on the configured support, from the same chunk
                 sup = support_from_logprobs(
                     s_logp, spec, sampled_ids=ids_N[rows], teacher_logp=t_logp,
@@ -353,7 +377,8 @@ class Objective:
             teacher_bias_V=feedback.head_bias_V, teacher_logits_NV=pack(feedback.logits_BTV),
             teacher_topk_ids_NK=topk_ids_N, teacher_topk_logprobs_NK=topk_lp_N,
             sampled_ids_N=ids_N, student_bias_V=student.head_bias_V,
-            chunk_size=self.chunk_size, extra_fn=extra_fn if (diag_fn is not None or rkl_extra) else None,
+            chunk_size=self.chunk_size,
+            extra_fn=extra_fn if (diag_fn is not None or rkl_extra or want_sampled) else None,
         )
         rkl_N = d_N if (want_rkl and name == "rkl") else extras.pop("rkl", None)
         diag = {k: unpack(v) for k, v in extras.items()}

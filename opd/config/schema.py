@@ -4,7 +4,7 @@ A config file reads as the method's formula (docs/architecture.md, DESIGN §1):
 
     rollout (state compatibility) → teacher (feedback) → support → route1 (distributional loss)
     → route2 (log-ratio reward + temporal credit) → routing → gates → regularization → outcome
-    → train → eval
+    → train → eval → monitor
 
 Every field carries its documentation in ``metadata["doc"]`` (shown by ``opd config-help``),
 optional ``choices`` and numeric bounds; :mod:`opd.config.load` validates against them.
@@ -25,6 +25,9 @@ def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+_ACTIONS: tuple[str, ...] = ("off", "warn", "stop", "apply")
 
 
 @dataclass
@@ -94,6 +97,14 @@ class TeacherConfig:
     routes: dict[str, str] = opt({}, "multi-teacher routing: {value of data.route_field: teacher model}; "
                                  "prompts whose value is missing use `model`")
     check_tokenizer: bool = opt(True, "stop before training when teacher and student tokenizers disagree")
+    cache: str = opt("none", "reuse the teacher's signal for sequences it has already scored (same prompt and "
+                     "completion ids; opd/teacher_cache.py): none, memory (this run) or disk (teacher.cache_dir, "
+                     "reused across runs: Lightning OPD's offline teacher)", choices=("none", "memory", "disk"))
+    cache_dir: str | None = opt(None, "folder of the disk cache (teacher.cache=disk); it records the teacher and "
+                                "refuses another one")
+    store_dtype: str = opt("float16", "dtype of cached top-k log-probs, logits and hidden states (sampled-token "
+                           "log-probs stay float32; float32 makes hits exact)",
+                           choices=("float32", "bfloat16", "float16"))
 
 
 @dataclass
@@ -235,6 +246,57 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Live diagnostics and failure detectors (methods.md §3.7–§3.9; docs/diagnostics.md).
+
+    Each detector compares the mean of its metric over the last ``window`` steps with a
+    threshold, never before ``warmup_steps`` (the NaN/Inf guard is always on), and reports once per
+    run to ``<run>/events.jsonl``. Its action: ``off``; ``warn`` (report only); ``stop`` (end the run
+    cleanly: checkpoint, final evaluation, report); ``apply`` (apply the detector's stabilization
+    recipe, a set of config overrides, and continue).
+    """
+    diagnostics: bool = opt(True, "per-token actionability diagnostics (diag/* metrics: position buckets, overlap, "
+                            "coverage, entropies, reward sign balance, ...) from the loss's own forward pass")
+    warmup_steps: int = opt(10, "steps before any statistical detector may fire (baselines are measured first)",
+                            low=0)
+    window: int = opt(5, "trailing window (steps) whose mean each detector compares with its threshold", low=1)
+    ngram: int = opt(3, "n of the n-gram repetition rate", low=1)
+    samples: int = opt(4, "sample completions (with per-token log-ratios) saved to samples.jsonl at each evaluation",
+                       low=0)
+    length_action: str = opt("warn", "length inflation / truncation collapse (Demystifying OPD 2604.08527)",
+                             choices=_ACTIONS)
+    truncation_rate_max: float = opt(0.5, "length: fire when the truncation rate reaches this", low=0.0, high=1.0,
+                                     low_open=True)
+    length_growth_max: float = opt(2.0, "length: fire when the mean length reaches this multiple of its baseline "
+                                   "(the first `window` steps)", low=1.0, low_open=True)
+    repetition_action: str = opt("warn", "repetition saturation (Demystifying OPD 2604.08527)", choices=_ACTIONS)
+    repetition_rate_max: float = opt(0.5, "repetition: fire when the n-gram repetition rate reaches this",
+                                     low=0.0, high=1.0, low_open=True)
+    entropy_action: str = opt("warn", "entropy collapse (EOPD 2603.07079)", choices=_ACTIONS)
+    entropy_ratio_min: float = opt(0.25, "entropy: fire when the student's entropy falls to this fraction of the "
+                                   "teacher's (or, without teacher entropy, of its own baseline)", low=0.0,
+                                   high=1.0, low_open=True, high_open=True)
+    entropy_floor: float = opt(0.1, "entropy: the reference entropy (teacher's or baseline) must be at least this "
+                               "many nats for a collapse to count", low=0.0)
+    reward_sign_action: str = opt("warn", "reward sign imbalance (Fu et al. 2603.25562)", choices=_ACTIONS)
+    reward_neg_frac_max: float = opt(0.9, "reward sign: fire when the fraction of tokens with r_t < 0 reaches this",
+                                     low=0.5, high=1.0)
+    support_action: str = opt("warn", "teacher support mismatch (samples off the teacher's top-k; Fu et al. "
+                              "2603.25562)", choices=_ACTIONS)
+    support_off_frac_max: float = opt(0.5, "support: fire when this fraction of sampled tokens is off the teacher's "
+                                      "top-k (sampled-only access: has π_T(y_t) < support_prob_floor)",
+                                      low=0.0, high=1.0, low_open=True)
+    support_prob_floor: float = opt(0.01, "support: with sampled-only access, a token is off-support when "
+                                    "π_T(y_t) is below this", low=0.0, high=1.0, low_open=True)
+    grad_spike_action: str = opt("warn", "gradient-norm spikes (PowerOPD 2606.17199)", choices=_ACTIONS)
+    grad_spike_factor: float = opt(10.0, "grad spike: fire when the (pre-clip) gradient norm exceeds this multiple "
+                                   "of the median of the previous steps", low=1.0, low_open=True)
+    nonfinite_action: str = opt("warn", "NaN/Inf in logits, rewards, loss or gradients: the step is always skipped "
+                                "before the optimizer runs; warn = report and continue", choices=_ACTIONS[1:])
+    nonfinite_max_skips: int = opt(10, "stop the run after this many consecutive skipped (non-finite) steps", low=1)
+
+
+@dataclass
 class LoggingConfig:
     """Where a run writes."""
     run_dir: str | None = opt(None, "run folder (default: runs/<method>-<time>)")
@@ -262,10 +324,11 @@ class Config:
     outcome: OutcomeConfig = field(default_factory=OutcomeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 SECTIONS: tuple[str, ...] = (
     "student", "data", "rollout", "teacher", "support", "route1", "route2", "routing", "gates",
-    "regularization", "outcome", "train", "eval", "logging",
+    "regularization", "outcome", "train", "eval", "monitor", "logging",
 )

@@ -40,6 +40,13 @@ VERIFIERS: tuple[str, ...] = ("auto", "exact_match", "contains", "none")
 _PYTHON_VERIFIER = re.compile(r"^python:[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # teacher signal each support construction needs (opd.math.support: student_topk and union need
 # teacher log-probs at student-chosen ids, which only full logits give)
+# the thresholds each failure detector reads (monitor section; opd.monitor.detectors)
+_MONITOR_THRESHOLDS: dict[str, tuple[str, ...]] = {
+    "length": ("truncation_rate_max", "length_growth_max"), "repetition": ("repetition_rate_max",),
+    "entropy": ("entropy_ratio_min", "entropy_floor"), "reward_sign": ("reward_neg_frac_max",),
+    "support": ("support_off_frac_max", "support_prob_floor"), "grad_spike": ("grad_spike_factor",),
+    "nonfinite": ("nonfinite_max_skips",),
+}
 _SUPPORT_NEED: dict[str, str] = {"full": "full", "student_topk": "full", "union": "full",
                                  "teacher_topk": "topk", "teacher_topk_sampled": "topk", "sampled": "sampled"}
 
@@ -64,6 +71,9 @@ def check_field(spec: FieldSpec, value: Any) -> str | None:
     if value is None:
         return None
     p = spec.path
+    if p == "monitor.nonfinite_action" and value == "off":
+        return ("monitor.nonfinite_action=off is not allowed: a NaN/Inf step would write NaN into the weights; "
+                "use warn (skip the step and report it), stop or apply")
     if spec.choices and value not in spec.choices:
         hint = suggest(str(value), spec.choices)
         return (f"{p}={value!r} is not one of: {', '.join(spec.choices)}"
@@ -292,6 +302,12 @@ def _combination_problems(cfg: Config) -> list[Problem]:
         add("teacher.model=self with self_mode=live and use_context=false is the student itself: every teacher "
             "signal is exactly 0; set teacher.use_context=true (with a context source) or self_mode=frozen",
             "teacher.model", "teacher.self_mode", "teacher.use_context")
+    if t.cache != "none" and t.model == "self" and t.self_mode == "live":
+        add("teacher.cache reuses scores of a fixed teacher, but teacher.model=self with self_mode=live changes "
+            "with every step; set teacher.cache=none or self_mode=frozen", "teacher.cache", "teacher.self_mode")
+    if t.cache == "disk" and not t.cache_dir:
+        add("teacher.cache=disk needs teacher.cache_dir (the folder that holds the cache)", "teacher.cache",
+            "teacher.cache_dir")
     if d.route_field is not None and not t.routes:
         add(f"data.route_field={d.route_field!r} selects a teacher from teacher.routes, but teacher.routes is "
             "empty; add teacher.routes={value: model, ...} or unset data.route_field", "data.route_field",
@@ -367,6 +383,9 @@ def _ignored_knobs(cfg: Config) -> list[Problem]:
         ("teacher.context_template", cfg.teacher.use_context, "teacher.use_context=true"),
         ("outcome.normalize_std", cfg.outcome.adv_tau > 0, "outcome.adv_tau > 0"),
     ] + [(f"routing.{k}", rt.kind == "cr_opd", "routing.kind=cr_opd") for k in section_keys("routing") if k != "kind"]
+    m = cfg.monitor
+    knobs += [(f"monitor.{key}", getattr(m, f"{detector}_action") != "off", f"monitor.{detector}_action ≠ off")
+              for detector, keys in _MONITOR_THRESHOLDS.items() for key in keys]
     for key, used, when in knobs:
         if key in changed and key not in silenced and not used:
             P.append(Problem(f"{key}={get_value(cfg, key)!r} has no effect: it is used only with {when}", (key,)))
@@ -445,6 +464,16 @@ def _warning_problems(cfg: Config) -> list[Problem]:
     if cfg.data.context_field is not None and not t.use_context:
         add(f"data.context_field={cfg.data.context_field!r} is set but teacher.use_context=false, so the "
             "context is never shown; set teacher.use_context=true", "data.context_field", "teacher.use_context")
+    m = cfg.monitor
+    needs_diag = [f"monitor.{d}_action={getattr(m, f'{d}_action')}" for d in ("entropy", "reward_sign", "support")
+                  if getattr(m, f"{d}_action") in ("stop", "apply")]
+    if not m.diagnostics and needs_diag:
+        add(f"{', '.join(needs_diag)} never acts with monitor.diagnostics=false: those detectors read the per-token "
+            "diagnostics; set monitor.diagnostics=true", "monitor.diagnostics")
+    active = [d for d in _MONITOR_THRESHOLDS if d != "nonfinite" and getattr(m, f"{d}_action") != "off"]
+    if active and m.warmup_steps >= cfg.train.steps:
+        add(f"monitor.warmup_steps={m.warmup_steps} ≥ train.steps={cfg.train.steps}: the failure detectors never "
+            "run (the NaN/Inf guard still does); lower monitor.warmup_steps", "monitor.warmup_steps", "train.steps")
     if cfg.train.warmup_steps >= cfg.train.steps:
         add(f"train.warmup_steps={cfg.train.warmup_steps} ≥ train.steps={cfg.train.steps}: the learning rate "
             "never reaches its peak", "train.warmup_steps", "train.steps")

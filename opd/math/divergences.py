@@ -177,7 +177,9 @@ def _prepare(student_logp: Tensor, teacher_logp: Tensor, valid: Tensor | None):
 def _keep(x: Tensor, valid: _Mask) -> _Mask:
     if valid is None and (x.numel() == 0 or bool(x.amin() > float("-inf"))):  # one reduction, no [.., K] temporary
         return None
-    finite = x > float("-inf")  # also False for NaN
+    # "not -inf" rather than "> -inf": a NaN entry is kept, so NaN logits propagate to the loss
+    # (and the non-finite detector) instead of being silently treated as zero probability
+    finite = x != float("-inf")
     return finite if valid is None else finite & valid
 
 

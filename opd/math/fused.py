@@ -217,7 +217,7 @@ class _Args:
         self.h, self.W, self.b = h, W, b
         self.weights = weights.detach().float()
         self.spec, self.chunk_size, self.extra_fn = spec, chunk_size, extra_fn
-        self.th, self.tb = th, tb
+        self.th, self.tb, self.t_buf = th, tb, None
         self.tW = None if tW is None else tW.detach().float()
         self.t_logits, self.topk_ids, self.topk_logprobs, self.sampled = t_logits, topk_ids, topk_logprobs, sampled
 
@@ -247,7 +247,11 @@ def _chunk_divergence(args: _Args, s_logp: Tensor, rows: slice) -> tuple[Tensor,
     t_logp = None
     if args.th is not None:
         with torch.no_grad():
-            t_logp = args.th[rows].detach().float() @ args.tW.T
+            th_c = args.th[rows].detach().float()
+            if args.t_buf is not None:  # the chunked path reuses one buffer for every chunk
+                t_logp = torch.matmul(th_c, args.tW.T, out=args.t_buf[: th_c.shape[0]])
+            else:
+                t_logp = th_c @ args.tW.T
             if args.tb is not None:
                 t_logp += args.tb.detach().float()
             _log_softmax_(t_logp, spec.teacher_temperature)
@@ -288,10 +292,14 @@ def _run_chunks(args: _Args, needs: tuple[bool, bool, bool]):
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     per_token_N = torch.zeros(N, dtype=torch.float32, device=h.device)
     extras_N: dict[str, Tensor] = {}
+    # the student's and the teacher's [chunk, V] logits live in two buffers reused by every chunk
+    C = min(args.chunk_size, N)
+    s_buf = torch.empty(C, W32.shape[0], dtype=torch.float32, device=h.device)
+    args.t_buf = None if args.th is None else torch.empty_like(s_buf)
     for start in range(0, N, args.chunk_size):
         rows = slice(start, min(N, start + args.chunk_size))
         h_c = h[rows].float()
-        s_logp = h_c @ W32.T
+        s_logp = torch.matmul(h_c, W32.T, out=s_buf[: h_c.shape[0]])
         if b32 is not None:
             s_logp += b32
         _log_softmax_(s_logp, tau)  # the logits' buffer now holds log softmax(z/τ)
@@ -323,6 +331,7 @@ def _run_chunks(args: _Args, needs: tuple[bool, bool, bool]):
                 grad_b += dz.sum(dim=0)
             del dz, total
         del s_logp, loss_c
+    args.t_buf = None
     grad_W = None if grad_W is None else grad_W.to(args.W.dtype)
     grad_b = None if grad_b is None else grad_b.to(args.b.dtype)
     return loss, per_token_N, extras_N, (grad_h, grad_W, grad_b)

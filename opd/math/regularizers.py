@@ -95,7 +95,7 @@ def entropy(student_logp_NV: Tensor) -> Tensor:
 
     The entropy bonus ``−coef·H`` is built by the caller.
     """
-    support = student_logp_NV > -float("inf")
+    support = student_logp_NV != -float("inf")  # NaN stays NaN (never silently a zero-probability entry)
     safe = torch.where(support, student_logp_NV, _zero(student_logp_NV))
     return -torch.where(support, safe.exp() * safe, _zero(safe)).sum(dim=-1)
 

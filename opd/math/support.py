@@ -16,8 +16,9 @@ and the two distributions are put on it in one of three ways (``norm``):
 * ``tail``    support entries keep their full-vocabulary probabilities and one extra bucket holds
               ``1 − Σ_{u∈S} π(u)`` (TRL ``loss_add_tail``). For the student the bucket is computed
               exactly and differentiably as ``logsumexp_{v∉S} log π_S(v)``; for a teacher known only
-              through top-k log-probs it is ``log(1 − exp(logsumexp_{u∈S} log π_T(u)))`` (detached,
-              clamped). On ``{y_t}`` this is the Bernoulli "sampled token vs the rest";
+              through top-k log-probs it is ``log(1 − exp(logsumexp_{u∈S} log π_T(u)))`` (detached),
+              floored at ``log(K·eps)``, the resolution of ``1 − Σ`` in the data's dtype [INFER].
+              On ``{y_t}`` this is the Bernoulli "sampled token vs the rest";
 * ``none``    support entries keep their full-vocabulary probabilities, nothing is renormalised and
               no bucket is added (verl's union top-k without renormalisation). The result is a pair
               of sub-probability vectors; divergences on them are *not* divergences any more (an

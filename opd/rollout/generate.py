@@ -29,6 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from opd.rollout.forward import (
     _cache_kwarg,
@@ -161,20 +168,66 @@ def _finish(
     )
 
 
-def _generation_config(model: nn.Module, *, greedy: bool, temperature: float, top_p: float, top_k: int,
-                       max_new_tokens: int, stop_ids: list[int], pad_id: int) -> GenerationConfig:
-    """An explicit config: the checkpoint's own sampling defaults must not change μ."""
+def _generation_config(model: nn.Module, *, greedy: bool, max_new_tokens: int, stop_ids: list[int],
+                       pad_id: int) -> GenerationConfig:
+    """An explicit config: the checkpoint's own sampling defaults must not change μ. The sampling
+    warpers are neutral here: :func:`_warpers` passes them explicitly, ahead of the recorder."""
     kwargs: dict[str, Any] = dict(
         do_sample=not greedy, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-        pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True, use_cache=True,
+        pad_token_id=pad_id, output_scores=False, return_dict_in_generate=True, use_cache=True,
         **_NEUTRAL_PROCESSORS,
     )
     if not greedy:
-        kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+        kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
         model_gen = getattr(model, "generation_config", None)
         if getattr(model_gen, "min_p", None) is not None:
-            kwargs["min_p"] = 0.0  # None would inherit the checkpoint's min_p
+            kwargs["min_p"] = 0.0  # None would inherit the checkpoint's min_p (0.0 removes nothing)
     return GenerationConfig(**kwargs)
+
+
+def _warpers(greedy: bool, temperature: float, top_p: float, top_k: int) -> list[LogitsProcessor]:
+    """``transformers``' own sampling warpers, in the order ``generate`` applies them
+    (temperature → top-k → top-p), so μ is exactly the distribution ``generate`` samples from."""
+    if greedy:
+        return []
+    warpers: list[LogitsProcessor] = []
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(temperature)))
+    if top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=int(top_k), min_tokens_to_keep=1))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
+    return warpers
+
+
+class _BehaviourRecorder(LogitsProcessor):
+    """The last logits processor of ``generate``: records ``log μ(y_t) = s_t[y_t] − logsumexp(s_t)``
+    of the processed scores ``s_t``, one step late (at step ``t + 1`` the sampled ``y_t`` is the
+    last input id). Only the previous step's ``[B, V]`` scores are kept, never ``[B, T, V]``."""
+
+    def __init__(self) -> None:
+        self.logprobs: list[Tensor] = []
+        self._prev: Tensor | None = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self._prev is not None:
+            self._take(input_ids[:, -1])
+        self._prev = scores
+        return scores
+
+    def _take(self, tokens_B: Tensor) -> None:
+        s = self._prev.float()
+        self.logprobs.append(s.gather(-1, tokens_B[:, None].to(s.device)).squeeze(1) - torch.logsumexp(s, dim=-1))
+        self._prev = None
+
+    def finish(self, tokens_BT: Tensor) -> Tensor:
+        """``[B, T]`` log-probs of the generated tokens (steps ``generate`` undid are dropped)."""
+        t = tokens_BT.shape[1]
+        if len(self.logprobs) < t and self._prev is not None:
+            self._take(tokens_BT[:, len(self.logprobs)])
+        if len(self.logprobs) < t:
+            raise RuntimeError(f"recorded {len(self.logprobs)} behaviour log-probs for {t} generated tokens")
+        return torch.stack(self.logprobs[:t], dim=1)
 
 
 @torch.no_grad()
@@ -243,8 +296,9 @@ def generate_rollouts(
                              "pass one text per example")
         gen_ids, gen_mask = encode_prompts(tokenizer, sampling_prompt_texts, device)
     n_new = max_new_tokens if prefix_tokens is None else min(prefix_tokens, max_new_tokens)
-    config = _generation_config(model, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
-                                max_new_tokens=n_new, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id)
+    config = _generation_config(model, greedy=greedy, max_new_tokens=n_new, stop_ids=stop_ids,
+                                pad_id=tokenizer.pad_token_id)
+    recorder = _BehaviourRecorder()
     was_training = model.training
     model.eval()
     try:
@@ -252,12 +306,12 @@ def generate_rollouts(
             input_ids=gen_ids.repeat_interleave(g, dim=0),
             attention_mask=gen_mask.repeat_interleave(g, dim=0),
             generation_config=config,
+            logits_processor=LogitsProcessorList([*_warpers(greedy, temperature, top_p, top_k), recorder]),
         )
     finally:
         model.train(was_training)
     tokens = out.sequences[:, gen_ids.shape[1]:]
-    scores = torch.stack(list(out.scores), dim=1).float()  # [B, T, V] processed scores
-    logprobs = torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    logprobs = recorder.finish(tokens)
     return _finish(examples, tokenizer, prompt_ids, prompt_mask, tokens, logprobs, stop_ids,
                    samples_per_prompt=g, partial=prefix_tokens is not None, group_offset=group_offset,
                    on_policy=on_policy)

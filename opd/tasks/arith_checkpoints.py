@@ -74,6 +74,8 @@ class Phase:
     eval_every_rising: int = 5  # once accuracy >= 5 % (students: catch the band on the way up)
     eval_size: int = 500  # held-out prompts used for stopping and for the card
     hint_fraction: float = 0.0  # share of each batch whose prompt carries the teacher-only hint
+    settle_lr: float | None = None  # lr once accuracy first reaches 5 % (a gradual, stable rise)
+    stop_window: int = 1  # stop when the mean of this many consecutive evaluations reaches target
 
 
 #: The shipped checkpoints, in training order (a student's teacher comes first).
@@ -184,7 +186,6 @@ def train_phase(
     config = tiny_llama_config(len(tokenizer), layers=phase.layers, hidden=phase.hidden, tokenizer=tokenizer)
     model = build_model(config, seed=phase.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(phase, s))
     torch.manual_seed(phase.seed)
 
     train_seconds, eval_seconds = 0.0, 0.0
@@ -192,7 +193,11 @@ def train_phase(
     best = (-1.0, 0, None)  # (accuracy, step, state) for teachers
     accuracy, step, loss_avg, next_eval = 0.0, 0, float("nan"), phase.eval_every
     cache: list[list[int]] = []
+    settled, recent = False, []
     while step < phase.max_steps:
+        lr = phase.settle_lr if settled else phase.lr * _lr_factor(phase, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         t0 = time.perf_counter()
         model.train()
         examples = task.train_examples(step, phase.batch_size, seed=phase.seed)
@@ -214,7 +219,6 @@ def train_phase(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        scheduler.step()
         step += 1
         loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
         train_seconds += time.perf_counter() - t0
@@ -228,9 +232,11 @@ def train_phase(
             log(f"  [{phase.name}] step {step:5d}  loss {loss_avg:.3f}  held-out acc {accuracy:6.1%}  "
                 f"train {train_seconds:6.1f}s  eval {eval_seconds:5.1f}s")
             next_eval = step + (phase.eval_every_rising if accuracy >= 0.05 else phase.eval_every)
+            settled = settled or (phase.settle_lr is not None and accuracy >= 0.05)
             if phase.teacher is None and accuracy > best[0]:
                 best = (accuracy, step, {k: v.clone() for k, v in model.state_dict().items()})
-            if accuracy >= phase.target:
+            recent = [*recent, accuracy][-phase.stop_window:]
+            if len(recent) == phase.stop_window and sum(recent) / len(recent) >= phase.target:
                 break
     if phase.teacher is None and best[2] is not None and best[0] > accuracy:
         log(f"  [{phase.name}] keeping the best evaluation: step {best[1]} ({best[0]:.1%})")

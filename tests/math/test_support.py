@@ -327,3 +327,23 @@ def test_spec_and_shape_errors():
         build_support(zs, SupportSpec(kind="sampled", norm="tail"), sampled_ids=y + 11, teacher_logits=zt)
     with pytest.raises(ValueError, match="pass teacher_topk_ids"):
         build_support(zs, SupportSpec(), teacher_logits=zt, teacher_topk_logprobs=torch.zeros(3, 5, 2))
+
+
+def test_topk_teacher_tail_is_floored_at_the_resolution_of_the_data():
+    """A top-k teacher whose mass rounds to 1: the tail is floored at K·eps, not 0, so RKL stays finite."""
+    zt = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.0, -200.0]])  # the last token's mass underflows in fp32
+    ids, lp = teacher_topk(zt, 5)
+    zs = torch.zeros(1, 6, requires_grad=True)  # the student puts 1/6 off the teacher's top-5
+    sup = build_support(zs, SupportSpec(kind="teacher_topk", k=5, norm="tail"), teacher_topk_ids=ids,
+                        teacher_topk_logprobs=lp)
+    floor = math.log(torch.finfo(torch.float32).eps * 5)  # K·eps = 5 · 2^-23
+    assert sup.teacher_logp[0, -1].item() == pytest.approx(floor, rel=1e-6)
+    rkl = reverse_kl(sup.student_logp, sup.teacher_logp, sup.valid)
+    (g,) = torch.autograd.grad(rkl.sum(), zs)
+    assert torch.isfinite(rkl).all() and torch.isfinite(g).all()
+    # above the floor the exact value is kept: log(1 − Σ top-k)
+    zt2 = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.0, 1.0]])
+    ids2, lp2 = teacher_topk(zt2, 5)
+    sup2 = build_support(zs, SupportSpec(kind="teacher_topk", k=5, norm="tail"), teacher_topk_ids=ids2,
+                         teacher_topk_logprobs=lp2)
+    torch.testing.assert_close(sup2.teacher_logp[0, -1], torch.log_softmax(zt2, -1)[0, 4])

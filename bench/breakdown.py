@@ -1,0 +1,272 @@
+"""Where an opd step goes, and how close its tokens/s come to this CPU's FLOP bound.
+
+    python bench/breakdown.py                 # demo and large pairs (bench/end_to_end.py), profile of large
+    python bench/breakdown.py --pairs large --steps 5
+    python bench/breakdown.py --quick
+
+The real training loop runs (``opd.train.distill`` with the end-to-end settings); the functions it
+calls are wrapped with timers, so nothing is re-implemented here:
+
+* **rollout** — ``collect_rollouts`` (student generation, KV-cached ``generate``);
+* **teacher** — ``teacher.score`` (one teacher forward per rollout batch);
+* **student fwd+bwd** — ``accumulate_gradients`` (student forward, loss, in-loss diagnostics,
+  backward); the in-loss diagnostics are then measured separately as the difference between this
+  phase with ``monitor.diagnostics`` on and off (same seeds, so the same rollouts);
+* **optimizer** — ``AdamW.step``; **monitor** — ``Monitor.step_metrics`` + ``check_nonfinite``;
+  **logging** — ``RunLog.write`` + ``Monitor.observe``; **other** — the rest of the step interval
+  (gradient clipping, scheduler, metric assembly, Python).
+
+FLOP bound: the fp32 GEMM rate measured in this script (``torch.mm`` 2048², 2 threads) over
+``8·N_S + 2·N_T`` FLOPs per trained token (2·N_S to generate it, 2·N_T to score it with the
+teacher, 6·N_S to train on it; N = parameters of the Linear layers, the LM head included, the
+embedding lookup not). Prompt tokens and attention are extra work not counted, so the share is a
+conservative measure of the useful rate. Per phase, the achieved rate of its own FLOPs is reported
+against the same GEMM rate. A ``torch.profiler`` table of one step of the larger pair shows which
+operators take the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+from end_to_end import PAIRS, build_large_pair, model_paths, opd_overrides  # noqa: E402
+
+PHASES = ("rollout", "teacher", "student fwd+bwd", "optimizer", "monitor", "logging")
+DATA = common.ROOT / "bench" / "data" / "breakdown.json"
+
+
+def linear_params(model: Any) -> int:
+    """Parameters of the Linear layers (the LM head included; tied embeddings count once, as the head)."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += module.weight.numel()
+    return total
+
+
+class Timers:
+    """Accumulated seconds per phase for the current step, and the list of finished steps."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+        self.counts: dict[str, float] = {}
+
+    def wrap(self, phase: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[phase] += time.perf_counter() - t0
+
+        return timed
+
+
+def worker(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import opd.runlog
+    import opd.train as T
+    from opd.config.load import load_config
+    from opd.monitor import Monitor
+
+    torch.set_num_threads(a.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="opd-breakdown-"))
+    student_path, teacher_path = model_paths(a.pair, Path(a.models))
+    extra = [] if a.diagnostics else ["monitor.diagnostics=false"]
+    cfg = load_config(None, opd_overrides(a.pair, student_path, teacher_path, a.warmup + a.steps, str(tmp / "run"),
+                                          a.threads, extra))
+    timers = Timers()
+    models: dict[str, Any] = {}
+    build_student, build_teacher = T.build_student, T.build_teacher
+
+    def capture_student(*args: Any, **kwargs: Any) -> Any:
+        out = build_student(*args, **kwargs)
+        models["student"] = out[0]
+        return out
+
+    def capture_teacher(*args: Any, **kwargs: Any) -> Any:
+        teacher = build_teacher(*args, **kwargs)
+        models["teacher"] = teacher.model
+        teacher.score = timers.wrap("teacher", teacher.score)
+        return teacher
+
+    T.build_student, T.build_teacher = capture_student, capture_teacher
+    T.collect_rollouts = timers.wrap("rollout", T.collect_rollouts)
+    T.accumulate_gradients = timers.wrap("student fwd+bwd", T.accumulate_gradients)
+    torch.optim.AdamW.step = timers.wrap("optimizer", torch.optim.AdamW.step)
+    Monitor.step_metrics = timers.wrap("monitor", Monitor.step_metrics)
+    Monitor.check_nonfinite = timers.wrap("monitor", Monitor.check_nonfinite)
+    Monitor.observe = timers.wrap("logging", Monitor.observe)
+    opd.runlog.RunLog.write = timers.wrap("logging", opd.runlog.RunLog.write)
+
+    marks: list[float] = []
+    tokens: list[float] = []
+    profile_table: list[list[Any]] = []
+    original = T.train_step
+
+    def step(*args: Any, **kwargs: Any) -> dict[str, float]:
+        if not marks:
+            marks.append(time.perf_counter())
+        else:  # the previous step ended here: its logging is done
+            marks.append(time.perf_counter())
+            timers.steps.append(dict(timers.current))
+        timers.current = defaultdict(float)
+        profile = a.profile and len(tokens) == a.warmup
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                out = original(*args, **kwargs)
+            profile_table.extend(_profile_rows(prof))
+        else:
+            out = original(*args, **kwargs)
+        tokens.append(out["tokens"])
+        return out
+
+    T.train_step = step
+    T.distill(cfg)
+    # the last step's interval ends with the loop's last logging call: close it at the final eval
+    step_s = [b - a for a, b in zip(marks, marks[1:])]
+    n = min(len(step_s), len(timers.steps))
+    keep = slice(a.warmup, n)
+    # the profiled step is slower (profiler overhead): leave it out of the timings
+    rows = [(s, t, p) for i, (s, t, p) in enumerate(zip(step_s[keep], tokens[keep], timers.steps[keep]))
+            if not (a.profile and i == 0)]
+    return {"step_s": [r[0] for r in rows], "tokens": [r[1] for r in rows], "phases": [r[2] for r in rows],
+            "n_s": linear_params(models["student"]), "n_t": linear_params(models["teacher"]),
+            "profile": profile_table}
+
+
+def _profile_rows(prof: Any, limit: int = 14) -> list[list[Any]]:
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [[e.key, e.count, f"{e.self_cpu_time_total / 1e3:.1f}", f"{e.self_cpu_time_total / total:.1%}"]
+            for e in events[:limit]]
+
+
+def summarise(on: dict[str, Any], off: dict[str, Any] | None, gemm: float) -> dict[str, Any]:
+    """Median phase times, the in-loss diagnostics cost, FLOP-bound shares."""
+    med = {ph: statistics.median(p.get(ph, 0.0) for p in on["phases"]) for ph in PHASES}
+    step = statistics.median(on["step_s"])
+    tokens = statistics.median(on["tokens"])
+    diag = 0.0
+    if off is not None:
+        diag = max(0.0, med["student fwd+bwd"] - statistics.median(p.get("student fwd+bwd", 0.0)
+                                                                    for p in off["phases"]))
+    phases = dict(med)
+    phases["student fwd+bwd"] -= diag
+    phases["diagnostics (in-loss)"] = diag
+    phases["other"] = max(0.0, step - sum(med.values()))
+    n_s, n_t = on["n_s"], on["n_t"]
+    flops_per_token = 8 * n_s + 2 * n_t
+    bound = gemm * 1e9 / flops_per_token
+    phase_flops = {"rollout": 2 * n_s * tokens, "teacher": 2 * n_t * tokens, "student fwd+bwd": 6 * n_s * tokens}
+    return {"step_s": step, "tokens": tokens, "tokens_per_s": tokens / step, "bound_tokens_per_s": bound,
+            "share_of_bound": tokens / step / bound, "phases": phases, "n_s": n_s, "n_t": n_t,
+            "phase_rate": {ph: f / max(phases[ph], 1e-12) / 1e9 / gemm for ph, f in phase_flops.items()},
+            "flops_per_token": flops_per_token}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", default="demo,large")
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet-busy", type=float, default=0.3)
+    p.add_argument("--quick", action="store_true", help="demo pair, 1 warm-up + 2 steps")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pair", help=argparse.SUPPRESS)
+    p.add_argument("--models", help=argparse.SUPPRESS)
+    p.add_argument("--diagnostics", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--profile", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        common.worker_print(worker(a))
+        return 0
+    if a.quick:
+        a.pairs, a.steps, a.warmup = "demo", 2, 1
+    info = common.machine_info()
+    print(f"# breakdown — {common.machine_line(info)}\n", flush=True)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    models = Path(tempfile.mkdtemp(prefix="opd-breakdown-models-"))
+    build_large_pair(models)
+    common.wait_for_quiet(a.quiet_busy, echo=lambda m: print(m, flush=True))
+    gemm = common.matmul_gflops(2048)
+    bw = common.stream_gbps(256)
+    print(f"measured: fp32 GEMM {gemm:.0f} GFLOP/s, copy bandwidth {bw:.1f} GB/s ({a.threads} threads)\n", flush=True)
+    out: dict[str, Any] = {}
+    for pair in a.pairs.split(","):
+        runs = {}
+        for diag in (1, 0):
+            common.wait_for_quiet(a.quiet_busy, echo=lambda m: print(m, flush=True))
+            runs[diag] = common.run_worker(__file__, [
+                "--pair", pair, "--models", str(models), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                "--threads", str(a.threads), "--diagnostics", str(diag),
+                "--profile", str(int(diag == 1 and pair == "large" and not a.quick))])
+            if "error" in runs[diag]:
+                raise SystemExit(f"{pair}: {runs[diag]['error']}")
+        s = summarise(runs[1], runs[0], gemm)
+        s["neighbours_busy"] = max(r["neighbours_busy"] for r in runs.values())
+        s["profile"] = runs[1]["profile"]
+        out[pair] = s
+        print(render_pair(pair, s), flush=True)
+    text = render(out, gemm, bw, a)
+    if not a.no_write and not a.quick:
+        DATA.parent.mkdir(parents=True, exist_ok=True)
+        DATA.write_text(json.dumps({"command": common.command_line(), "when": common.stamp(), "gemm_gflops": gemm,
+                                    "copy_gbps": bw, "machine": common.machine_line(info), "results": out}, indent=1))
+        common.write_section("breakdown", text)
+    return 0
+
+
+def render_pair(pair: str, s: dict[str, Any]) -> str:
+    rows = [[ph, f"{sec * 1e3:.1f}", f"{sec / s['step_s']:.1%}",
+             f"{s['phase_rate'][ph]:.1%}" if ph in s["phase_rate"] else "–"] for ph, sec in s["phases"].items()]
+    rows.append(["**step**", f"{s['step_s'] * 1e3:.1f}", "100%", f"{s['share_of_bound']:.1%}"])
+    head = (f"**{pair}**: N_S = {s['n_s'] / 1e6:.2f} M, N_T = {s['n_t'] / 1e6:.2f} M Linear parameters; "
+            f"{s['tokens']:.0f} completion tokens / step; {s['tokens_per_s']:,.0f} tokens/s against a FLOP bound of "
+            f"{s['bound_tokens_per_s']:,.0f} tokens/s (8·N_S + 2·N_T = {s['flops_per_token'] / 1e6:.1f} MFLOP per "
+            f"token) → **{s['share_of_bound']:.1%} of the bound**; other processes used {s['neighbours_busy']:.0%} "
+            "of the CPUs meanwhile.")
+    return head + "\n\n" + common.md_table(["phase", "ms / step (median)", "share of step",
+                                            "achieved FLOP rate ÷ GEMM rate"], rows, "lrrr") + "\n"
+
+
+def render(out: dict[str, Any], gemm: float, bw: float, a: argparse.Namespace) -> str:
+    parts = ["## Breakdown of an opd step (bench/breakdown.py)", "",
+             f"`{common.command_line()}` — {common.stamp()}; medians over {a.steps} steps after {a.warmup} warm-up "
+             f"(the profiled step excluded); measured in the same run: fp32 GEMM {gemm:.0f} GFLOP/s, copy bandwidth "
+             f"{bw:.1f} GB/s. Settings as in bench/end_to_end.py. Each phase's FLOPs: rollout 2·N_S, teacher 2·N_T, "
+             "student fwd+bwd 6·N_S per completion token.", ""]
+    for pair, s in out.items():
+        parts.append(render_pair(pair, s))
+        if s.get("profile"):
+            parts += ["torch.profiler, one step of this pair, top operators by self CPU time:", "",
+                      common.md_table(["operator", "calls", "self CPU ms", "share"], s["profile"], "lrrr"), ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,315 @@
+"""Shared helpers of the benchmark scripts: timing, peak memory in a fresh process, the machine
+description, the calibration of the machine's matmul rate and memory bandwidth, and the writer of
+``bench/results.md``.
+
+Conventions every script follows (bench/README.md):
+
+* ``torch.set_num_threads(threads)`` (default 2), fp32, a fixed seed;
+* time = median over ``reps`` (≥ 5) calls after ``warmup`` calls; wall clock (``perf_counter``) and
+  process CPU time are both recorded, with the 1-minute load average before and after, because
+  the machine is shared and a busy neighbour inflates wall time;
+* peak memory = ``VmHWM − VmRSS`` read from ``/proc/self/status`` in a **fresh subprocess**, with
+  the high-water mark reset (``/proc/self/clear_refs`` ← 5) right before the measured region, so
+  imports and input construction do not count and glibc's kept-but-freed memory of an earlier
+  variant cannot leak into a later one;
+* ratios are only taken between figures measured in the same run of a script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.md"
+
+
+# ----------------------------------------------------------------------------- /proc readers
+
+
+def status_kb(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current ``VmRSS`` (Linux ≥ 4.0); False when not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakRSS:
+    """``with PeakRSS() as p: ...`` then ``p.mb``: the resident-set growth above the level at entry
+    (``VmHWM − VmRSS_at_entry``), in MiB. Use it in a fresh process (see the module docstring)."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.reset = reset_peak_rss()
+        self.base_kb = status_kb("VmRSS")
+        self.mb = 0.0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mb = (status_kb("VmHWM") - self.base_kb) / 1024
+
+
+def mem_available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def cpu_busy_fraction(interval: float = 1.0) -> float:
+    """Fraction of all CPUs busy over ``interval`` seconds (from ``/proc/stat``; this process is idle)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            parts = [int(x) for x in f.readline().split()[1:]]
+        idle = parts[3] + parts[4]  # idle + iowait
+        return sum(parts), idle
+
+    t0, i0 = sample()
+    time.sleep(interval)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(max_busy: float = 0.25, timeout: float = 600.0, interval: float = 2.0,
+                   echo: Callable[[str], None] | None = None) -> float:
+    """Wait until the CPUs are less than ``max_busy`` busy (other users' work), at most ``timeout``
+    seconds; returns the last busy fraction seen (so a report can say how quiet it was)."""
+    start = time.time()
+    busy = cpu_busy_fraction(interval)
+    warned = False
+    while busy > max_busy and time.time() - start < timeout:
+        if echo is not None and not warned:
+            echo(f"  (waiting for the machine to be quiet: {busy:.0%} busy)")
+            warned = True
+        busy = cpu_busy_fraction(interval)
+    return busy
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_calls(fn: Callable[[], Any], *, reps: int = 5, warmup: int = 2) -> dict[str, Any]:
+    """Median / min wall and CPU seconds of ``fn()`` over ``reps`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"median_s": statistics.median(wall), "min_s": min(wall), "cpu_median_s": statistics.median(cpu),
+            "times_s": wall}
+
+
+# ----------------------------------------------------------------------------- subprocess workers
+
+
+def _cpu_ticks() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = parts[3] + parts[4]
+    return (sum(parts) - idle) / hz, sum(parts) / hz
+
+
+class Neighbours:
+    """``with Neighbours() as nb: <run children>`` then ``nb.busy``: the fraction of the machine's
+    CPUs that *other* processes used meanwhile (machine busy time minus this process's and its
+    children's CPU time, over wall time × CPUs). A value above ~0.1 means the timing was shared."""
+
+    def __enter__(self) -> "Neighbours":
+        self._busy, self._total = _cpu_ticks()
+        self._own = _own_cpu()
+        self.busy = 0.0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        busy, total = _cpu_ticks()
+        own = _own_cpu() - self._own
+        self.busy = max(0.0, (busy - self._busy - own) / max(total - self._total, 1e-9))
+
+
+def _own_cpu() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_worker(script: Path | str, args: Sequence[str], *, timeout: float | None = None) -> dict[str, Any]:
+    """Run ``python script --worker ARGS`` in a fresh interpreter; return the JSON of its last
+    stdout line (a ``{"error": ...}`` dict when it fails, including running out of memory), with
+    ``neighbours_busy``: the share of the CPUs other processes used meanwhile (:class:`Neighbours`)."""
+    cmd = [sys.executable, str(script), "--worker", *args]
+    try:
+        with Neighbours() as nb:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                       "TRL_EXPERIMENTAL_SILENCE": "1"})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
+        return {"error": f"{reason}: {' | '.join(tail)}", "neighbours_busy": nb.busy}
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "neighbours_busy": nb.busy}
+
+
+def worker_print(result: dict[str, Any]) -> None:
+    """The worker side of :func:`run_worker`: its result as the last stdout line."""
+    print(json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def _lscpu() -> dict[str, str]:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+        return str(getattr(mod, "__version__", "?"))
+    except Exception:  # noqa: BLE001 — an optional package
+        return "not installed"
+
+
+def git_commit() -> str:
+    """``<short sha>`` of HEAD, with ``+dirty`` when the working tree has changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, ISA extensions relevant to matmuls, and package versions."""
+    cpu = _lscpu()
+    flags = set(cpu.get("Flags", "").split())
+    with open("/proc/meminfo") as f:
+        total_kb = int(f.readline().split()[1])
+    import torch
+
+    return {
+        "cpu": cpu.get("Model name", platform.processor()),
+        "cpus": os.cpu_count(),
+        "threads_per_core": cpu.get("Thread(s) per core", "?"),
+        "isa": " ".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if x in flags),
+        "ram_gib": round(total_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "trl": _version("trl"),
+        "accelerate": _version("accelerate"),
+        "opd": git_commit(),
+    }
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    i = info or machine_info()
+    return (f"{i['cpu']}, {i['cpus']} CPUs ({i['threads_per_core']} thread/core; {i['isa']}), {i['ram_gib']} GiB RAM; "
+            f"python {i['python']}, torch {i['torch']}, transformers {i['transformers']}, trl {i['trl']}, "
+            f"accelerate {i['accelerate']}, opd {i['opd']}")
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5, threads: int | None = None) -> float:
+    """Measured fp32 GEMM rate: median over ``reps`` of ``torch.mm`` on ``n×n`` matrices (2n³ FLOPs)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    t = time_calls(lambda: torch.mm(a, b, out=out), reps=reps, warmup=2)
+    return 2 * n**3 / t["median_s"] / 1e9
+
+
+def stream_gbps(mb: int = 512, reps: int = 5) -> float:
+    """Measured copy bandwidth (read + write bytes / s) of ``dst.copy_(src)`` on ``mb`` MiB."""
+    import torch
+
+    n = mb * 2**20 // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    t = time_calls(lambda: dst.copy_(src), reps=reps, warmup=1)
+    return 2 * n * 4 / t["median_s"] / 1e9
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A Markdown table; ``align`` is one char per column (``l``/``r``), default right except the first."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it from the repository root."""
+    script = os.path.relpath(sys.argv[0], ROOT)
+    return " ".join(["python", shlex.quote(script), *map(shlex.quote, sys.argv[1:])])
+
+
+def write_section(name: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the section ``name`` of ``bench/results.md``, delimited by
+    ``<!-- BEGIN name -->`` / ``<!-- END name -->``, leaving the other sections untouched."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text.lstrip())
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M")
+
+
+def fmt_mb(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.0f}"
+
+
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"

@@ -1,0 +1,299 @@
+"""End to end: one on-policy distillation step, opd vs TRL's ``DistillationTrainer``, on CPU.
+
+    python bench/end_to_end.py                        # both pairs, both frameworks
+    python bench/end_to_end.py --pairs demo --rounds 1
+    python bench/end_to_end.py --quick                # smoke (tiny steps)
+
+Pairs (same models, prompts, batch, completion length and loss in both frameworks):
+
+* **demo** — the shipped ``builtin:arith/student`` (2 layers × 64) and ``builtin:arith/teacher``
+  (4 × 128), character vocabulary (V = 17), 128 prompts per step, completions ≤ 8 tokens (the
+  demo's own settings; answers stop at EOS after about 5 tokens).
+* **large** — random-initialised Llama models built from config: student 6 layers × 256,
+  teacher 6 × 512, a 32,000-token character vocabulary (the arith characters plus CJK fillers),
+  16 prompts per step, 64-token completions (EOS is almost never sampled at random init, so
+  every completion has the full length in both frameworks).
+
+Loss: reverse KL over the full vocabulary on the student's own samples (opd: ``route1.divergence=rkl``
+on the ``full`` support; TRL: ``beta=1.0``), mean over completion tokens. Sampling at temperature 1,
+no top-k / top-p. AdamW (β 0.9/0.999, no weight decay), lr 3e-4 constant, gradient clipping 1.0,
+fp32, 2 threads, one optimizer step per rollout batch, metrics logged every step.
+
+Each (pair, framework) runs in a fresh process: ``--warmup`` steps, then ``--steps`` timed steps.
+Step time = the interval between consecutive step ends (everything the loop does: generation,
+teacher, loss, backward, optimizer, logging); tokens = completion tokens trained (EOS included,
+padding excluded); tokens/s = tokens / step time per step (median reported). Peak RSS =
+``VmHWM − VmRSS`` from just before the models are loaded to the end of training. ``--rounds``
+repeats opd / TRL alternately; the medians pool every round's steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+
+PAIRS: dict[str, dict[str, Any]] = {
+    "demo": {"student": "builtin:arith/student", "teacher": "builtin:arith/teacher", "prompts": 128,
+             "max_new_tokens": 8},
+    "large": {"student_layers": 6, "student_hidden": 256, "teacher_layers": 6, "teacher_hidden": 512,
+              "vocab": 32000, "prompts": 16, "max_new_tokens": 64},
+}
+LR = 3e-4
+DATA = common.ROOT / "bench" / "data" / "end_to_end.json"
+
+
+def large_tokenizer(vocab: int):
+    """A character tokenizer of exactly ``vocab`` ids: the arith alphabet plus CJK filler characters."""
+    from opd.tasks.arith import ARITH_ALPHABET
+    from opd.tokenization import char_tokenizer
+
+    fillers = "".join(chr(0x4E00 + i) for i in range(vocab - 4 - len(ARITH_ALPHABET)))
+    return char_tokenizer(ARITH_ALPHABET + fillers, bos="^", eos="$", pad="_", unk="?")
+
+
+def build_large_pair(folder: Path, spec: dict[str, Any] = PAIRS["large"]) -> tuple[str, str]:
+    """Save the random-init student and teacher of the ``large`` pair (with the tokenizer) under
+    ``folder``; returns their paths. Seeds 1 and 2 make them the same in every process."""
+    from opd.models import build_model, tiny_llama_config
+
+    tok = large_tokenizer(spec["vocab"])
+    paths = []
+    for role, seed in (("student", 1), ("teacher", 2)):
+        path = folder / role
+        if not (path / "config.json").exists():
+            cfg = tiny_llama_config(spec["vocab"], layers=spec[f"{role}_layers"], hidden=spec[f"{role}_hidden"],
+                                    max_positions=256, tokenizer=tok)
+            build_model(cfg, seed=seed).save_pretrained(path)
+            tok.save_pretrained(path)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def model_paths(pair: str, folder: Path) -> tuple[str, str]:
+    spec = PAIRS[pair]
+    if pair == "large":
+        return build_large_pair(folder)
+    from opd.build import resolve_model_path
+
+    return resolve_model_path(spec["student"]), resolve_model_path(spec["teacher"])
+
+
+def opd_overrides(pair: str, student: str, teacher: str, steps: int, run_dir: str, threads: int,
+                  extra: list[str] | None = None) -> list[str]:
+    """The opd config of the comparison (see the module docstring)."""
+    spec = PAIRS[pair]
+    return [f"student.model={student}", f"teacher.model={teacher}", f"rollout.prompts_per_step={spec['prompts']}",
+            f"rollout.max_new_tokens={spec['max_new_tokens']}", "rollout.temperature=1.0", "route1.divergence=rkl",
+            "support.kind=full", "route2.coef=0", f"train.steps={steps}", f"train.lr={LR}", "train.betas=[0.9,0.999]",
+            "train.weight_decay=0", "train.grad_clip=1.0", "train.schedule=constant", "train.warmup_steps=0",
+            f"train.threads={threads}", "train.log_every=1", "eval.size=8", "eval.every=0", "eval.teacher=false",
+            f"logging.run_dir={run_dir}", "logging.progress=false", "logging.report=false", "seed=0",
+            *(extra or [])]
+
+
+def run_opd(a: argparse.Namespace, student: str, teacher: str, tmp: Path) -> dict[str, Any]:
+    import opd.train as T
+    from opd.config.load import load_config
+
+    steps = a.warmup + a.steps
+    extra = [] if a.variant == "default" else ["monitor.diagnostics=false"]
+    cfg = load_config(None, opd_overrides(a.pair, student, teacher, steps, str(tmp / "run"), a.threads, extra))
+    marks: list[float] = []
+    tokens: list[float] = []
+    losses: list[float] = []
+    original = T.train_step
+
+    def timed(*args: Any, **kwargs: Any) -> dict[str, float]:
+        if not marks:
+            marks.append(time.perf_counter())
+        out = original(*args, **kwargs)
+        marks.append(time.perf_counter())
+        tokens.append(out["tokens"])
+        losses.append(out["loss"])
+        return out
+
+    T.train_step = timed
+    with common.PeakRSS() as peak:
+        T.distill(cfg)
+    return _summary(marks, tokens, losses, peak.mb, a.warmup)
+
+
+def run_trl(a: argparse.Namespace, student: str, teacher: str, tmp: Path) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from opd.models import load_model, load_tokenizer
+    from opd.tasks.arith import ArithTask
+
+    spec = PAIRS[a.pair]
+    steps = a.warmup + a.steps
+    task = ArithTask(digits=3, eval_size=8, seed=0)
+    prompts = [e.prompt for s in range(steps) for e in task.train_examples(s, spec["prompts"], 0)]
+    marks: list[float] = []
+    tokens: list[float] = []
+    losses: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ARG002
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ARG002
+            marks.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001, ARG002
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    with common.PeakRSS() as peak:
+        tok = load_tokenizer(student)
+        model, teacher_model = load_model(student), load_model(teacher)
+        args = DistillationConfig(
+            output_dir=str(tmp / "trl"), per_device_train_batch_size=spec["prompts"], gradient_accumulation_steps=1,
+            max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, max_completion_length=spec["max_new_tokens"],
+            temperature=1.0, top_p=1.0, top_k=0, beta=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
+            use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+            dataloader_num_workers=0, seed=0, shuffle_dataset=False,
+        )
+        trainer = DistillationTrainer(model=model, teacher_model=teacher_model, args=args,
+                                      train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
+                                      callbacks=[StepTimer()])
+        generate = trainer._generate_and_score_completions
+
+        def counted(inputs: Any) -> dict[str, Any]:
+            out = generate(inputs)
+            tokens.append(float(out["completion_mask"].sum()))
+            return out
+
+        trainer._generate_and_score_completions = counted
+        import torch
+
+        torch.set_num_threads(a.threads)  # the Trainer may have changed it
+        trainer.train()
+    return _summary(marks, tokens, losses, peak.mb, a.warmup)
+
+
+def _summary(marks: list[float], tokens: list[float], losses: list[float], peak_mb: float, warmup: int) -> dict[str, Any]:
+    step_s = [b - a for a, b in zip(marks, marks[1:])]
+    return {"step_s": step_s[warmup:], "tokens": tokens[warmup:], "losses": losses, "peak_mb": peak_mb,
+            "hwm_mb": common.status_kb("VmHWM") / 1024}
+
+
+def worker(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="opd-e2e-"))
+    student, teacher = model_paths(a.pair, Path(a.models))
+    return (run_opd if a.framework == "opd" else run_trl)(a, student, teacher, tmp)
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the timed steps of every round."""
+    step_s = [s for r in runs for s in r["step_s"]]
+    tps = [t / s for r in runs for t, s in zip(r["tokens"], r["step_s"])]
+    tokens = [t for r in runs for t in r["tokens"]]
+    return {"step_s": statistics.median(step_s), "tokens_per_s": statistics.median(tps),
+            "tokens_per_step": statistics.mean(tokens), "peak_mb": max(r["peak_mb"] for r in runs),
+            "hwm_mb": max(r["hwm_mb"] for r in runs), "n_steps": len(step_s),
+            "neighbours_busy": max(r.get("neighbours_busy", 0.0) for r in runs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", default="demo,large")
+    p.add_argument("--frameworks", default="opd,opd-nodiag,trl",
+                   help="opd (defaults: diagnostics on), opd-nodiag (monitor.diagnostics=false), trl")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per process")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="alternate the frameworks this many times")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet-busy", type=float, default=0.3)
+    p.add_argument("--quick", action="store_true", help="demo pair only, 2 warm-up + 3 steps, one round")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pair", help=argparse.SUPPRESS)
+    p.add_argument("--framework", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
+    p.add_argument("--models", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        common.worker_print(worker(a))
+        return 0
+    if a.quick:
+        a.pairs, a.steps, a.warmup, a.rounds = "demo", 3, 2, 1
+    info = common.machine_info()
+    print(f"# end to end — {common.machine_line(info)}\n", flush=True)
+    models = Path(tempfile.mkdtemp(prefix="opd-e2e-models-"))
+    build_large_pair(models)
+    results: dict[str, dict[str, Any]] = {}
+    for pair in a.pairs.split(","):
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(a.rounds):
+            for fw in a.frameworks.split(","):
+                common.wait_for_quiet(a.quiet_busy, echo=lambda m: print(m, flush=True))
+                framework, variant = ("opd", "nodiag") if fw == "opd-nodiag" else (fw, "default")
+                r = common.run_worker(__file__, ["--pair", pair, "--framework", framework, "--variant", variant,
+                                                 "--models", str(models), "--steps", str(a.steps), "--warmup",
+                                                 str(a.warmup), "--threads", str(a.threads)])
+                if "error" in r:
+                    print(f"  {pair} {fw}: {r['error']}", flush=True)
+                    continue
+                runs.setdefault(fw, []).append(r)
+                print(f"  {pair} {fw}: median step {statistics.median(r['step_s']):.3f} s, "
+                      f"{statistics.mean(r['tokens']):.0f} tokens/step, peak {r['peak_mb']:,.0f} MB, "
+                      f"others {r['neighbours_busy']:.0%}", flush=True)
+        results[pair] = {fw: {**pooled(rs), "rounds": rs} for fw, rs in runs.items()}
+    table = render(results)
+    print("\n" + table)
+    if not a.no_write and not a.quick:
+        DATA.parent.mkdir(parents=True, exist_ok=True)
+        DATA.write_text(json.dumps({"command": common.command_line(), "when": common.stamp(),
+                                    "machine": common.machine_line(info), "args": vars(a), "results": results},
+                                   indent=1))
+        common.write_section("end_to_end", section(table, a))
+    return 0
+
+
+def render(results: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for pair, by_fw in results.items():
+        trl = by_fw.get("trl")
+        for fw, r in by_fw.items():
+            ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}×" if trl and fw != "trl" else "–"
+            rows.append([pair, fw, common.fmt_s(r["step_s"]), f"{r['tokens_per_step']:.0f}", f"{r['tokens_per_s']:,.0f}",
+                         ratio, common.fmt_mb(r["peak_mb"]), common.fmt_mb(r["hwm_mb"]), r["n_steps"],
+                         f"{r['neighbours_busy']:.0%}"])
+    return common.md_table(["pair", "framework", "s / step (median)", "tokens / step", "tokens / s (median)",
+                            "throughput vs TRL", "peak RSS MB (training)", "process VmHWM MB", "steps timed",
+                            "CPU used by others"], rows, "llrrrrrrrr")
+
+
+def section(table: str, a: argparse.Namespace) -> str:
+    return "\n".join([
+        "## End to end: opd vs TRL DistillationTrainer (bench/end_to_end.py)", "",
+        f"`{common.command_line()}` — {common.stamp()}; {a.warmup} warm-up + {a.steps} timed steps per process, "
+        f"{a.rounds} alternating rounds, medians over all timed steps.", "",
+        table, "",
+        "\"peak RSS (training)\" is the growth of the resident set from just before the models are loaded to the end "
+        "of training; \"process VmHWM\" adds the interpreter and the imported libraries (TRL imports more). "
+        "\"opd-nodiag\" is opd with `monitor.diagnostics=false`.", "",
+        "See \"Settings that differ\" below for what cannot be made equal.",
+    ])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""The self-contained HTML report: inline CSS, PNG figures as base64 ``data:`` URIs, no script, no
+external resource (it opens offline, in a mail attachment, or in headless Chromium)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from opd.report.checklist import Item
+from opd.report.compare import SUMMARY_COLUMNS, config_differences, summary_rows
+from opd.report.load import RunData
+from opd.report.plots import Plot
+
+__all__ = ["log_ratio_color", "render_html"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
+main{max-width:1180px;margin:0 auto;padding:18px 26px 40px}
+h1{font-size:1.5em;margin:.4em 0 .1em}h2{font-size:1.15em;margin:1.6em 0 .5em;border-bottom:1px solid #ddd;
+padding-bottom:.2em}.sub{color:#666;font-size:.85em}
+table{border-collapse:collapse;font-size:.83em;background:#fff;margin:.3em 0}
+th,td{border:1px solid #e1e1e1;padding:3px 7px;text-align:left;vertical-align:top}th{background:#f0f0f0}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.missing td.value{color:#b3261e}.flag{font-weight:600;color:#b3261e;white-space:nowrap}
+.ok{color:#1b7f3b;white-space:nowrap}
+figure{display:inline-block;margin:6px 10px 10px 0;background:#fff;border:1px solid #e1e1e1;padding:4px}
+figure img{display:block;max-width:100%}figcaption{font-size:.75em;color:#555;max-width:560px}
+.event{background:#fff4e5;border-left:4px solid #e8710a;padding:6px 10px;margin:8px 0;font-size:.85em}
+.event.stop{background:#fdecea;border-color:#b3261e}.event code{font-size:.95em}
+.quiet{background:#e8f5e9;border-left:4px solid #1b7f3b;padding:6px 10px;font-size:.85em}
+.sample{background:#fff;border:1px solid #e1e1e1;padding:5px 9px;margin:5px 0;font-size:.85em}
+.tok{font-family:ui-monospace,Menlo,Consolas,monospace;padding:1px 3px;margin:0 1px;border-radius:3px;
+display:inline-block}.legend span{padding:1px 6px;border-radius:3px;margin-right:4px;font-size:.8em}
+"""
+
+
+def log_ratio_color(ell: float, scale: float = 3.0) -> str:
+    """Background of a token with log-ratio ``ℓ_t = log π_S − log π_T``: red when the student is more
+    confident than the teacher (ℓ > 0, the teacher disagrees), blue when less; opacity ∝ ``|ℓ|/scale``."""
+    a = min(abs(ell) / scale, 1.0) * 0.85 if ell == ell else 0.0
+    rgb = "214,39,40" if ell > 0 else "31,119,180"
+    return f"rgba({rgb},{a:.2f})"
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _events(run: RunData) -> str:
+    if not run.events:
+        return ('<div class="quiet">No failure detector fired: length, repetition, entropy, reward sign, teacher '
+                "support, gradient spikes, NaN/Inf (thresholds: monitor.* in the config).</div>")
+    out = []
+    for ev in run.events:
+        evidence = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
+                             for k, v in (ev.get("evidence") or {}).items())
+        over = " ".join(ev.get("overrides") or [])
+        out.append(
+            f'<div class="event{" stop" if ev.get("action") == "stop" else ""}"><b>step {_e(ev.get("step"))} · '
+            f'{_e(ev.get("title"))}</b> ({_e(ev.get("detector"))}, action {_e(ev.get("action"))})<br>'
+            f'{_e(ev.get("message"))}<br><i>evidence:</i> {_e(evidence)}<br><i>recipe:</i> {_e(ev.get("recipe"))}'
+            + (f"<br><i>overrides:</i> <code>{_e(over)}</code>" if over else "")
+            + (f"<br><i>outcome:</i> {_e(ev.get('outcome'))}" if ev.get("outcome") else "") + "</div>")
+    return "".join(out)
+
+
+def _samples(run: RunData, limit: int = 8) -> str:
+    if not run.samples:
+        return '<p class="sub">No samples saved (monitor.samples=0, or no evaluation after a training step).</p>'
+    steps = sorted({int(s["step"]) for s in run.samples})
+    out = ['<p class="legend sub">Token background: <span style="background:rgba(214,39,40,.6)">ℓ &gt; 0</span> '
+           'student more confident than the teacher (the teacher disagrees) · <span style="background:'
+           'rgba(31,119,180,.6)">ℓ &lt; 0</span> teacher more confident · hover a token for '
+           'ℓ_t = log π_S − log π_T (nats).</p>']
+    for step in (steps[0], steps[-1]) if len(steps) > 1 else steps:
+        out.append(f"<h3 class='sub'>training batch at step {step}</h3>")
+        for s in [x for x in run.samples if int(x["step"]) == step][:limit]:
+            toks = "".join(
+                f'<span class="tok" style="background:{log_ratio_color(float(v))}" title="ℓ = {float(v):+.3f}">'
+                f"{_e(t)}</span>" for t, v in zip(s.get("tokens", []), s.get("log_ratio", []), strict=False))
+            total = sum(float(v) for v in s.get("log_ratio", []))
+            tail = (f' · answer {_e(s["answer"])}' if s.get("answer") is not None else "") + \
+                   (" · truncated" if s.get("truncated") else "")
+            out.append(f'<div class="sample"><code>{_e(s.get("prompt"))}</code> → {toks} '
+                       f'<span class="sub">Σℓ = {total:+.2f}{tail}</span></div>')
+    return "".join(out)
+
+
+def _checklist_single(items: list[Item]) -> str:
+    rows, section = [], None
+    for it in items:
+        sec = f"<td><b>{_e(it.section)}</b></td>" if it.section != section else "<td></td>"
+        section = it.section
+        flag = '<span class="flag">✗ missing</span>' if it.missing else '<span class="ok">✓</span>'
+        rows.append(f'<tr class="{"missing" if it.missing else ""}">{sec}<td>{_e(it.name)}</td><td>{flag}</td>'
+                    f'<td class="value">{_e(it.value)}</td></tr>')
+    n_missing = sum(it.missing for it in items)
+    return (f'<p class="sub">{len(items)} items, {n_missing} flagged missing (the run cannot answer them).</p>'
+            "<table><tr><th>section</th><th>item</th><th></th><th>this run</th></tr>" + "".join(rows) + "</table>")
+
+
+def _checklist_multi(runs: Sequence[RunData], items: Sequence[list[Item]]) -> str:
+    head = "<tr><th>section</th><th>item</th>" + "".join(f"<th>{_e(r.name)}</th>" for r in runs) + "</tr>"
+    rows = []
+    for i, first in enumerate(items[0]):
+        cells = "".join(
+            f'<td class="value">' + ('<span class="flag">✗ missing</span> ' if its[i].missing else "")
+            + f"{_e(its[i].value)}</td>" for its in items)
+        rows.append(f"<tr><td>{_e(first.section)}</td><td>{_e(first.name)}</td>{cells}</tr>")
+    return "<table>" + head + "".join(rows) + "</table>"
+
+
+def render_html(runs: Sequence[RunData], plots: Sequence[Plot], items: Sequence[list[Item]]) -> str:
+    """The report page for one run, or the comparison page for several."""
+    single = len(runs) == 1
+    title = f"opd report — {runs[0].name}" if single else f"opd comparison — {len(runs)} runs"
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+             f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{_CSS}</style></head>"
+             f"<body><main><h1>{_e(title)}</h1><p class='sub'>generated {time.strftime('%Y-%m-%d %H:%M:%S')} · "
+             + " · ".join(_e(r.path) for r in runs) + "</p>"]
+    parts.append("<h2>Summary</h2>" + _table(SUMMARY_COLUMNS, summary_rows(runs)))
+    if not single:
+        diffs = config_differences(runs)
+        parts.append("<h2>Configuration differences</h2>" + (
+            _table(["option", *[r.name for r in runs]], [[k, *v] for k, v in diffs]) if diffs
+            else "<p class='sub'>The runs share every option.</p>"))
+    parts.append("<h2>Detector events</h2>")
+    for run in runs:
+        parts.append(("" if single else f"<h3 class='sub'>{_e(run.name)}</h3>") + _events(run))
+        if run.applied_config is not None:
+            parts.append("<p class='sub'>A recipe changed the configuration mid-run: config.applied.yaml holds the "
+                         "final one; the checklist shows the starting config.yaml.</p>")
+    parts.append("<h2>Curves</h2>")
+    for p in plots:
+        data = base64.b64encode(p.png).decode("ascii")
+        parts.append(f"<figure id='fig-{_e(p.slug)}'><img alt='{_e(p.title)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption><b>{_e(p.title)}</b>: {_e(p.caption)}</figcaption></figure>")
+    parts.append("<h2>Reporting checklist</h2><p class='sub'>methods.md §3.10, filled from the resolved config, the "
+                 "logs and run_info.json.</p>")
+    parts.append(_checklist_single(items[0]) if single else _checklist_multi(runs, items))
+    parts.append("<h2>Sample completions</h2>")
+    for run in runs:
+        parts.append(("" if single else f"<h3 class='sub'>{_e(run.name)}</h3>") + _samples(run, 8 if single else 3))
+    parts.append("</main></body></html>\n")
+    return "".join(parts)
