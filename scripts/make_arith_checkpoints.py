@@ -1,6 +1,6 @@
 """Regenerate the arith checkpoints shipped in ``opd/assets/arith/`` (teacher, student, smoke pair).
 
-    python scripts/make_arith_checkpoints.py            # all four, about 3-4 minutes on 2 CPU cores
+    python scripts/make_arith_checkpoints.py            # all four, a few minutes on 2 CPU cores
     python scripts/make_arith_checkpoints.py --only smoke_teacher smoke_student
 
 Deterministic: fixed seeds and ``torch.set_num_threads(2)``. The training code lives in

@@ -142,6 +142,12 @@ def test_main_refuses_a_student_without_its_teacher(tmp_path, capsys):
 # --- the shipped checkpoints ---------------------------------------------------------------------
 
 
+def test_arith_checkpoint_names():
+    with pytest.raises(ValueError, match=r"unknown arith checkpoint 'big'; choose one of \['teacher'"):
+        arith_checkpoint("big")
+    assert arith_checkpoint("student").name == "student"
+
+
 @pytest.mark.parametrize("teacher_name, student_name, digits", [("teacher", "student", 3),
                                                                 ("smoke_teacher", "smoke_student", 2)])
 def test_shipped_checkpoints(teacher_name, student_name, digits):

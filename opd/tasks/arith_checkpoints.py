@@ -2,20 +2,34 @@
 
 ``python scripts/make_arith_checkpoints.py`` (which calls :func:`main`) writes four checkpoints
 into ``opd/assets/arith/``, each a ``save_pretrained`` folder (model + tokenizer, safetensors,
-float32) with an ``opd_card.json`` (parameters, held-out accuracy, steps, seconds, seeds, command):
+float32) with an ``opd_card.json`` (parameters, held-out accuracy, steps, seconds, the phase
+settings and the command):
 
-* ``teacher``: 3-digit addition, trained on the ground truth until its greedy exact match on the
-  500 held-out prompts reaches ``target`` (or the step budget ends; the best evaluation is kept);
-* ``student``: warm-started by supervised training on teacher samples (temperature 1) and stopped
-  as soon as its held-out accuracy first reaches ``band[0]``, so on-policy distillation has room
-  to lift it towards the teacher;
-* ``smoke_teacher`` / ``smoke_student``: the same for 2-digit addition with smaller models, for
+* ``teacher`` (3-digit, 3 layers x 128): supervised on the ground truth until its greedy exact
+  match on the 500 held-out prompts reaches 99 % (the best evaluation is kept if it never does);
+* ``student`` (3-digit, 2 x 64): warm-started by supervised training on teacher samples
+  (temperature 1) and stopped as soon as its held-out accuracy first reaches 50 %, so on-policy
+  distillation has room to lift it towards the teacher;
+* ``smoke_teacher`` (2 x 64) / ``smoke_student`` (1 x 32): the same for 2-digit addition, for
   fast tests.
 
-Every model shows a long loss plateau (about 1.5 nats/token, 0 % accuracy) before a sudden
-breakthrough, whose length depends on the seed; the schedules below were measured on 2 CPU cores
-(see the module ``PHASES`` and the report in the repository history). Everything is seeded and
-runs with a fixed number of threads, so a rerun on the same machine writes the same weights.
+Measured choices (2 CPU cores, see :data:`PHASES`):
+
+* every model sits on a loss plateau (about 1.5 nats/token, 0 % accuracy) before a sudden
+  breakthrough whose timing depends on the seed; a 3 x 96 teacher was still on a second plateau
+  after 800 steps, 3 x 128 and 4 x 128 both reach 99 % in about 650 steps, and 3 x 128 keeps the
+  file under 4 MB;
+* a quarter of each student batch carries the teacher-only hint in front of the prompt
+  (``hint_fraction``). Students trained without it sat at a fragile point where any further
+  update (reverse-KL distillation even at lr 1e-4) first dropped their accuracy by 15-45 points;
+  with it, two seeds rose smoothly from 54-55 % to 89-93 % in 150 reverse-KL steps at lr 3e-4.
+  It also lets the student act as a privileged self-teacher (``heldout_accuracy_with_context``
+  in the card). The smoke student is trained without it: the fast tests only need a student
+  well below its teacher, and were calibrated on that checkpoint.
+
+Everything is seeded and runs with a fixed number of threads, so a rerun on the same machine
+writes the same weights; on other hardware the numerics, and so the exact stopping step, may
+differ slightly.
 """
 
 from __future__ import annotations
@@ -27,11 +41,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 import transformers
@@ -55,6 +67,8 @@ class Phase:
     ``teacher="name"``: supervised on that checkpoint's samples at temperature 1, ``warmup``
     then constant lr; stops when held-out accuracy first reaches ``target``.
     ``min_accuracy``/``max_accuracy``: the accepted range of the final accuracy (else an error).
+    ``hint_fraction``: share of each batch whose prompt is preceded by the example's
+    ``teacher_context`` (the target stays the answer to the bare prompt).
     """
 
     name: str
@@ -74,18 +88,17 @@ class Phase:
     eval_every_rising: int = 5  # once accuracy >= 5 % (students: catch the band on the way up)
     eval_size: int = 500  # held-out prompts used for stopping and for the card
     hint_fraction: float = 0.0  # share of each batch whose prompt carries the teacher-only hint
-    settle_lr: float | None = None  # lr once accuracy first reaches 5 % (a gradual, stable rise)
-    stop_window: int = 1  # stop when the mean of this many consecutive evaluations reaches target
 
 
 #: The shipped checkpoints, in training order (a student's teacher comes first).
 PHASES: dict[str, Phase] = {
     p.name: p
     for p in (
-        Phase("teacher", digits=3, layers=4, hidden=128, lr=1.5e-3, batch_size=128, warmup=100,
+        Phase("teacher", digits=3, layers=3, hidden=128, lr=1e-3, batch_size=128, warmup=100,
               max_steps=800, target=0.99, min_accuracy=0.97, eval_every=50, eval_every_rising=25),
-        Phase("student", digits=3, layers=2, hidden=64, lr=2e-3, batch_size=128, warmup=50,
-              max_steps=2000, target=0.5, min_accuracy=0.4, max_accuracy=0.75, teacher="teacher"),
+        Phase("student", digits=3, layers=2, hidden=64, lr=1e-3, batch_size=128, warmup=50,
+              max_steps=2000, target=0.5, min_accuracy=0.4, max_accuracy=0.75, teacher="teacher",
+              hint_fraction=0.25),
         Phase("smoke_teacher", digits=2, layers=2, hidden=64, lr=3e-3, batch_size=128, warmup=50,
               max_steps=800, target=0.99, min_accuracy=0.97, eval_every=50, eval_every_rising=25),
         Phase("smoke_student", digits=2, layers=1, hidden=32, lr=3e-3, batch_size=128, warmup=20,
@@ -168,7 +181,7 @@ def train_phase(
     phase: Phase,
     teacher: PreTrainedModel | None = None,
     *,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> tuple[PreTrainedModel, dict]:
     """Train one checkpoint as ``phase`` says; return the model and its card (a dict).
 
@@ -193,11 +206,9 @@ def train_phase(
     best = (-1.0, 0, None)  # (accuracy, step, state) for teachers
     accuracy, step, loss_avg, next_eval = 0.0, 0, float("nan"), phase.eval_every
     cache: list[list[int]] = []
-    settled, recent = False, []
     while step < phase.max_steps:
-        lr = phase.settle_lr if settled else phase.lr * _lr_factor(phase, step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = phase.lr * _lr_factor(phase, step)
         t0 = time.perf_counter()
         model.train()
         examples = task.train_examples(step, phase.batch_size, seed=phase.seed)
@@ -209,8 +220,8 @@ def train_phase(
                            for e in task.train_examples(s, phase.batch_size, seed=phase.seed)]
                 cache = generate_completions(teacher, tokenizer, prompts, task.max_new_tokens, sample=True)
             completions, cache = cache[: phase.batch_size], cache[phase.batch_size:]
-        # The first n_hint rows see the hint: the student learns to use a teacher-only context,
-        # so the student under that context is a strong self-teacher (the `opsd` preset).
+        # The first n_hint rows see the teacher-only hint in front of the prompt (the module
+        # docstring says why); the target is still the teacher's sample for the bare prompt.
         prompts = [e.teacher_context + e.prompt if i < n_hint else e.prompt for i, e in enumerate(examples)]
         ids, mask, labels = _batch(tokenizer, prompts, completions)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
@@ -232,11 +243,9 @@ def train_phase(
             log(f"  [{phase.name}] step {step:5d}  loss {loss_avg:.3f}  held-out acc {accuracy:6.1%}  "
                 f"train {train_seconds:6.1f}s  eval {eval_seconds:5.1f}s")
             next_eval = step + (phase.eval_every_rising if accuracy >= 0.05 else phase.eval_every)
-            settled = settled or (phase.settle_lr is not None and accuracy >= 0.05)
             if phase.teacher is None and accuracy > best[0]:
                 best = (accuracy, step, {k: v.clone() for k, v in model.state_dict().items()})
-            recent = [*recent, accuracy][-phase.stop_window:]
-            if len(recent) == phase.stop_window and sum(recent) / len(recent) >= phase.target:
+            if accuracy >= phase.target:
                 break
     if phase.teacher is None and best[2] is not None and best[0] > accuracy:
         log(f"  [{phase.name}] keeping the best evaluation: step {best[1]} ({best[0]:.1%})")
@@ -285,11 +294,15 @@ def _save(model: PreTrainedModel, card: dict, folder: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: train and save the shipped arith checkpoints; print a table."""
+    """Command-line entry: train and save the shipped arith checkpoints; print a table.
+
+    Returns the exit status: 0, or 1 when a checkpoint missed its accuracy range (the message on
+    stderr says which and what to change).
+    """
     parser = argparse.ArgumentParser(
         prog="make_arith_checkpoints",
         description="Train the arith teacher/student checkpoints shipped in opd/assets/arith "
-                    "(deterministic; about 3-4 minutes on 2 CPU cores).",
+                    "(deterministic; a few minutes on 2 CPU cores).",
     )
     parser.add_argument("--only", nargs="+", choices=list(PHASES), default=list(PHASES),
                         help="checkpoints to (re)train; a student needs its teacher in --out or in this list")
@@ -322,7 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 teacher = load_model(path)
         print(f"training {name}: {phase.layers}x{phase.hidden}, {phase.digits}-digit, "
               f"{'teacher samples from ' + phase.teacher if phase.teacher else 'ground truth'}", flush=True)
-        model, card = train_phase(phase, teacher, log=lambda s: print(s, flush=True))
+        try:
+            model, card = train_phase(phase, teacher, log=lambda s: print(s, flush=True))
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         card["command"] = command.strip()
         size = _save(model, card, args.out / name)
         models[name] = model
