@@ -142,6 +142,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         return out
 
     T.train_step = step
+    apply_previous([x for x in a.previous.split(",") if x])
     T.distill(cfg)
     # the last step's interval ends with the loop's last logging call: close it at the final eval
     step_s = [b - a for a, b in zip(marks, marks[1:])]
@@ -153,6 +154,106 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     return {"step_s": [r[0] for r in rows], "tokens": [r[1] for r in rows], "phases": [r[2] for r in rows],
             "n_s": linear_params(models["student"]), "n_t": linear_params(models["teacher"]),
             "profile": profile_table}
+
+
+#: The optimisations of this issue that ``--previous`` can undo in a measuring process, so that
+#: before and after are measured in the same run (bench/results.md, "Before / after").
+CHANGES = {
+    "sampler": "rollout: KV-cached decode loop with inverse-CDF sampling, behaviour log-probs read per step "
+               "(before: `transformers` `generate` with `torch.multinomial`, `output_scores` stacked into "
+               "`[B, T, V]`; opd/rollout/generate.py)",
+    "sampled": "student fwd+bwd: log π_S(y_t) read off the route-1 chunks instead of a separate LM-head pass "
+               "(opd/objective.py)",
+    "closed_form": "student fwd+bwd: closed-form RKL / FKL logit gradient per chunk instead of autograd through "
+                   "the divergence and the log-softmax (opd/math/fused.py)",
+    "diag": "in-loss diagnostics: entropies and KLs share exp(S), exp(T), S − T (opd/math/diagnostics.py)",
+    "teacher_div": "teacher: no `[N, V]` division (and no head copy) for temperature 1 (opd/teachers.py)",
+}
+BASELINE_REV = "1f46230"  # the commit whose opd/math/diagnostics.py predates the shared-intermediate path
+
+
+def previous_generate_rollouts(model: Any, tokenizer: Any, examples: Any, *, samples_per_prompt: int = 1,
+                               max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                               prefix_tokens: int | None = None, group_offset: int = 0, on_policy: bool = True,
+                               **_: Any) -> Any:
+    """The sampler before this issue, reproduced for the comparison: ``transformers`` ``generate``
+    (``torch.multinomial``) with ``output_scores=True``, then ``log_softmax`` over the stacked
+    ``[B, T, V]`` processed scores."""
+    import torch
+    from transformers import GenerationConfig
+
+    from opd.rollout import generate as G
+
+    stop_ids = G.stop_token_ids(tokenizer)
+    ids, mask = G.encode_prompts(tokenizer, [e.prompt for e in examples], G.model_device(model))
+    n_new = max_new_tokens if prefix_tokens is None else min(prefix_tokens, max_new_tokens)
+    config = GenerationConfig(do_sample=True, num_beams=1, max_new_tokens=n_new, eos_token_id=stop_ids,
+                              pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True,
+                              use_cache=True, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                              repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0,
+                              eta_cutoff=0.0, min_new_tokens=0)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=ids.repeat_interleave(samples_per_prompt, 0),
+                             attention_mask=mask.repeat_interleave(samples_per_prompt, 0), generation_config=config)
+    finally:
+        model.train(was_training)
+    tokens = out.sequences[:, ids.shape[1]:]
+    scores = torch.stack(list(out.scores), dim=1).float()
+    logprobs = torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return G._finish(examples, tokenizer, ids, mask, tokens, logprobs, stop_ids, samples_per_prompt=samples_per_prompt,
+                     partial=prefix_tokens is not None, group_offset=group_offset, on_policy=on_policy)
+
+
+def _baseline_module(path: str, name: str) -> Any:
+    """``opd/<path>`` as it was at :data:`BASELINE_REV`, imported under ``name``."""
+    import importlib.util
+    import subprocess
+
+    source = subprocess.run(["git", "show", f"{BASELINE_REV}:{path}"], capture_output=True, text=True, check=True,
+                            cwd=common.ROOT).stdout
+    file = Path(tempfile.mkdtemp(prefix="opd-baseline-")) / Path(path).name
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def apply_previous(changes: list[str]) -> None:
+    """Undo the named :data:`CHANGES` in this process (monkeypatching; the library is untouched)."""
+    for change in changes:
+        if change == "sampler":
+            import opd.collect
+
+            opd.collect.generate_rollouts = previous_generate_rollouts
+        elif change == "sampled":
+            from opd.objective import Objective
+
+            Objective._sampled_from_route1 = lambda self: False  # type: ignore[method-assign]
+        elif change == "closed_form":
+            import opd.math.fused as fused
+
+            init = fused._Args.__init__
+
+            def generic_only(self: Any, *args: Any, **kwargs: Any) -> None:
+                init(self, *args, **kwargs)
+                self.closed_form = None
+
+            fused._Args.__init__ = generic_only  # type: ignore[method-assign]
+        elif change == "diag":
+            import opd.objective
+
+            old = _baseline_module("opd/math/diagnostics.py", "opd.math._baseline_diagnostics")
+            opd.objective.diagnostics_extra_fn = old.diagnostics_extra_fn
+            opd.objective.token_diagnostics = old.token_diagnostics
+        elif change == "teacher_div":
+            from opd.teachers import ModelTeacher
+
+            ModelTeacher._tempered = lambda self, x: x / self.temperature  # type: ignore[method-assign]
+        else:
+            raise ValueError(f"unknown change {change!r}; choose from {sorted(CHANGES)}")
 
 
 def _profile_rows(prof: Any, limit: int = 14) -> list[list[Any]]:
@@ -185,12 +286,23 @@ def summarise(on: dict[str, Any], off: dict[str, Any] | None, gemm: float) -> di
             "flops_per_token": flops_per_token}
 
 
+def rescale(s: dict[str, Any], gemm: float) -> dict[str, Any]:
+    """The bound-dependent fields of a pair's summary for the GEMM rate ``gemm`` (GFLOP/s)."""
+    bound = gemm * 1e9 / s["flops_per_token"]
+    phase_flops = {"rollout": 2 * s["n_s"] * s["tokens"], "teacher": 2 * s["n_t"] * s["tokens"],
+                   "student fwd+bwd": 6 * s["n_s"] * s["tokens"]}
+    return {"bound_tokens_per_s": bound, "share_of_bound": s["tokens_per_s"] / bound,
+            "phase_rate": {ph: f / max(s["phases"][ph], 1e-12) / 1e9 / gemm for ph, f in phase_flops.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", default="demo,large")
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet-timeout", type=float, default=120.0,
+                   help="wait at most this many seconds for a quiet machine before each measurement")
     p.add_argument("--quiet-busy", type=float, default=0.3)
     p.add_argument("--quick", action="store_true", help="demo pair, 1 warm-up + 2 steps")
     p.add_argument("--no-write", action="store_true")
@@ -199,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", help=argparse.SUPPRESS)
     p.add_argument("--diagnostics", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--profile", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--previous", default="", help=argparse.SUPPRESS)
+    p.add_argument("--no-ablations", action="store_true",
+                   help="skip the before/after measurements of this issue's optimisations")
     a = p.parse_args(argv)
     if a.worker:
         common.worker_print(worker(a))
@@ -212,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     models = Path(tempfile.mkdtemp(prefix="opd-breakdown-models-"))
     build_large_pair(models)
-    common.wait_for_quiet(a.quiet_busy, echo=lambda m: print(m, flush=True))
+    common.wait_for_quiet(a.quiet_busy, a.quiet_timeout, echo=lambda m: print(m, flush=True))
     gemm = common.matmul_gflops(2048)
     bw = common.stream_gbps(256)
     print(f"measured: fp32 GEMM {gemm:.0f} GFLOP/s, copy bandwidth {bw:.1f} GB/s ({a.threads} threads)\n", flush=True)
@@ -220,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     for pair in a.pairs.split(","):
         runs = {}
         for diag in (1, 0):
-            common.wait_for_quiet(a.quiet_busy, echo=lambda m: print(m, flush=True))
+            common.wait_for_quiet(a.quiet_busy, a.quiet_timeout, echo=lambda m: print(m, flush=True))
             runs[diag] = common.run_worker(__file__, [
                 "--pair", pair, "--models", str(models), "--steps", str(a.steps), "--warmup", str(a.warmup),
                 "--threads", str(a.threads), "--diagnostics", str(diag),
@@ -229,9 +344,31 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{pair}: {runs[diag]['error']}")
         s = summarise(runs[1], runs[0], gemm)
         s["neighbours_busy"] = max(r["neighbours_busy"] for r in runs.values())
+        s["raw_phases"] = {ph: statistics.median(p.get(ph, 0.0) for p in runs[1]["phases"]) for ph in PHASES}
         s["profile"] = runs[1]["profile"]
         out[pair] = s
         print(render_pair(pair, s), flush=True)
+        gemm = max(gemm, common.matmul_gflops(2048))
+    ablations: dict[str, Any] = {}
+    if not a.no_ablations and not a.quick and "large" in out:
+        for change in (*CHANGES, "all"):
+            common.wait_for_quiet(a.quiet_busy, a.quiet_timeout, echo=lambda m: print(m, flush=True))
+            prev = common.run_worker(__file__, [
+                "--pair", "large", "--models", str(models), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                "--threads", str(a.threads), "--previous", ",".join(CHANGES) if change == "all" else change])
+            if "error" in prev:
+                print(f"  previous {change}: {prev['error']}", flush=True)
+                continue
+            ablations[change] = {"phases": {ph: statistics.median(p.get(ph, 0.0) for p in prev["phases"])
+                                            for ph in PHASES},
+                                 "step_s": statistics.median(prev["step_s"]), "neighbours_busy": prev["neighbours_busy"]}
+            print(f"  previous {change}: step {ablations[change]['step_s']:.3f} s", flush=True)
+        ablations["current"] = {"phases": out["large"]["raw_phases"], "step_s": out["large"]["step_s"]}
+        out["ablations"] = ablations
+    gemm = max(gemm, common.matmul_gflops(2048))  # the bound uses the best calibration of the run
+    for pair, s in out.items():
+        if pair != "ablations":
+            s.update(rescale(s, gemm))
     text = render(out, gemm, bw, a)
     if not a.no_write and not a.quick:
         DATA.parent.mkdir(parents=True, exist_ok=True)
@@ -260,11 +397,39 @@ def render(out: dict[str, Any], gemm: float, bw: float, a: argparse.Namespace) -
              f"(the profiled step excluded); measured in the same run: fp32 GEMM {gemm:.0f} GFLOP/s, copy bandwidth "
              f"{bw:.1f} GB/s. Settings as in bench/end_to_end.py. Each phase's FLOPs: rollout 2·N_S, teacher 2·N_T, "
              "student fwd+bwd 6·N_S per completion token.", ""]
+    if "large" in out:
+        share = out["large"]["share_of_bound"]
+        parts += [f"**Acceptance** (tokens/s of the larger pair ≥ 25 % of the FLOP bound): {share:.1%} → "
+                  f"{'met' if share >= 0.25 else '**missed**; the profile and the phase table below show where the rest goes'}.",
+                  ""]
     for pair, s in out.items():
+        if pair == "ablations":
+            continue
         parts.append(render_pair(pair, s))
         if s.get("profile"):
             parts += ["torch.profiler, one step of this pair, top operators by self CPU time:", "",
                       common.md_table(["operator", "calls", "self CPU ms", "share"], s["profile"], "lrrr"), ""]
+    ab = out.get("ablations")
+    if ab and "current" in ab:
+        cur = ab["current"]
+        parts += ["### Before / after this issue's optimisations (larger pair, same run)", "",
+                  "Each row reruns the larger pair with one change undone in the measuring process (the previous "
+                  f"code path reproduced by bench/breakdown.py, or imported from commit {BASELINE_REV}); the last "
+                  "row undoes all of them. Medians of the same number of steps as above.", ""]
+        rows = []
+        for change, what in (*CHANGES.items(), ("all", "all of the above")):
+            if change not in ab:
+                continue
+            prev = ab[change]
+            phase = {"sampler": "rollout", "sampled": "student fwd+bwd", "closed_form": "student fwd+bwd",
+                     "diag": "student fwd+bwd", "teacher_div": "teacher"}.get(change)
+            before = prev["phases"][phase] if phase else None
+            after = cur["phases"][phase] if phase else None
+            rows.append([what, phase or "–", "–" if before is None else f"{before * 1e3:.0f} → {after * 1e3:.0f} ms",
+                         f"{prev['step_s'] * 1e3:.0f} → {cur['step_s'] * 1e3:.0f} ms",
+                         f"{prev['step_s'] / cur['step_s']:.2f}×", f"{prev['neighbours_busy']:.0%}"])
+        parts += [common.md_table(["change", "phase", "phase before → after", "step before → after",
+                                   "step speed-up", "CPU used by others"], rows, "llrrrr"), ""]
     return "\n".join(parts)
 
 

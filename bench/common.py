@@ -290,12 +290,26 @@ def command_line() -> str:
     return " ".join(["python", shlex.quote(script), *map(shlex.quote, sys.argv[1:])])
 
 
-def write_section(name: str, body: str, path: Path = RESULTS) -> None:
+HEADER = """\
+# Benchmark results
+
+Every figure below was printed by a script in `bench/` (bench/README.md explains how to run them and
+how time and memory are measured); each section names the command that produced it, when, and on
+which machine. Sections are rewritten independently by their scripts. Ratios compare numbers
+measured in the same run; times are medians of repeated runs. The machine is shared with other
+users: the column "CPU used by others" says how much of it they took during a measurement.
+"""
+
+
+def write_section(name: str, body: str, path: Path = RESULTS, machine: str | None = None) -> None:
     """Replace (or append) the section ``name`` of ``bench/results.md``, delimited by
-    ``<!-- BEGIN name -->`` / ``<!-- END name -->``, leaving the other sections untouched."""
+    ``<!-- BEGIN name -->`` / ``<!-- END name -->``, leaving the other sections untouched; the file
+    starts with :data:`HEADER`; the section ends with ``machine`` (default: this machine now)."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
+    block = f"{begin}\n{body.rstrip()}\n\n_Machine: {machine or machine_line()}._\n{end}"
     text = path.read_text() if path.exists() else ""
+    if "<!-- BEGIN header -->" not in text:
+        text = f"<!-- BEGIN header -->\n{HEADER.rstrip()}\n<!-- END header -->\n\n" + text
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text.lstrip())

@@ -185,6 +185,44 @@ def run_trl(a: argparse.Namespace, student: str, teacher: str, tmp: Path) -> dic
     return _summary(marks, tokens, losses, peak.mb, a.warmup)
 
 
+def run_floor(a: argparse.Namespace, student: str, teacher: str, tmp: Path) -> dict[str, Any]:  # noqa: ARG001
+    """The model work of one step and nothing else, with the same models, prompts and settings:
+    generate the batch (opd's KV-cached decode loop), one no-grad teacher forward over prompt +
+    completion, one student forward with the reverse-KL loss (dense log-softmax) and its backward,
+    one AdamW step — no loop, logging, diagnostics or teacher top-k. ``TRL's step time / this``
+    bounds the speed-up over TRL of any loop that does this work this way."""
+    import torch
+
+    from opd.math.divergences import reverse_kl
+    from opd.models import load_model, load_tokenizer
+    from opd.rollout import completion_forward, generate_rollouts
+    from opd.tasks.arith import ArithTask
+
+    spec = PAIRS[a.pair]
+    tok = load_tokenizer(student)
+    model, teacher_model = load_model(student), load_model(teacher)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
+    task = ArithTask(digits=3, eval_size=8, seed=0)
+    marks, tokens = [time.perf_counter()], []
+    for step in range(a.warmup + a.steps):
+        model.eval()
+        r = generate_rollouts(model, tok, task.train_examples(step, spec["prompts"], 0),
+                              max_new_tokens=spec["max_new_tokens"])
+        args = (r.prompt_ids_BP, r.prompt_mask_BP, r.completion_ids_BT, r.completion_mask_BT)
+        with torch.no_grad():
+            t_logp = torch.log_softmax(completion_forward(teacher_model, *args).float(), dim=-1)
+        model.train()
+        s_logp = torch.log_softmax(completion_forward(model, *args).float(), dim=-1)
+        mask = r.completion_mask_BT
+        loss = reverse_kl(s_logp[mask], t_logp[mask]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        marks.append(time.perf_counter())
+        tokens.append(float(mask.sum()))
+    return _summary(marks, tokens, [], 0.0, a.warmup)
+
+
 def _summary(marks: list[float], tokens: list[float], losses: list[float], peak_mb: float, warmup: int) -> dict[str, Any]:
     step_s = [b - a for a, b in zip(marks, marks[1:])]
     return {"step_s": step_s[warmup:], "tokens": tokens[warmup:], "losses": losses, "peak_mb": peak_mb,
@@ -198,7 +236,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="opd-e2e-"))
     student, teacher = model_paths(a.pair, Path(a.models))
-    return (run_opd if a.framework == "opd" else run_trl)(a, student, teacher, tmp)
+    runner = {"opd": run_opd, "trl": run_trl, "floor": run_floor}[a.framework]
+    return runner(a, student, teacher, tmp)
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -215,13 +254,20 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", default="demo,large")
-    p.add_argument("--frameworks", default="opd,opd-nodiag,trl",
-                   help="opd (defaults: diagnostics on), opd-nodiag (monitor.diagnostics=false), trl")
+    p.add_argument("--frameworks", default="opd,opd-nodiag,trl,floor",
+                   help="opd (defaults: diagnostics on), opd-nodiag (monitor.diagnostics=false), trl, and floor "
+                        "(the step's model work alone: generate, teacher forward, student forward + loss + backward, "
+                        "AdamW; see run_floor)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="alternate the frameworks this many times")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet-timeout", type=float, default=120.0,
+                   help="wait at most this many seconds for a quiet machine before each measurement")
     p.add_argument("--quiet-busy", type=float, default=0.3)
+    p.add_argument("--max-neighbours", type=float, default=0.1,
+                   help="rerun a process when other processes used more than this share of the CPUs")
+    p.add_argument("--attempts", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="demo pair only, 2 warm-up + 3 steps, one round")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -244,27 +290,38 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict[str, Any]]] = {}
         for _ in range(a.rounds):
             for fw in a.frameworks.split(","):
-                common.wait_for_quiet(a.quiet_busy, echo=lambda m: print(m, flush=True))
                 framework, variant = ("opd", "nodiag") if fw == "opd-nodiag" else (fw, "default")
-                r = common.run_worker(__file__, ["--pair", pair, "--framework", framework, "--variant", variant,
-                                                 "--models", str(models), "--steps", str(a.steps), "--warmup",
-                                                 str(a.warmup), "--threads", str(a.threads)])
-                if "error" in r:
-                    print(f"  {pair} {fw}: {r['error']}", flush=True)
+                best: dict[str, Any] | None = None
+                for _attempt in range(a.attempts):  # keep the least disturbed of up to `attempts` runs
+                    common.wait_for_quiet(a.quiet_busy, a.quiet_timeout, echo=lambda m: print(m, flush=True))
+                    r = common.run_worker(__file__, ["--pair", pair, "--framework", framework, "--variant", variant,
+                                                     "--models", str(models), "--steps", str(a.steps), "--warmup",
+                                                     str(a.warmup), "--threads", str(a.threads)])
+                    if "error" in r:
+                        print(f"  {pair} {fw}: {r['error']}", flush=True)
+                        break
+                    if best is None or r["neighbours_busy"] < best["neighbours_busy"]:
+                        best = r
+                    if r["neighbours_busy"] <= a.max_neighbours:
+                        break
+                    print(f"  ({pair} {fw}: other processes used {r['neighbours_busy']:.0%} of the CPUs; rerun)",
+                          flush=True)
+                if best is None:
                     continue
+                r = best
                 runs.setdefault(fw, []).append(r)
                 print(f"  {pair} {fw}: median step {statistics.median(r['step_s']):.3f} s, "
                       f"{statistics.mean(r['tokens']):.0f} tokens/step, peak {r['peak_mb']:,.0f} MB, "
                       f"others {r['neighbours_busy']:.0%}", flush=True)
         results[pair] = {fw: {**pooled(rs), "rounds": rs} for fw, rs in runs.items()}
     table = render(results)
-    print("\n" + table)
+    print("\n" + table + "\n\n" + verdict(results))
     if not a.no_write and not a.quick:
         DATA.parent.mkdir(parents=True, exist_ok=True)
         DATA.write_text(json.dumps({"command": common.command_line(), "when": common.stamp(),
                                     "machine": common.machine_line(info), "args": vars(a), "results": results},
                                    indent=1))
-        common.write_section("end_to_end", section(table, a))
+        common.write_section("end_to_end", section(table, a, results))
     return 0
 
 
@@ -274,24 +331,78 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         trl = by_fw.get("trl")
         for fw, r in by_fw.items():
             ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}×" if trl and fw != "trl" else "–"
+            fw = "floor (model work only)" if fw == "floor" else fw
             rows.append([pair, fw, common.fmt_s(r["step_s"]), f"{r['tokens_per_step']:.0f}", f"{r['tokens_per_s']:,.0f}",
-                         ratio, common.fmt_mb(r["peak_mb"]), common.fmt_mb(r["hwm_mb"]), r["n_steps"],
+                         ratio, common.fmt_mb(r["peak_mb"]) if "floor" not in fw else "–",
+                         common.fmt_mb(r["hwm_mb"]) if "floor" not in fw else "–", r["n_steps"],
                          f"{r['neighbours_busy']:.0%}"])
     return common.md_table(["pair", "framework", "s / step (median)", "tokens / step", "tokens / s (median)",
                             "throughput vs TRL", "peak RSS MB (training)", "process VmHWM MB", "steps timed",
                             "CPU used by others"], rows, "llrrrrrrrr")
 
 
-def section(table: str, a: argparse.Namespace) -> str:
+SETTINGS_THAT_DIFFER = """\
+Settings that differ, and why (everything else — models, prompts, batch, completion limit, sampling,
+loss, optimizer, clipping, threads, precision — is set equal):
+
+1. **Sampler.** opd samples with its own batched decode loop over the model's KV cache
+   (`opd/rollout/generate.py`: the filters of `transformers`' warpers, inverse-CDF sampling, log μ(y_t)
+   read off each step's log-probs — needed by route 2 and importance corrections); TRL calls
+   `transformers` `generate` (`torch.multinomial`) and keeps the ids only. Both use a KV cache, the same
+   temperature, no top-k / top-p, and stop at EOS or the completion limit. Greedy decoding of both is
+   token-for-token identical (tests/test_rollout.py).
+2. **Loss implementation.** TRL always runs its chunked kernel (`ChunkedDivergenceFunction`: 4096 × 32768
+   logit tiles, both heads projected again in backward) and, off Triton (CPU), projects every completion
+   position including padding. opd packs the valid tokens; below V = 8192 (the demo, V = 17) it uses the
+   dense path, above it the grad-in-forward chunked path (no recomputation; the teacher's head is
+   projected chunk by chunk inside the loss).
+3. **Teacher call.** opd scores each rollout batch once with a separate no-grad teacher forward that returns
+   the sampled-token log-probs and the teacher's top-32 (access `full`, used by the diagnostics); TRL runs
+   the teacher backbone inside `compute_loss`. One optimizer step is one micro-batch in both, so both run
+   the teacher once per step.
+4. **Diagnostics.** opd computes per-token actionability diagnostics in the loss pass by default
+   (`monitor.diagnostics`); the `opd-nodiag` row turns them off. TRL computes the student's entropy.
+5. **Loop overhead.** TRL runs inside `transformers.Trainer` (accelerate wrappers, `_forward_redirection`,
+   a DataLoader over a `datasets.Dataset`, callbacks); opd's loop is plain PyTorch drawing prompts from the
+   task. Both log every step (opd: its JSONL run log; TRL: `logging_steps=1` into its log history, no
+   `report_to`). opd evaluates 8 prompts before and after training, outside the timed steps.
+6. **TRL defaults changed to run on CPU:** `bf16=False`, `gradient_checkpointing=False`, `use_cpu=True`;
+   its default learning rate (1e-6) is replaced by the shared 3e-4, and opd's default AdamW β₂ (0.98) by
+   TRL's 0.999.
+"""
+
+
+def verdict(results: dict[str, dict[str, Any]]) -> str:
+    """The issue's acceptance line for the demo pair, from the measured medians."""
+    demo = results.get("demo", {})
+    if "opd" not in demo or "trl" not in demo:
+        return "Acceptance (opd ≥ 2× TRL's throughput on the demo pair): not measured in this run."
+    ratio = demo["opd"]["tokens_per_s"] / demo["trl"]["tokens_per_s"]
+    line = (f"**Acceptance** (opd ≥ 2× TRL's tokens/s on the demo pair): opd runs at {ratio:.2f}× TRL's throughput "
+            f"→ {'met' if ratio >= 2 else '**missed**'}.")
+    if "floor" in demo:
+        ceiling = demo["trl"]["step_s"] / demo["floor"]["step_s"]
+        share = demo["floor"]["step_s"] / demo["opd"]["step_s"]
+        line += (f" Measured reason: the step's model work alone — batched KV-cached generation, one teacher "
+                 f"forward, one student forward + loss + backward, one AdamW step, with no training loop around "
+                 f"them — takes {demo['floor']['step_s'] * 1e3:.0f} ms. Even with zero loop overhead, a step that does "
+                 f"this work is at most {ceiling:.2f}× faster than TRL's {demo['trl']['step_s'] * 1e3:.0f} ms step; "
+                 f"2× would need less model work (other precision or kernels), not a better loop. That work is "
+                 f"{share:.0%} of opd's step.")
+    return line
+
+
+def section(table: str, a: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
     return "\n".join([
         "## End to end: opd vs TRL DistillationTrainer (bench/end_to_end.py)", "",
         f"`{common.command_line()}` — {common.stamp()}; {a.warmup} warm-up + {a.steps} timed steps per process, "
         f"{a.rounds} alternating rounds, medians over all timed steps.", "",
         table, "",
+        verdict(results), "",
         "\"peak RSS (training)\" is the growth of the resident set from just before the models are loaded to the end "
         "of training; \"process VmHWM\" adds the interpreter and the imported libraries (TRL imports more). "
         "\"opd-nodiag\" is opd with `monitor.diagnostics=false`.", "",
-        "See \"Settings that differ\" below for what cannot be made equal.",
+        SETTINGS_THAT_DIFFER,
     ])
 
 

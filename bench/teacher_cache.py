@@ -88,13 +88,13 @@ def storage_rows(teacher: Any, batches: list[Any], vocab: int) -> list[list[Any]
     what = "hidden states + top-64" if hidden else "logits + top-64"
     rows.append([f"live Feedback, access=full ({what}; int64 ids, fp32)", f"{live:,.0f}", vs(live),
                  "exact"])
-    for k in (8, 32, 64):
+    for k in sorted({min(k, vocab) for k in (8, 32, 64)}):
         for dtype in ("float32", "bfloat16", "float16"):
             size = sum(compress_feedback(dataclasses.replace(fb, access="topk", logits_BTV=None, hidden_BTH=None,
                                                              head_weight_VH=None, head_bias_V=None),
                                          b.completion_mask_BT, store_dtype=dtype, topk=k).nbytes
                        for fb, b in zip(full, batches)) / tokens
-            rows.append([f"compact top-{min(k, vocab)}: int32 ids + {dtype} log-probs (+ fp32 sampled)", f"{size:,.0f}",
+            rows.append([f"compact top-{k}: int32 ids + {dtype} log-probs (+ fp32 sampled)", f"{size:,.0f}",
                          vs(size), "exact" if dtype == "float32" else f"rounded to {dtype}"])
     for dtype in ("float32", "float16"):
         size = sum(compress_feedback(fb, b.completion_mask_BT, store_dtype=dtype, topk=32).nbytes
@@ -171,7 +171,7 @@ def loss_error(teacher: Any, student: Any, batches: list[Any]) -> list[list[Any]
         loss, _, _ = fused_linear_divergence(hidden[mask].float(), weight.float(), w, spec=SupportSpec(kind="full"),
                                              divergence="rkl", teacher_hidden_NH=fb.hidden_BTH[mask].float(),
                                              teacher_weight_VH=fb.head_weight_VH, teacher_bias_V=fb.head_bias_V)
-        return float(loss)
+        return float(loss.detach())
 
     ref_topk, ref_full = topk_loss(live), full_loss(live)
     for dtype in ("float32", "bfloat16", "float16"):
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--store-dtype", default="float16")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet-timeout", type=float, default=120.0,
+                   help="wait at most this many seconds for a quiet machine before each measurement")
     p.add_argument("--quiet-busy", type=float, default=0.3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true")
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         res["storage"] = storage_rows(teacher, batches, vocab)
         res["timing"] = {}
         for access, topk in (("topk", 32), ("full", 32)):
-            common.wait_for_quiet(a.quiet_busy, echo=lambda m: print(m, flush=True))
+            common.wait_for_quiet(a.quiet_busy, a.quiet_timeout, echo=lambda m: print(m, flush=True))
             with common.Neighbours() as nb:
                 t = timing(teacher, batches, a.epochs, access, topk, Path(tempfile.mkdtemp(prefix="opd-cache-")),
                            a.store_dtype)

@@ -48,12 +48,12 @@ def build_task(cfg: Config, *, eos_token: str | None = None) -> Task:
         from opd.tasks.arith import ArithTask
 
         return ArithTask(digits=d.digits, reverse_operands=d.reverse_operands,
-                         eval_size=cfg.eval.size or 500, seed=cfg.seed)
+                         eval_size=cfg.eval.size or 500, seed=d.eval_seed)
     from opd.data import HFDatasetTask, JsonlTask
 
     common = dict(prompt_field=d.prompt_field, answer_field=d.answer_field, context_field=d.context_field,
                   route_field=d.route_field, verifier=d.verifier, eval_path=d.eval_path,
-                  eval_size=cfg.eval.size, seed=cfg.seed, eos_token=eos_token)
+                  eval_size=cfg.eval.size, seed=d.eval_seed, eos_token=eos_token)
     if d.path is None:
         raise ValueError(f"data.task={d.task} needs data.path (a JSONL file or a dataset id)")
     if d.task == "jsonl":

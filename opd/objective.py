@@ -43,9 +43,9 @@ from opd.math.support import SupportSpec, build_support, support_from_logprobs
 from opd.types import Feedback, Rollouts
 
 # Vocabularies at least this large use the chunked, memory-efficient route-1 path when
-# route1.chunk_size = 0 (auto) and no term needs the student's full distribution.
+# route1.chunk_size = 0 (auto) and no term needs the student's full distribution; the chunk size
+# is then opd.math.fused.auto_chunk_size(V) (a [chunk, V] block of about 2^22 elements).
 AUTO_CHUNK_VOCAB = 8192
-AUTO_CHUNK_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,9 @@ class Objective:
         return vocab_size >= AUTO_CHUNK_VOCAB and not self.needs_full_student()
 
     @property
-    def chunk_size(self) -> int:
-        return self.cfg.route1.chunk_size or AUTO_CHUNK_SIZE
+    def chunk_size(self) -> int | None:
+        """Tokens per chunk on the memory-efficient path (None: automatic from the vocabulary)."""
+        return self.cfg.route1.chunk_size or None
 
     def support_spec(self) -> SupportSpec:
         s = self.cfg.support
@@ -180,7 +181,7 @@ class Objective:
                 bias_V=student.head_bias_V, chunk_size=self.chunk_size,
             ).reshape(b, t)
         teacher_logp_BT = feedback.sampled_logprobs_BT.float()
-        teacher_kl_BT = None if sampled_logp_BT is None else (sampled_logp_BT.detach() - teacher_logp_BT) * base_mask_BT
+        teacher_kl_BT = None if sampled_logp_BT is None else _on(sampled_logp_BT.detach() - teacher_logp_BT, base_mask_BT)
 
         # ---- gates and weights ---------------------------------------------------------------
         keep_BT = base_mask_BT.clone()
@@ -195,7 +196,7 @@ class Objective:
         stats: dict[str, Tensor] = {"mask": base_mask_BT, "teacher_kl": teacher_kl_BT}
         if logp_BTV is not None:
             with torch.no_grad():
-                stats["student_entropy"] = regularizers.entropy(logp_BTV) * base_mask_BT
+                stats["student_entropy"] = _on(regularizers.entropy(logp_BTV), base_mask_BT)
             if self.diagnostics:
                 stats.update(self._diagnostics(logp_BTV, ids_BT, feedback, base_mask_BT))
         if g.entropy_gate != "none":
@@ -228,14 +229,14 @@ class Objective:
                                                        want_sampled=from_route1)
             if from_route1:
                 sampled_logp_BT = diag.pop("sampled_logp")
-                teacher_kl_BT = (sampled_logp_BT - teacher_logp_BT) * base_mask_BT
+                teacher_kl_BT = _on(sampled_logp_BT - teacher_logp_BT, base_mask_BT)
                 stats["teacher_kl"] = teacher_kl_BT
             stats.update(diag)
             if self.route1_on:
                 terms["route1"] = cfg.route1.coef * r1_loss
-                stats["route1_divergence"] = d_BT * base_mask_BT
+                stats["route1_divergence"] = _on(d_BT, base_mask_BT)
             if rkl_BT is not None:
-                stats["rkl"] = rkl_BT * base_mask_BT
+                stats["rkl"] = _on(rkl_BT, base_mask_BT)
 
         # ---- route 2: reward → temporal credit → routing --------------------------------------
         if self.route2_on:
@@ -261,7 +262,7 @@ class Objective:
                 kl_BT = regularizers.sampled_kl(sampled_logp_BT, reference.sampled_logprobs_BT.float(),
                                                 estimator=reg.ref_kl_estimator, mask_BT=base_mask_BT)
             terms["ref_kl"] = reg.ref_kl_coef * masked_sum(kl_BT, weight_BT)
-            stats["ref_kl"] = kl_BT.detach() * base_mask_BT
+            stats["ref_kl"] = _on(kl_BT.detach(), base_mask_BT)
         if reg.entropy_coef > 0:
             ent_BT = regularizers.entropy(logp_BTV)
             terms["entropy_bonus"] = -reg.entropy_coef * masked_sum(ent_BT, weight_BT)
@@ -487,3 +488,9 @@ class Objective:
             "advantage_mean": float(masked_mean(adv_BT, on_BT)),
         }
         return terms, stats, metrics
+
+
+def _on(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """``x`` on the counted tokens and 0 elsewhere (``where``, not a product: a NaN or ±inf computed at
+    a padding position must not leak into the statistics)."""
+    return torch.where(mask_BT.bool(), x_BT, torch.zeros((), dtype=x_BT.dtype, device=x_BT.device))

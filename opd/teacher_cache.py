@@ -328,7 +328,8 @@ class FeedbackStore:
 
 class DiskFeedbackStore(FeedbackStore):
     """A :class:`FeedbackStore` kept in ``folder`` (one safetensors shard per stored batch, read
-    lazily by row), so a later run — or an offline precomputation — reuses it.
+    lazily by row), so a later run — or an offline precomputation — reuses it. ``nbytes`` counts
+    the shard files (headers included).
 
     ``signature`` describes the teacher (model, temperature, context, ...); it is written to
     ``meta.json`` on creation and must match on every later open.
@@ -369,9 +370,7 @@ class DiskFeedbackStore(FeedbackStore):
         for path in sorted(self.folder.glob("shard-*.safetensors")):
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata()
-                size = sum(int(np.prod(f.get_slice(n).get_shape())) * _itemsize(f.get_slice(n).get_dtype())
-                           for n in f.keys())
-            shard = self._register(path, meta["access"], int(meta["topk_request"]), size)
+            shard = self._register(path, meta["access"], int(meta["topk_request"]), path.stat().st_size)
             for row, key in enumerate(json.loads(meta["keys"])):
                 self.index[key] = (shard, row)
 
@@ -403,7 +402,7 @@ class DiskFeedbackStore(FeedbackStore):
         save_file({k: v.contiguous() for k, v in compact.tensors().items()}, str(path),
                   metadata={"access": compact.access, "topk_request": str(compact.topk_request),
                             "keys": json.dumps(list(keys))})
-        return self._register(path, compact.access, compact.topk_request, compact.nbytes)
+        return self._register(path, compact.access, compact.topk_request, path.stat().st_size)
 
     def _row(self, shard: int, row: int) -> CompactFeedback:
         from safetensors import safe_open
@@ -419,10 +418,6 @@ class DiskFeedbackStore(FeedbackStore):
         access, topk_request = self._meta[shard]
         return CompactFeedback(access, torch.tensor([0, b - a]), part["sampled"], part.get("topk_ids"),
                                part.get("topk_logprobs"), part.get("logits"), part.get("hidden"), topk_request)
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8}.get(dtype, 4)
 
 
 # ----------------------------------------------------------------------------- the cached teacher

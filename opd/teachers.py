@@ -188,13 +188,18 @@ class ModelTeacher:
             parts = [self._score_rows(slice(i, i + step), rollouts, prompt_ids, prompt_mask, head, access, topk)
                      for i in range(0, b, step)]
         finally:
-            self.model.train(was_training)
+            if was_training:  # train(False) would only repeat eval()'s walk over the modules
+                self.model.train()
         merged = {k: torch.cat([p[k] for p in parts]).to(out_device) for k in parts[0]}
         if head is not None and access == "full":
             weight, bias = head
-            merged["head_weight_VH"] = (weight.detach() / self.temperature).to(out_device)
-            merged["head_bias_V"] = None if bias is None else (bias.detach() / self.temperature).to(out_device)
+            merged["head_weight_VH"] = self._tempered(weight.detach()).to(out_device)
+            merged["head_bias_V"] = None if bias is None else self._tempered(bias.detach()).to(out_device)
         return Feedback(access=access, **merged)
+
+    def _tempered(self, x: Tensor) -> Tensor:
+        """``x / τ`` (``x`` itself at τ = 1: no ``[.., V]`` pass or copy for a no-op division)."""
+        return x if self.temperature == 1.0 else x / self.temperature
 
     def _score_rows(self, rows: slice, rollouts: Rollouts, prompt_ids: Tensor, prompt_mask: Tensor,
                     head: tuple[Tensor, Tensor | None] | None, access: Access, topk: int) -> dict[str, Tensor]:
@@ -206,7 +211,7 @@ class ModelTeacher:
         ids_BT = ids_BT.to(out.device)
         result: dict[str, Tensor] = {}
         if head is None:
-            logits = out.float() / self.temperature
+            logits = self._tempered(out.float())
             logprobs = torch.log_softmax(logits, dim=-1)
             result["sampled_logprobs_BT"] = logprobs.gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1)
             if access != "sampled":
@@ -233,11 +238,14 @@ class ModelTeacher:
         chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
         sampled, top_lp, top_ids = [], [], []
         for i in range(0, b * t, chunk):
-            logprobs = torch.log_softmax(F.linear(flat_h[i:i + chunk], weight, bias).float() / self.temperature, -1)
-            sampled.append(logprobs.gather(-1, flat_ids[i:i + chunk, None]).squeeze(-1))
+            # log softmax(z)_v = z_v − logsumexp(z): only the gathered / top-k entries are normalised,
+            # no [chunk, V] log-prob tensor is written
+            z = self._tempered(F.linear(flat_h[i:i + chunk], weight, bias).float())
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            sampled.append((z.gather(-1, flat_ids[i:i + chunk, None]) - lse).squeeze(-1))
             if access != "sampled":
-                lp, ix = logprobs.topk(min(topk, logprobs.shape[-1]), dim=-1)
-                top_lp.append(lp)
+                lp, ix = z.topk(min(topk, z.shape[-1]), dim=-1)
+                top_lp.append(lp - lse)
                 top_ids.append(ix)
         result = {"sampled_logprobs_BT": torch.cat(sampled).view(b, t)} if sampled else {
             "sampled_logprobs_BT": hidden_BTH.new_zeros(b, t, dtype=torch.float32)}

@@ -341,7 +341,7 @@ WARNINGS = [
     (["route1.coef=0", "route2.coef=1"], "route1.divergence=rkl with route1.coef=0: route 1 is off"),
     (["teacher.model=self"], "only regularises towards the starting point"),
     (["data.task=jsonl", "data.path=p.jsonl", "data.context_field=hint"], "the context is never shown"),
-    (["train.warmup_steps=200"], "never reaches its peak"),
+    (["train.warmup_steps=400"], "never reaches its peak"),
     (["method=thinking-machines", "route2.gamma=0.9"],
      "route2.gamma=0.9 has no effect: it is used only with route2.credit=discounted or gae"),
     (["method=thinking-machines", "routing.kappa=0.5"], "routing.kappa=0.5 has no effect"),

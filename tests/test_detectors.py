@@ -97,12 +97,15 @@ def test_healthy_smoke_run_stays_silent(tmp_path):
 
 # ------------------------------------------------------------------------------------ each detector
 def test_truncation_collapse_fires_when_every_rollout_is_truncated(tmp_path):
-    # an arith completion needs at least 2 tokens (a digit and EOS): 1 new token truncates all
+    # an answer needs at least 2 tokens (a digit and EOS): with 1 new token every rollout is
+    # truncated unless the student emits EOS first (rare for the warm-started student)
     summary, events = run(tmp_path, "rollout.max_new_tokens=1", steps=5)
     assert fired(events) == ["length"]
     ev = events[0]
     assert ev["step"] == 3  # the first step after the warm-up (3 steps, window 3)
-    assert ev["evidence"]["recent diag/truncation_rate"] == 1.0
+    window = [h["diag/truncation_rate"] for h in summary.history if h["step"] <= 3]
+    assert ev["evidence"]["recent diag/truncation_rate"] == pytest.approx(sum(window) / 3)
+    assert ev["evidence"]["recent diag/truncation_rate"] > 0.9
     assert "regularization.ref_kl_coef=0.05" in ev["overrides"] and "StableOPD" in ev["recipe"]
 
 

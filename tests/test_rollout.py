@@ -379,3 +379,21 @@ def test_concat_rollouts_pads_and_preserves_scores(tok, student):
             assert torch.equal(c.behaviour_logprobs_BT[rows, :t], part.behaviour_logprobs_BT)
     with pytest.raises(ValueError, match="no rollouts"):
         concat_rollouts([])
+
+
+def test_greedy_rollouts_equal_transformers_generate(tok, student):
+    """The KV-cached decode loop reproduces ``transformers``' own greedy ``generate`` token for token."""
+    from transformers import GenerationConfig
+
+    from opd.rollout.generate import stop_token_ids
+
+    r = generate_rollouts(student, tok, EXAMPLES, max_new_tokens=6, greedy=True)
+    ids, mask = encode_prompts(tok, [e.prompt for e in EXAMPLES])
+    config = GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=stop_token_ids(tok),
+                              pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        hf = student.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+    for b in range(len(EXAMPLES)):
+        n = int(r.completion_mask_BT[b].sum())
+        assert r.completion_ids_BT[b, :n].tolist() == hf[b, :n].tolist()
+        assert all(t == tok.pad_token_id for t in hf[b, n:].tolist())

@@ -52,6 +52,8 @@ class DataConfig:
     answer_field: str | None = opt("answer", "field holding the reference answer (optional; verifier and SFT baselines)")
     context_field: str | None = opt(None, "field holding teacher-only context (privileged information the student never sees)")
     route_field: str | None = opt(None, "field whose value selects the teacher in teacher.routes (multi-teacher)")
+    eval_seed: int = opt(0, "seed of the held-out split; fixed across run seeds so that runs are compared on the same "
+                         "prompts (the run's `seed` drives the training stream and sampling)")
     verifier: str = opt("auto", "how completions are scored: auto (the task's own), exact_match, contains, none, "
                         "or python:module:function taking (example, completion) -> float")
     digits: int = opt(3, "arith: operand digits", low=1, high=9)
@@ -216,7 +218,7 @@ class OutcomeConfig:
 @dataclass
 class TrainConfig:
     """Optimisation."""
-    steps: int = opt(150, "optimizer steps", low=1)
+    steps: int = opt(300, "optimizer steps", low=1)
     lr: float = opt(3e-4, "peak learning rate (AdamW)", low=0.0, low_open=True)
     schedule: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
     warmup_steps: int = opt(0, "linear warmup steps", low=0)

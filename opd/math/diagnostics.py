@@ -169,12 +169,21 @@ def token_diagnostics(
     if teacher_logp_NV is None and teacher_topk_ids_NK is not None:
         kk = min(kk, teacher_topk_ids_NK.shape[-1])
     s_top_lp, s_top_ids = s.topk(kk, dim=-1)
-    put("student_entropy", entropy(s))
-    put("student_top1_prob", s.amax(dim=-1).exp())
+    t_full = None if teacher_logp_NV is None else _float(teacher_logp_NV).to(s.dtype)
+    # Full mode with every entry finite (the usual case): entropies and both KLs share exp(S),
+    # exp(T) and S − T instead of four separate passes — the same operations on the same values,
+    # so bitwise the same results; -inf / NaN entries take the general path below.
+    shared = None
+    if t_full is not None and s.numel() and bool(s.amin() > _NEG_INF) and bool(t_full.amin() > _NEG_INF):
+        p_s, p_t, d = s.exp(), t_full.exp(), s - t_full
+        shared = {"student_entropy": -(p_s * s).sum(dim=-1), "teacher_entropy": -(p_t * t_full).sum(dim=-1),
+                  "rkl": (p_s * d).sum(dim=-1), "fkl": -(p_t * d).sum(dim=-1)}
+        del p_s, p_t, d
+    put("student_entropy", shared["student_entropy"] if shared else entropy(s))
+    put("student_top1_prob", s_top_lp[..., 0].exp())  # the top-1 of topk is the max
 
     # --- teacher at the sampled token
     t_y = None
-    t_full = None if teacher_logp_NV is None else _float(teacher_logp_NV).to(s.dtype)
     if t_full is not None:
         t_y = t_full.gather(-1, y[..., None])[..., 0]
     elif teacher_sampled_logprobs_N is not None:
@@ -194,9 +203,9 @@ def token_diagnostics(
     # --- distribution-level teacher keys
     if t_full is not None:
         t_top_lp, t_top_ids = t_full.topk(kk, dim=-1)
-        put("rkl", reverse_kl(s, t_full))
-        put("fkl", forward_kl(s, t_full))
-        put("teacher_entropy", entropy(t_full))
+        put("rkl", shared["rkl"] if shared else reverse_kl(s, t_full))
+        put("fkl", shared["fkl"] if shared else forward_kl(s, t_full))
+        put("teacher_entropy", shared["teacher_entropy"] if shared else entropy(t_full))
         put("teachability", t_full.gather(-1, s_top_ids).exp().sum(dim=-1))
     elif teacher_topk_ids_NK is not None:
         ids = teacher_topk_ids_NK.long()

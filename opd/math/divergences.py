@@ -7,6 +7,7 @@ are ignored: padding, union duplicates). ``S = student_logp`` (differentiable), 
 
 ``-inf`` entries (zero probability) follow ``0·log 0 = 0`` and never create NaN in the value or the
 gradient; a genuinely infinite divergence (``p > 0`` against ``q = 0``) is returned as ``+inf``.
+A NaN in a valid entry propagates to that token's value (it is never read as zero probability).
 
 Formulas (methods.md §1, §4.1; performance.md §5.4):
 
@@ -161,8 +162,10 @@ def divergence(name: str, student_logp: Tensor, teacher_logp: Tensor, valid: Ten
 def _prepare(student_logp: Tensor, teacher_logp: Tensor, valid: Tensor | None):
     """Check shapes, detach the teacher and return ``(S0, T0, keep_S, keep_T)``.
 
-    ``keep_X`` marks valid entries with ``X > −inf``; ``X0`` equals ``X`` there and 0 elsewhere, so
-    no later op sees an infinity (no NaN in the gradient). ``keep_X = None`` means all kept.
+    ``keep_X`` marks valid entries with ``X ≠ −inf``; ``X0`` equals ``X`` there and 0 elsewhere, so
+    no later op sees an infinity (no NaN in the gradient). ``keep_X = None`` means all kept. A NaN
+    in a valid entry is kept on purpose: it propagates to that token's value instead of being read
+    as zero probability.
     """
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp)
     if valid is not None:

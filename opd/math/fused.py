@@ -39,16 +39,22 @@ from opd.math.support import SupportSpec, support_from_logprobs, tempered_log_so
 
 ExtraFn = Callable[[Tensor, Tensor | None, slice], dict[str, Tensor]]
 #: Elements of one ``[chunk, V]`` fp32 buffer when ``chunk_size`` is None: 2**22 (16 MiB), i.e.
-#: 131 tokens at V = 32,000 and 32 at V = 128,000. Peak memory of the chunked path is a small
-#: multiple of this plus the ``[V, H]`` weight gradient; chosen with bench/fused_divergence.py.
+#: 131 tokens at V = 32,000. The peak memory of the chunked path is a small multiple of this (the
+#: divergence's temporaries, and glibc's fragmentation) plus the ``[V, H]`` weight gradient.
 CHUNK_ELEMENTS = 1 << 22
+#: Fewest tokens per automatic chunk: every chunk re-reads the ``[V, H]`` weights and the weight
+#: gradient, and the matmuls do about ``chunk/2`` FLOP per byte of them, so much smaller chunks are
+#: bandwidth-bound (measured: at V = 128,000 on 2 CPU cores, 32 tokens/chunk was ~1.6x slower than 64).
+MIN_CHUNK_TOKENS = 64
 
 
-def auto_chunk_size(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Tokens per chunk so that one ``[chunk, V]`` buffer holds about ``chunk_elements`` elements."""
-    if vocab_size < 1 or chunk_elements < 1:
-        raise ValueError(f"vocab_size and chunk_elements must be >= 1, got {vocab_size}, {chunk_elements}")
-    return max(1, chunk_elements // vocab_size)
+def auto_chunk_size(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS,
+                    min_tokens: int = MIN_CHUNK_TOKENS) -> int:
+    """``max(min_tokens, chunk_elements // V)`` tokens per chunk (chosen with bench/fused_divergence.py)."""
+    if vocab_size < 1 or chunk_elements < 1 or min_tokens < 1:
+        raise ValueError(f"vocab_size, chunk_elements and min_tokens must be >= 1, got "
+                         f"{vocab_size}, {chunk_elements}, {min_tokens}")
+    return max(min_tokens, chunk_elements // vocab_size)
 
 
 def fused_linear_divergence(
@@ -84,11 +90,12 @@ def fused_linear_divergence(
     hidden states, weight and bias), the detached ``D_n``, and the detached per-token tensors that
     ``extra_fn(student_logp_chunk, teacher_logp_chunk, rows)`` returns for each chunk, concatenated.
     ``extra_fn`` sees the tempered full-vocabulary log-probs of the chunk (the teacher's is ``None``
-    when the teacher is given only as top-k) and ``rows``, the chunk's ``slice`` of the ``N`` tokens.
+    when the teacher is given only as top-k) and ``rows``, the chunk's ``slice`` of the ``N`` tokens;
+    those chunk tensors are buffers reused by the next chunk, so ``extra_fn`` must not keep them.
     The loss supports one backward pass (no double backward).
 
     ``chunk_size`` is the number of tokens per chunk; ``None`` picks :func:`auto_chunk_size` ``(V)``
-    (about ``CHUNK_ELEMENTS`` logits per chunk, so memory does not grow with ``V``).
+    (about ``CHUNK_ELEMENTS`` logits per chunk, and at least ``MIN_CHUNK_TOKENS`` tokens).
     """
     args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu,
                  teacher_hidden_NH, teacher_weight_VH, teacher_logits_NV, teacher_topk_ids_NK,
@@ -214,6 +221,10 @@ class _Args:
             raise ValueError(f"support kind {spec.kind!r} needs the sampled tokens: pass sampled_ids_N")
         chunk_size = _check_chunk(chunk_size, V)
         self.div_fn = resolve_divergence(divergence, beta=beta, alpha=alpha, mu=mu)
+        # full-support RKL / FKL (also as JSD at β = 1 / 0): closed-form logit gradient per chunk
+        rkl = divergence == "rkl" or (divergence == "jsd" and beta == 1.0)
+        fkl = divergence == "fkl" or (divergence == "jsd" and beta == 0.0)
+        self.closed_form = ("rkl" if rkl else "fkl" if fkl else None) if spec.kind == "full" else None
         self.h, self.W, self.b = h, W, b
         self.weights = weights.detach().float()
         self.spec, self.chunk_size, self.extra_fn = spec, chunk_size, extra_fn
@@ -244,6 +255,62 @@ def _check_chunk(chunk_size: int | None, vocab_size: int) -> int:
 def _chunk_divergence(args: _Args, s_logp: Tensor, rows: slice) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token divergence ``[n]`` from the student's tempered log-probs ``[n, V]`` of tokens ``rows``."""
     spec = args.spec
+    t_logp = _teacher_chunk(args, rows)
+    sup = support_from_logprobs(
+        s_logp, spec,
+        sampled_ids=None if args.sampled is None else args.sampled[rows],
+        teacher_logp=t_logp,
+        teacher_topk_ids=None if args.topk_ids is None else args.topk_ids[rows],
+        teacher_topk_logprobs=None if args.topk_logprobs is None else args.topk_logprobs[rows],
+    )
+    per_token = args.div_fn(sup.student_logp, sup.teacher_logp, None if spec.kind == "full" else sup.valid)
+    return per_token, _chunk_extras(args, s_logp, t_logp, rows)
+
+
+def _closed_form_chunk(args: _Args, s_logp: Tensor, rows: slice, w_c: Tensor,
+                       tau: float) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+    """Full-support reverse or forward KL of a chunk with its logit gradient in closed form.
+
+    With ``S = log softmax(z/τ)``, ``p = exp S``, ``q = exp T`` and ``ℓ = S − T``:
+    ``∂RKL/∂z = p (ℓ − RKL) / τ`` and ``∂FKL/∂z = (p − q) / τ`` (module docstring of
+    :mod:`opd.math.divergences`), so ``dz = w · ∂D/∂z`` takes a few in-place passes over the chunk
+    instead of autograd through the divergence and the log-softmax (the per-token values are the
+    same operations as :func:`~opd.math.divergences.reverse_kl` / ``forward_kl`` on finite inputs).
+    Returns ``dz = None`` when a value is not finite (``-inf`` / NaN entries): the caller then takes
+    the general path, which defines those cases.
+    """
+    t_logp = _teacher_chunk(args, rows)
+    extras = _chunk_extras(args, s_logp, t_logp, rows)  # before the teacher's buffer is overwritten
+    scale = (w_c / tau)[:, None]
+    p = torch.exp(s_logp)
+    if args.closed_form == "rkl":
+        ell = t_logp.neg_().add_(s_logp)  # ℓ = S − T, in the teacher's buffer
+        d = (p * ell).sum(dim=-1)
+        if not bool(torch.isfinite(d).all()):
+            return d, extras, None
+        return d, extras, ell.sub_(d[:, None]).mul_(p).mul_(scale)
+    q = torch.exp(t_logp)
+    diff = t_logp.sub_(s_logp)  # T − S, in the teacher's buffer
+    d = (q * diff).sum(dim=-1)
+    if not bool(torch.isfinite(d).all()):
+        return d, extras, None
+    return d, extras, p.sub_(q).mul_(scale)
+
+
+def _chunk_extras(args: _Args, s_logp: Tensor, t_logp: Tensor | None, rows: slice) -> dict[str, Tensor]:
+    extras: dict[str, Tensor] = {}
+    if args.extra_fn is not None:
+        extras = args.extra_fn(s_logp.detach(), t_logp, rows)
+        n = s_logp.shape[0]
+        for key, value in extras.items():
+            if value.shape != (n,):
+                raise ValueError(f"extra_fn returned {key!r} with shape {tuple(value.shape)}; expected ({n},)")
+    return extras
+
+
+def _teacher_chunk(args: _Args, rows: slice) -> Tensor | None:
+    """The teacher's tempered full log-probs ``[n, V]`` of tokens ``rows`` (None for a top-k teacher)."""
+    spec = args.spec
     t_logp = None
     if args.th is not None:
         with torch.no_grad():
@@ -257,22 +324,7 @@ def _chunk_divergence(args: _Args, s_logp: Tensor, rows: slice) -> tuple[Tensor,
             _log_softmax_(t_logp, spec.teacher_temperature)
     elif args.t_logits is not None:
         t_logp = tempered_log_softmax(args.t_logits[rows].detach(), spec.teacher_temperature)
-    sup = support_from_logprobs(
-        s_logp, spec,
-        sampled_ids=None if args.sampled is None else args.sampled[rows],
-        teacher_logp=t_logp,
-        teacher_topk_ids=None if args.topk_ids is None else args.topk_ids[rows],
-        teacher_topk_logprobs=None if args.topk_logprobs is None else args.topk_logprobs[rows],
-    )
-    per_token = args.div_fn(sup.student_logp, sup.teacher_logp, None if spec.kind == "full" else sup.valid)
-    extras: dict[str, Tensor] = {}
-    if args.extra_fn is not None:
-        extras = args.extra_fn(s_logp.detach(), t_logp, rows)
-        n = s_logp.shape[0]
-        for key, value in extras.items():
-            if value.shape != (n,):
-                raise ValueError(f"extra_fn returned {key!r} with shape {tuple(value.shape)}; expected ({n},)")
-    return per_token, extras
+    return t_logp
 
 
 def _run_chunks(args: _Args, needs: tuple[bool, bool, bool]):
@@ -305,10 +357,15 @@ def _run_chunks(args: _Args, needs: tuple[bool, bool, bool]):
         _log_softmax_(s_logp, tau)  # the logits' buffer now holds log softmax(z/τ)
         w_c = args.weights[rows]
         with_grad = any(needs) and bool((w_c != 0).any())
-        s_logp.requires_grad_(with_grad)
-        with torch.set_grad_enabled(with_grad):
-            d_c, e_c = _chunk_divergence(args, s_logp, rows)
+        dz = None
+        if with_grad and args.closed_form is not None:
+            d_c, e_c, dz = _closed_form_chunk(args, s_logp, rows, w_c, tau)
             loss_c = masked_sum(d_c, w_c)
+        if dz is None:
+            s_logp.requires_grad_(with_grad)
+            with torch.set_grad_enabled(with_grad):
+                d_c, e_c = _chunk_divergence(args, s_logp, rows)
+                loss_c = masked_sum(d_c, w_c)
         loss += loss_c.detach()
         per_token_N[rows] = d_c.detach()
         for key, value in e_c.items():  # copied out before s_logp's buffer is reused below
@@ -317,19 +374,21 @@ def _run_chunks(args: _Args, needs: tuple[bool, bool, bool]):
             extras_N[key][rows] = value.detach()
         del d_c, e_c
         if with_grad:
-            (dz,) = torch.autograd.grad(loss_c, s_logp)
-            # chain rule through log_softmax(z/τ): ∂/∂z = (g − softmax(z/τ) · Σ_v g) / τ, in place
-            total = dz.sum(dim=-1, keepdim=True)
-            dz.sub_(s_logp.detach().exp_().mul_(total))
-            if tau != 1.0:
-                dz /= tau
+            if dz is None:
+                (dz,) = torch.autograd.grad(loss_c, s_logp)
+                # chain rule through log_softmax(z/τ): ∂/∂z = (g − softmax(z/τ) · Σ_v g) / τ, in place
+                total = dz.sum(dim=-1, keepdim=True)
+                dz.sub_(s_logp.detach().exp_().mul_(total))
+                if tau != 1.0:
+                    dz /= tau
+                del total
             if grad_h is not None:
                 grad_h[rows] = dz @ W32
             if grad_W is not None:
                 grad_W.addmm_(dz.T, h_c)
             if grad_b is not None:
                 grad_b += dz.sum(dim=0)
-            del dz, total
+            del dz
         del s_logp, loss_c
     args.t_buf = None
     grad_W = None if grad_W is None else grad_W.to(args.W.dtype)

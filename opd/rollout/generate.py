@@ -1,13 +1,19 @@
 """Rollout generation: the behaviour policy μ samples completions and records ``log μ(y_t | s_t)``.
 
-Two samplers:
+Two samplers, one batched decode loop with a KV cache per model (:class:`_CachedDecoder`):
 
-* :func:`generate_rollouts` — one model through ``transformers`` ``generate`` (KV cache, batched),
-  with temperature / top-k / top-p. ``μ`` is the *processed* distribution that ``generate`` samples
-  from, so ``behaviour_logprobs_BT = log_softmax(processed_scores)[y_t]``.
+* :func:`generate_rollouts` — one model, with temperature / top-k / top-p. ``μ`` is the processed
+  distribution ``softmax(filter(logits / τ))`` (the filtering rules of ``transformers``' warpers),
+  and ``behaviour_logprobs_BT = log μ(y_t)`` is read off the same step's log-probs.
 * :func:`generate_mixed_rollouts` — MiniLLM teacher-mixed sampling (arXiv 2306.08543, §2.2):
-  every token is drawn from ``α·π_T + (1 − α)·π_S`` by a decode loop that keeps a KV cache for
-  both models; ``μ`` is that mixture.
+  every token is drawn from ``α·π_T + (1 − α)·π_S``; ``μ`` is that mixture.
+
+Tokens are drawn by inverse-CDF sampling (one uniform number per row against the cumulative
+probabilities in fp64), which is exact for the categorical distribution. ``torch.multinomial``
+(what ``generate`` uses) draws ``V`` exponential variates per row instead, which on CPU at large
+vocabularies costs about as much as the decode step's forward pass (bench/breakdown.py, "Before /
+after"); the loop also reads ``log μ(y_t)`` off the step's log-probs rather than stacking
+``[B, T, V]`` scores.
 
 Layout: each prompt is repeated ``G = samples_per_prompt`` times, rows of one prompt adjacent
 (``group_index_B = prompt index + group_offset``). A completion is kept up to and including its
@@ -23,19 +29,12 @@ explicit ``*_prompt_texts`` argument and never enters ``Rollouts.prompt_ids_BP``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase
-from transformers.generation.logits_process import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import PreTrainedTokenizerBase
 
 from opd.rollout.forward import (
     _cache_kwarg,
@@ -48,18 +47,6 @@ from opd.tasks.base import Example
 from opd.types import Rollouts
 
 __all__ = ["encode_prompts", "generate_mixed_rollouts", "generate_rollouts", "stop_token_ids"]
-
-#: Generation options a checkpoint's ``generation_config.json`` may set that would silently change
-#: the behaviour policy; ``generate_rollouts`` pins them to their neutral value.
-_NEUTRAL_PROCESSORS: dict[str, Any] = {
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "min_new_tokens": 0,
-}
-
 
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], device: torch.device | str = "cpu"
@@ -168,66 +155,54 @@ def _finish(
     )
 
 
-def _generation_config(model: nn.Module, *, greedy: bool, max_new_tokens: int, stop_ids: list[int],
-                       pad_id: int) -> GenerationConfig:
-    """An explicit config: the checkpoint's own sampling defaults must not change μ. The sampling
-    warpers are neutral here: :func:`_warpers` passes them explicitly, ahead of the recorder."""
-    kwargs: dict[str, Any] = dict(
-        do_sample=not greedy, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-        pad_token_id=pad_id, output_scores=False, return_dict_in_generate=True, use_cache=True,
-        **_NEUTRAL_PROCESSORS,
-    )
-    if not greedy:
-        kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
-        model_gen = getattr(model, "generation_config", None)
-        if getattr(model_gen, "min_p", None) is not None:
-            kwargs["min_p"] = 0.0  # None would inherit the checkpoint's min_p (0.0 removes nothing)
-    return GenerationConfig(**kwargs)
+def sample_from_logprobs(logprobs_BV: Tensor) -> Tensor:
+    """One token per row from ``softmax(logprobs_BV)`` by inverse-CDF sampling.
+
+    ``u ~ U[0, 1)`` per row (torch's global generator) and ``y = min{v : F(v) > u·F(V−1)}`` with
+    ``F`` the fp64 cumulative sum of the probabilities, so ``P(y = v) = p_v`` up to fp64 rounding
+    and a zero-probability entry (``-inf``) is never drawn. The rows need not be normalised.
+    """
+    probs = torch.exp(logprobs_BV.double())
+    cdf = probs.cumsum_(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * total
+    tokens = torch.searchsorted(cdf, u, right=True)
+    last = torch.searchsorted(cdf, total, right=False)  # the last entry with positive probability
+    return torch.minimum(tokens, last).squeeze(1)
 
 
-def _warpers(greedy: bool, temperature: float, top_p: float, top_k: int) -> list[LogitsProcessor]:
-    """``transformers``' own sampling warpers, in the order ``generate`` applies them
-    (temperature → top-k → top-p), so μ is exactly the distribution ``generate`` samples from."""
-    if greedy:
-        return []
-    warpers: list[LogitsProcessor] = []
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(float(temperature)))
-    if top_k != 0:
-        warpers.append(TopKLogitsWarper(top_k=int(top_k), min_tokens_to_keep=1))
-    if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
-    return warpers
+def _decode(
+    decoders: Sequence["_CachedDecoder"],
+    next_logprobs: Callable[[Sequence["_CachedDecoder"]], Tensor],
+    *,
+    n_new: int,
+    stop_ids: list[int],
+    pad_id: int,
+    greedy: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The decode loop shared by the samplers: ``next_logprobs(decoders) -> [B, V]`` log μ(·|s_t);
+    draw ``y_t`` (argmax when ``greedy``), feed it to every decoder; rows that reached a stop id
+    get ``pad_id`` afterwards; stop when every row has stopped or after ``n_new`` tokens.
 
-
-class _BehaviourRecorder(LogitsProcessor):
-    """The last logits processor of ``generate``: records ``log μ(y_t) = s_t[y_t] − logsumexp(s_t)``
-    of the processed scores ``s_t``, one step late (at step ``t + 1`` the sampled ``y_t`` is the
-    last input id). Only the previous step's ``[B, V]`` scores are kept, never ``[B, T, V]``."""
-
-    def __init__(self) -> None:
-        self.logprobs: list[Tensor] = []
-        self._prev: Tensor | None = None
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self._prev is not None:
-            self._take(input_ids[:, -1])
-        self._prev = scores
-        return scores
-
-    def _take(self, tokens_B: Tensor) -> None:
-        s = self._prev.float()
-        self.logprobs.append(s.gather(-1, tokens_B[:, None].to(s.device)).squeeze(1) - torch.logsumexp(s, dim=-1))
-        self._prev = None
-
-    def finish(self, tokens_BT: Tensor) -> Tensor:
-        """``[B, T]`` log-probs of the generated tokens (steps ``generate`` undid are dropped)."""
-        t = tokens_BT.shape[1]
-        if len(self.logprobs) < t and self._prev is not None:
-            self._take(tokens_BT[:, len(self.logprobs)])
-        if len(self.logprobs) < t:
-            raise RuntimeError(f"recorded {len(self.logprobs)} behaviour log-probs for {t} generated tokens")
-        return torch.stack(self.logprobs[:t], dim=1)
+    Returns ``(tokens_BT, logprobs_BT)`` with ``logprobs_BT[b, t] = log μ(y_t)``.
+    """
+    device = decoders[0].device
+    stop = torch.tensor(stop_ids, device=device)
+    finished = torch.zeros(decoders[0].mask.shape[0], dtype=torch.bool, device=device)
+    tokens: list[Tensor] = []
+    logprobs: list[Tensor] = []
+    for step in range(n_new):
+        log_mu = next_logprobs(decoders)
+        tok = log_mu.argmax(dim=-1) if greedy else sample_from_logprobs(log_mu)
+        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        logprobs.append(log_mu.gather(-1, tok[:, None]).squeeze(1))
+        finished = finished | torch.isin(tok, stop)
+        if bool(finished.all()) or step == n_new - 1:
+            break
+        for dec in decoders:
+            dec.step(tok)
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
 
 
 @torch.no_grad()
@@ -248,13 +223,13 @@ def generate_rollouts(
     sampling_prompt_texts: Sequence[str] | None = None,
     eos_token_ids: Sequence[int] | int | None = None,
 ) -> Rollouts:
-    """Sample ``samples_per_prompt`` completions per example with ``model.generate``.
+    """Sample ``samples_per_prompt`` completions per example (batched, KV-cached decode loop).
 
-    The behaviour policy is the distribution ``generate`` samples from after its logits
-    processors: ``μ(·|s_t) = softmax(filter_top_p(filter_top_k(logits / τ)))``, and
+    The behaviour policy is ``μ(·|s_t) = softmax(filter_top_p(filter_top_k(logits / τ)))`` — the
+    distribution ``transformers``' ``generate`` samples from with the same knobs — and
     ``behaviour_logprobs_BT[b, t] = log μ(y_t | s_t)`` (0 on padding). With ``greedy=True`` the
     argmax is taken and the recorded log-probs are those of the untempered model,
-    ``log_softmax(logits)[y_t]``.
+    ``log_softmax(logits)[y_t]``. The checkpoint's own ``generation_config`` is never read.
 
     Args:
         model: the sampling model (the student; or the teacher for GKD off-policy samples, then
@@ -296,22 +271,23 @@ def generate_rollouts(
                              "pass one text per example")
         gen_ids, gen_mask = encode_prompts(tokenizer, sampling_prompt_texts, device)
     n_new = max_new_tokens if prefix_tokens is None else min(prefix_tokens, max_new_tokens)
-    config = _generation_config(model, greedy=greedy, max_new_tokens=n_new, stop_ids=stop_ids,
-                                pad_id=tokenizer.pad_token_id)
-    recorder = _BehaviourRecorder()
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(
-            input_ids=gen_ids.repeat_interleave(g, dim=0),
-            attention_mask=gen_mask.repeat_interleave(g, dim=0),
-            generation_config=config,
-            logits_processor=LogitsProcessorList([*_warpers(greedy, temperature, top_p, top_k), recorder]),
-        )
+        decoder = _CachedDecoder(model, gen_ids.repeat_interleave(g, dim=0), gen_mask.repeat_interleave(g, dim=0))
+
+        def next_logprobs(decoders: Sequence[_CachedDecoder]) -> Tensor:
+            logits = decoders[0].logits.float()
+            if greedy:
+                return torch.log_softmax(logits, dim=-1)
+            scaled = logits if temperature == 1.0 else logits / temperature
+            return _filter_logprobs(torch.log_softmax(scaled, dim=-1), top_k, top_p)
+
+        tokens, logprobs = _decode([decoder], next_logprobs, n_new=n_new, stop_ids=stop_ids,
+                                   pad_id=tokenizer.pad_token_id, greedy=greedy)
     finally:
-        model.train(was_training)
-    tokens = out.sequences[:, gen_ids.shape[1]:]
-    logprobs = recorder.finish(tokens)
+        if was_training:  # train(False) would only repeat eval()'s walk over the modules
+            model.train()
     return _finish(examples, tokenizer, prompt_ids, prompt_mask, tokens, logprobs, stop_ids,
                    samples_per_prompt=g, partial=prefix_tokens is not None, group_offset=group_offset,
                    on_policy=on_policy)
@@ -442,25 +418,15 @@ def generate_mixed_rollouts(
     try:
         s_dec = _CachedDecoder(student, prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0))
         t_dec = _CachedDecoder(teacher, t_ids.repeat_interleave(g, 0), t_mask.repeat_interleave(g, 0))
-        stop = torch.tensor(stop_ids, device=device)
-        finished = torch.zeros(prompt_ids.shape[0] * g, dtype=torch.bool, device=device)
-        tokens: list[Tensor] = []
-        logprobs: list[Tensor] = []
-        for step in range(n_new):
-            log_mix = _mixture_logprobs(s_dec.logits, t_dec.logits, alpha, temperature)
-            log_mix = _filter_logprobs(log_mix, top_k, top_p)
-            tok = torch.multinomial(log_mix.exp(), num_samples=1).squeeze(1)
-            tok = torch.where(finished, torch.full_like(tok, tokenizer.pad_token_id), tok)
-            tokens.append(tok)
-            logprobs.append(log_mix.gather(-1, tok[:, None]).squeeze(1))
-            finished = finished | torch.isin(tok, stop)
-            if bool(finished.all()) or step == n_new - 1:
-                break
-            s_dec.step(tok)
-            t_dec.step(tok)
+
+        def next_logprobs(decoders: Sequence[_CachedDecoder]) -> Tensor:
+            log_mix = _mixture_logprobs(decoders[0].logits, decoders[1].logits, alpha, temperature)
+            return _filter_logprobs(log_mix, top_k, top_p)
+
+        tokens, logprobs = _decode([s_dec, t_dec], next_logprobs, n_new=n_new, stop_ids=stop_ids,
+                                   pad_id=tokenizer.pad_token_id)
     finally:
         student.train(modes[0])
         teacher.train(modes[1])
-    return _finish(examples, tokenizer, prompt_ids, prompt_mask, torch.stack(tokens, 1), torch.stack(logprobs, 1),
-                   stop_ids, samples_per_prompt=g, partial=prefix_tokens is not None, group_offset=group_offset,
-                   on_policy=True)
+    return _finish(examples, tokenizer, prompt_ids, prompt_mask, tokens, logprobs, stop_ids, samples_per_prompt=g,
+                   partial=prefix_tokens is not None, group_offset=group_offset, on_policy=True)

@@ -185,6 +185,15 @@ def test_zero_probability_entries_are_nan_free(name, knobs):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("name,knobs", CASES)
+def test_nan_in_a_valid_entry_propagates_to_its_token_only(name, knobs):
+    s = torch.log_softmax(torch.randn(3, 6), -1)
+    t = torch.log_softmax(torch.randn(3, 6), -1)
+    s[1, 2] = float("nan")  # a broken student logit must surface, not be read as zero probability
+    got = divergence(name, s, t, torch.ones(3, 6, dtype=torch.bool), **knobs)
+    assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2]]).all()
+
+
 # ---------------------------------------------------------------- closed-form anchors and identities
 
 

@@ -200,8 +200,10 @@ def test_errors_name_shapes_and_arguments():
 
 
 def test_auto_chunk_size():
-    assert auto_chunk_size(32000) == 131 and auto_chunk_size(128000) == 32 and auto_chunk_size(10**8) == 1
-    assert auto_chunk_size(V, chunk_elements=5 * V) == 5
+    assert auto_chunk_size(32000) == 131 and auto_chunk_size(128000) == 64 and auto_chunk_size(10**8) == 64
+    assert auto_chunk_size(V, chunk_elements=5 * V, min_tokens=1) == 5
+    with pytest.raises(ValueError, match="must be >= 1"):
+        auto_chunk_size(0)
     h, W, b, th, tW, tb, w, _ = make()
     kw = dict(spec=SupportSpec(), divergence="jsd", teacher_logits_NV=th @ tW.T, student_bias_V=b)
     a = fused_linear_divergence(h, W, w, chunk_size=None, **kw)[0]  # auto: one chunk at this tiny V
@@ -240,3 +242,33 @@ def test_token_logprobs_checks():
         fused_linear_token_logprobs(h, W, y[:-1])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         fused_linear_token_logprobs(h, W, y, temperature=0.0)
+
+
+@pytest.mark.parametrize("name,beta", [("rkl", 1.0), ("fkl", 0.0), ("jsd", 1.0), ("jsd", 0.0)])
+def test_closed_form_chunks_equal_autograd_chunks(name, beta, monkeypatch):
+    """Full-support RKL / FKL take the closed-form logit gradient; it equals autograd's, and a
+    ``-inf`` teacher entry (an infinite FKL) falls back to the general path with the same result."""
+    import opd.math.fused as fused
+
+    h, W, b, th, tW, tb, w, _ = make(3)
+    spec = SupportSpec(kind="full", student_temperature=0.7)
+    logits = th @ tW.T + tb
+    for teacher in (logits, logits.index_fill(1, torch.tensor([2]), float("-inf"))):
+        kw = dict(spec=spec, divergence=name, beta=beta, teacher_logits_NV=teacher)
+        fast = run(fused_linear_divergence, h, W, b, w, **kw)
+        used = []
+        init = fused._Args.__init__
+
+        def generic(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            used.append(self.closed_form)
+            self.closed_form = None
+
+        monkeypatch.setattr(fused._Args, "__init__", generic)
+        slow = run(fused_linear_divergence, h, W, b, w, **kw)
+        monkeypatch.undo()
+        assert used == [("rkl" if beta == 1.0 else "fkl")]
+        for a, b_ in [(fast[0], slow[0]), (fast[1], slow[1]), *zip(fast[3], slow[3])]:
+            torch.testing.assert_close(a, b_, equal_nan=True, **TOL)
+        if bool(torch.isfinite(fast[0])):
+            assert_same(fast, run(dense_linear_divergence, h, W, b, w, **kw))
