@@ -7,7 +7,7 @@
 The real training loop runs (``opd.train.distill`` with the end-to-end settings); the functions it
 calls are wrapped with timers, so nothing is re-implemented here:
 
-* **rollout** — ``collect_rollouts`` (student generation, KV-cached ``generate``);
+* **rollout** — ``collect_rollouts`` (student generation, opd's KV-cached decode loop);
 * **teacher** — ``teacher.score`` (one teacher forward per rollout batch);
 * **student fwd+bwd** — ``accumulate_gradients`` (student forward, loss, in-loss diagnostics,
   backward); the in-loss diagnostics are then measured separately as the difference between this
@@ -314,7 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--previous", default="", help=argparse.SUPPRESS)
     p.add_argument("--no-ablations", action="store_true",
                    help="skip the before/after measurements of this issue's optimisations")
+    p.add_argument("--render-only", action="store_true",
+                   help="rebuild the results.md section from bench/data/breakdown.json without measuring")
     a = p.parse_args(argv)
+    if a.render_only:
+        store = json.loads(DATA.read_text())
+        saved = argparse.Namespace(**{**vars(a), **store.get("args", {})})
+        text = render(store["results"], store["gemm_gflops"], store["copy_gbps"], saved, store["command"], store["when"])
+        print(text)
+        common.write_section("breakdown", text, machine=store["machine"])
+        return 0
     if a.worker:
         common.worker_print(worker(a))
         return 0
@@ -351,19 +360,25 @@ def main(argv: list[str] | None = None) -> int:
         gemm = max(gemm, common.matmul_gflops(2048))
     ablations: dict[str, Any] = {}
     if not a.no_ablations and not a.quick and "large" in out:
+        # each change: the previous code path and the current one measured back to back, so that the
+        # ratio does not mix measurements taken minutes apart on a shared machine
         for change in (*CHANGES, "all"):
-            common.wait_for_quiet(a.quiet_busy, a.quiet_timeout, echo=lambda m: print(m, flush=True))
-            prev = common.run_worker(__file__, [
-                "--pair", "large", "--models", str(models), "--steps", str(a.steps), "--warmup", str(a.warmup),
-                "--threads", str(a.threads), "--previous", ",".join(CHANGES) if change == "all" else change])
-            if "error" in prev:
-                print(f"  previous {change}: {prev['error']}", flush=True)
-                continue
-            ablations[change] = {"phases": {ph: statistics.median(p.get(ph, 0.0) for p in prev["phases"])
-                                            for ph in PHASES},
-                                 "step_s": statistics.median(prev["step_s"]), "neighbours_busy": prev["neighbours_busy"]}
-            print(f"  previous {change}: step {ablations[change]['step_s']:.3f} s", flush=True)
-        ablations["current"] = {"phases": out["large"]["raw_phases"], "step_s": out["large"]["step_s"]}
+            pair_runs = {}
+            for label, previous in (("before", ",".join(CHANGES) if change == "all" else change), ("after", "")):
+                common.wait_for_quiet(a.quiet_busy, a.quiet_timeout, echo=lambda m: print(m, flush=True))
+                r = common.run_worker(__file__, [
+                    "--pair", "large", "--models", str(models), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                    "--threads", str(a.threads), "--previous", previous])
+                if "error" in r:
+                    print(f"  {change} {label}: {r['error']}", flush=True)
+                    break
+                pair_runs[label] = {"phases": {ph: statistics.median(p.get(ph, 0.0) for p in r["phases"])
+                                               for ph in PHASES},
+                                    "step_s": statistics.median(r["step_s"]), "neighbours_busy": r["neighbours_busy"]}
+            if len(pair_runs) == 2:
+                ablations[change] = pair_runs
+                print(f"  {change}: step {pair_runs['before']['step_s']:.3f} s before, "
+                      f"{pair_runs['after']['step_s']:.3f} s after", flush=True)
         out["ablations"] = ablations
     gemm = max(gemm, common.matmul_gflops(2048))  # the bound uses the best calibration of the run
     for pair, s in out.items():
@@ -373,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_write and not a.quick:
         DATA.parent.mkdir(parents=True, exist_ok=True)
         DATA.write_text(json.dumps({"command": common.command_line(), "when": common.stamp(), "gemm_gflops": gemm,
-                                    "copy_gbps": bw, "machine": common.machine_line(info), "results": out}, indent=1))
+                                    "copy_gbps": bw, "machine": common.machine_line(info), "results": out,
+                                    "args": {"steps": a.steps, "warmup": a.warmup}}, indent=1))
         common.write_section("breakdown", text)
     return 0
 
@@ -391,9 +407,62 @@ def render_pair(pair: str, s: dict[str, Any]) -> str:
                                             "achieved FLOP rate ÷ GEMM rate"], rows, "lrrr") + "\n"
 
 
-def render(out: dict[str, Any], gemm: float, bw: float, a: argparse.Namespace) -> str:
+def gap_analysis(pair: str, s: dict[str, Any], gemm: float, bw: float) -> str:
+    """Where the time above the FLOP bound goes, per phase, and what would close each part.
+
+    A phase's *ideal* time is its counted FLOPs at the GEMM rate; everything else a phase takes
+    (and all of the uncounted phases: diagnostics, optimizer, monitor, logging, other) is the gap.
+    For the rollout, the weight reads alone bound a decode step from below: every step multiplies
+    ``rows`` activations by every student matrix, ``4·N_S`` bytes in fp32 at the copy bandwidth.
+    """
+    spec = PAIRS.get(pair, {})
+    step = s["step_s"]
+    ideal = {"rollout": 2 * s["n_s"] * s["tokens"], "teacher": 2 * s["n_t"] * s["tokens"],
+             "student fwd+bwd": 6 * s["n_s"] * s["tokens"]}
+    ideal = {ph: f / (gemm * 1e9) for ph, f in ideal.items()}
+    gap = {ph: max(sec - ideal.get(ph, 0.0), 0.0) for ph, sec in s["phases"].items()}
+    total_gap = max(step - sum(ideal.values()), 1e-12)
+    rows = [[ph, f"{s['phases'][ph] * 1e3:.0f}", f"{ideal.get(ph, 0.0) * 1e3:.0f}", f"{gap[ph] * 1e3:.0f}",
+             f"{gap[ph] / total_gap:.0%}"] for ph in sorted(gap, key=gap.get, reverse=True)]
+    lines = [f"**Where the rest goes ({pair})**: the step takes {step * 1e3:.0f} ms, its counted FLOPs at the GEMM "
+             f"rate {sum(ideal.values()) * 1e3:.0f} ms; the {total_gap * 1e3:.0f} ms between them:", "",
+             common.md_table(["phase", "measured ms", "at the GEMM rate ms", "gap ms", "share of the gap"], rows,
+                             "lrrrr"), ""]
+    prompts, new = spec.get("prompts"), spec.get("max_new_tokens")
+    if prompts and new:
+        decode_steps = min(new, max(1, round(s["tokens"] / prompts)))
+        reads = decode_steps * 4 * s["n_s"] / (bw * 1e9)
+        lines.append(
+            f"- **rollout** ({s['phases']['rollout'] * 1e3:.0f} ms at {s['phase_rate']['rollout']:.0%} of the GEMM "
+            f"rate): each of the {decode_steps} decode steps multiplies {prompts} rows by every student matrix, "
+            f"about {prompts / 2:.0f} FLOP per fp32 weight byte, so the steps are bound by reading the weights — "
+            f"{reads * 1e3:.0f} ms for the weight reads alone at the measured {bw:.1f} GB/s, plus per-step Python "
+            "and attention overhead. What would close it: more rows per decode step (more prompts per step or "
+            "samples per prompt raise the FLOPs per byte read), half-precision weights during generation (half the "
+            "bytes), or a serving engine with continuous batching.")
+    diag = s["phases"].get("diagnostics (in-loss)", 0.0)
+    if diag > 0:
+        without = s["share_of_bound"] * step / max(step - diag, 1e-12)
+        lines.append(
+            f"- **in-loss diagnostics** ({diag * 1e3:.0f} ms): top-k of the student's and the teacher's log-probs "
+            "over the vocabulary (overlap, coverage), entropies and exact KLs per token. `monitor.diagnostics=false` "
+            f"removes them (the same step would then run at about {without:.0%} of the bound); fusing them into the "
+            "loss's closed-form gradient pass, which already holds exp(S) and S − T per chunk, would remove most "
+            "of their passes over the `[chunk, V]` buffers.")
+    lines.append(
+        f"- **student fwd+bwd** ({s['phase_rate']['student fwd+bwd']:.0%} of the GEMM rate) and **teacher** "
+        f"({s['phase_rate']['teacher']:.0%}): the matmuls run near the GEMM rate (`aten::mm` in the profile); the "
+        "rest is elementwise work over `[chunk, V]` logits (log-softmax, exp, the gradient's few passes) and "
+        "attention, bound by memory bandwidth. A fused kernel (one pass over each logit block) or half precision "
+        "would close part of it.")
+    return "\n".join(lines) + "\n"
+
+
+def render(out: dict[str, Any], gemm: float, bw: float, a: argparse.Namespace, command: str | None = None,
+           when: str | None = None) -> str:
     parts = ["## Breakdown of an opd step (bench/breakdown.py)", "",
-             f"`{common.command_line()}` — {common.stamp()}; medians over {a.steps} steps after {a.warmup} warm-up "
+             f"`{command or common.command_line()}` — {when or common.stamp()}; medians over {a.steps} steps after "
+             f"{a.warmup} warm-up "
              f"(the profiled step excluded); measured in the same run: fp32 GEMM {gemm:.0f} GFLOP/s, copy bandwidth "
              f"{bw:.1f} GB/s. Settings as in bench/end_to_end.py. Each phase's FLOPs: rollout 2·N_S, teacher 2·N_T, "
              "student fwd+bwd 6·N_S per completion token.", ""]
@@ -406,28 +475,32 @@ def render(out: dict[str, Any], gemm: float, bw: float, a: argparse.Namespace) -
         if pair == "ablations":
             continue
         parts.append(render_pair(pair, s))
+        if pair == "large":
+            parts.append(gap_analysis(pair, s, gemm, bw))
         if s.get("profile"):
             parts += ["torch.profiler, one step of this pair, top operators by self CPU time:", "",
                       common.md_table(["operator", "calls", "self CPU ms", "share"], s["profile"], "lrrr"), ""]
     ab = out.get("ablations")
-    if ab and "current" in ab:
-        cur = ab["current"]
+    if ab and any("before" in v for v in ab.values() if isinstance(v, dict)):
         parts += ["### Before / after this issue's optimisations (larger pair, same run)", "",
-                  "Each row reruns the larger pair with one change undone in the measuring process (the previous "
-                  f"code path reproduced by bench/breakdown.py, or imported from commit {BASELINE_REV}); the last "
-                  "row undoes all of them. Medians of the same number of steps as above.", ""]
+                  "Each row measures the larger pair twice, back to back in fresh processes: once with one change "
+                  "undone in the measuring process (the previous code path reproduced by bench/breakdown.py, or "
+                  f"imported from commit {BASELINE_REV}), once with the current code; the last row undoes all of "
+                  "them. Medians of the same number of steps as above. Phase times are those of the phase the "
+                  "change touches.", ""]
         rows = []
+        phases = {"sampler": "rollout", "sampled": "student fwd+bwd", "closed_form": "student fwd+bwd",
+                  "diag": "student fwd+bwd", "teacher_div": "teacher"}
         for change, what in (*CHANGES.items(), ("all", "all of the above")):
-            if change not in ab:
+            if change not in ab or "before" not in ab[change]:
                 continue
-            prev = ab[change]
-            phase = {"sampler": "rollout", "sampled": "student fwd+bwd", "closed_form": "student fwd+bwd",
-                     "diag": "student fwd+bwd", "teacher_div": "teacher"}.get(change)
-            before = prev["phases"][phase] if phase else None
-            after = cur["phases"][phase] if phase else None
-            rows.append([what, phase or "–", "–" if before is None else f"{before * 1e3:.0f} → {after * 1e3:.0f} ms",
-                         f"{prev['step_s'] * 1e3:.0f} → {cur['step_s'] * 1e3:.0f} ms",
-                         f"{prev['step_s'] / cur['step_s']:.2f}×", f"{prev['neighbours_busy']:.0%}"])
+            before, after = ab[change]["before"], ab[change]["after"]
+            phase = phases.get(change)
+            rows.append([what, phase or "–",
+                         f"{before['phases'][phase] * 1e3:.0f} → {after['phases'][phase] * 1e3:.0f} ms" if phase else "–",
+                         f"{before['step_s'] * 1e3:.0f} → {after['step_s'] * 1e3:.0f} ms",
+                         f"{before['step_s'] / after['step_s']:.2f}×",
+                         f"{max(before['neighbours_busy'], after['neighbours_busy']):.0%}"])
         parts += [common.md_table(["change", "phase", "phase before → after", "step before → after",
                                    "step speed-up", "CPU used by others"], rows, "llrrrr"), ""]
     return "\n".join(parts)

@@ -39,6 +39,14 @@ def _print_summary(summary) -> None:
     print(f"\n{state} in {summary.seconds:.1f} s; run folder: {summary.run_dir}")
 
 
+def _is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch (``accelerate launch`` and
+    ``torchrun`` set ``RANK``; the process group may already be gone when the run returns)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from opd.config.load import load_config
     from opd.train import distill
@@ -55,6 +63,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
             overrides.insert(0, config)
             config = None
         summary = distill(load_config(config, overrides))
+    if not _is_main_process():
+        return 0  # under `accelerate launch` the first process prints the summary
     _print_summary(summary)
     report = getattr(summary, "report_path", None)
     if report:

@@ -161,3 +161,11 @@ def test_data_parallel_step_equals_single_process_step(tmp_path):
     for name, grad in a["grads"].items():
         torch.testing.assert_close(b["grads"][name], grad, atol=1e-5, rtol=1e-5, msg=name)
     assert max(g.abs().max() for g in a["grads"].values()) > 1e-3  # a real gradient, not zeros
+
+
+def test_only_the_first_process_prints_the_summary(tmp_path, capsys, monkeypatch):
+    """Under `accelerate launch` every process returns from the run; rank 0 alone prints the table."""
+    for rank, expect in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert run_cli([*SMOKE, "train.steps=1", f"logging.run_dir={tmp_path / rank}"]) == 0
+        assert ("student after" in capsys.readouterr().out) is expect

@@ -93,6 +93,7 @@ def token_diagnostics(
     teacher_sampled_logprobs_N: Tensor | None = None,
     mask_N: Tensor | None = None,
     k: int = 8,
+    workspace: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Per-token detached diagnostics ``dict[str, Tensor[...]]`` (methods.md §3.7).
 
@@ -109,6 +110,9 @@ def token_diagnostics(
         mask_N: ``[...]`` bool; masked tokens give 0 in every key (ids there are not read).
         k: top-k size of the overlap / coverage / teachability sets, ``k_eff = min(k, V)`` in full
             mode and ``min(k, V, K)`` in top-k mode (top-K_T = the ``k_eff`` highest given entries).
+        workspace: optional two scratch tensors of the student log-probs' shape and float dtype,
+            overwritten here (full mode); a caller that runs chunk after chunk passes the same two
+            to save the allocation of fresh ``[..., V]`` tensors. Results do not depend on it.
 
     Keys (``TopK_S`` / ``TopK_T`` are the student's / teacher's top-``k_eff`` ids). Always, exact:
     ``student_entropy`` ``H(π_S)``, ``student_top1_prob`` ``max_v π_S(v)``.
@@ -173,12 +177,8 @@ def token_diagnostics(
     # Full mode with every entry finite (the usual case): entropies and both KLs share exp(S),
     # exp(T) and S − T instead of four separate passes — the same operations on the same values,
     # so bitwise the same results; -inf / NaN entries take the general path below.
-    shared = None
-    if t_full is not None and s.numel() and bool(s.amin() > _NEG_INF) and bool(t_full.amin() > _NEG_INF):
-        p_s, p_t, d = s.exp(), t_full.exp(), s - t_full
-        shared = {"student_entropy": -(p_s * s).sum(dim=-1), "teacher_entropy": -(p_t * t_full).sum(dim=-1),
-                  "rkl": (p_s * d).sum(dim=-1), "fkl": -(p_t * d).sum(dim=-1)}
-        del p_s, p_t, d
+    shared = _shared_full_mode(s, t_full, workspace) if (
+        t_full is not None and s.numel() and bool(s.amin() > _NEG_INF) and bool(t_full.amin() > _NEG_INF)) else None
     put("student_entropy", shared["student_entropy"] if shared else entropy(s))
     put("student_top1_prob", s_top_lp[..., 0].exp())  # the top-1 of topk is the max
 
@@ -233,6 +233,26 @@ def token_diagnostics(
     return out
 
 
+def _shared_full_mode(s: Tensor, t: Tensor, workspace: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """``H(π_S) = −Σ p_S S``, ``H(π_T) = −Σ p_T T``, ``RKL = Σ p_S (S − T)``, ``FKL = −Σ p_T (S − T)``
+    for finite ``[..., V]`` log-probs, in two ``[..., V]`` buffers: every product is written into a
+    buffer that is already paged in rather than into a fresh tensor (at V = 32,000 the fresh
+    allocations' page faults cost more than the arithmetic; bench/breakdown.py). ``workspace``:
+    two such buffers to use instead of allocating them."""
+    if workspace is not None and all(w.shape == s.shape and w.dtype == s.dtype for w in workspace):
+        a, b = workspace
+    else:
+        a, b = torch.empty_like(s), torch.empty_like(s)
+    torch.exp(s, out=a)  # p_S
+    h_s = -torch.mul(a, s, out=b).sum(dim=-1)
+    torch.sub(s, t, out=b)  # S − T
+    rkl = torch.mul(a, b, out=a).sum(dim=-1)
+    torch.exp(t, out=a)  # p_T
+    fkl = -torch.mul(b, a, out=b).sum(dim=-1)
+    h_t = -torch.mul(a, t, out=a).sum(dim=-1)
+    return {"student_entropy": h_s, "teacher_entropy": h_t, "rkl": rkl, "fkl": fkl}
+
+
 def diagnostics_extra_fn(
     sampled_ids_N: Tensor,
     *,
@@ -259,12 +279,23 @@ def diagnostics_extra_fn(
         found = (teacher_topk_ids_NK.long() == sampled_ids_N.long()[..., None]).any(dim=-1)
         sampled_known = bool((found | ~keep).all())
 
+    scratch: list[Tensor] = []  # two [chunk, V] buffers shared by every chunk of this call
+
+    def workspace(student_logp: Tensor) -> tuple[Tensor, Tensor]:
+        n = student_logp.shape[0]
+        dtype = torch.float64 if student_logp.dtype == torch.float64 else torch.float32
+        if not scratch or scratch[0].shape[0] < n or scratch[0].shape[1:] != student_logp.shape[1:] \
+                or scratch[0].dtype != dtype or scratch[0].device != student_logp.device:
+            scratch[:] = [torch.empty(student_logp.shape, dtype=dtype, device=student_logp.device) for _ in range(2)]
+        return scratch[0][:n], scratch[1][:n]
+
     def extra_fn(student_logp: Tensor, teacher_logp: Tensor | None, rows: slice) -> dict[str, Tensor]:
         out = token_diagnostics(
             student_logp, sampled_ids_N[rows], teacher_logp_NV=teacher_logp,
             teacher_topk_ids_NK=pick(teacher_topk_ids_NK, rows),
             teacher_topk_logprobs_NK=pick(teacher_topk_logprobs_NK, rows),
-            teacher_sampled_logprobs_N=pick(teacher_sampled_logprobs_N, rows), mask_N=pick(mask_N, rows), k=k)
+            teacher_sampled_logprobs_N=pick(teacher_sampled_logprobs_N, rows), mask_N=pick(mask_N, rows), k=k,
+            workspace=None if teacher_logp is None or student_logp.dim() != 2 else workspace(student_logp))
         if teacher_logp is None and not sampled_known:
             for key in ("teacher_kl", "reward", "teacher_prob_sampled"):
                 out.pop(key, None)

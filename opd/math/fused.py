@@ -228,7 +228,7 @@ class _Args:
         self.h, self.W, self.b = h, W, b
         self.weights = weights.detach().float()
         self.spec, self.chunk_size, self.extra_fn = spec, chunk_size, extra_fn
-        self.th, self.tb, self.t_buf = th, tb, None
+        self.th, self.tb, self.t_buf, self.p_buf = th, tb, None, None
         self.tW = None if tW is None else tW.detach().float()
         self.t_logits, self.topk_ids, self.topk_logprobs, self.sampled = t_logits, topk_ids, topk_logprobs, sampled
 
@@ -282,19 +282,24 @@ def _closed_form_chunk(args: _Args, s_logp: Tensor, rows: slice, w_c: Tensor,
     t_logp = _teacher_chunk(args, rows)
     extras = _chunk_extras(args, s_logp, t_logp, rows)  # before the teacher's buffer is overwritten
     scale = (w_c / tau)[:, None]
-    p = torch.exp(s_logp)
+    # every [chunk, V] value lives in the teacher's buffer or in args.p_buf (allocated once per
+    # call): fresh tensors of this size cost page faults on every chunk; s_logp stays intact for
+    # the general path
+    if args.p_buf is None or args.p_buf.shape[1:] != s_logp.shape[1:] or args.p_buf.shape[0] < s_logp.shape[0]:
+        args.p_buf = torch.empty_like(s_logp)
+    buf = args.p_buf[: s_logp.shape[0]]
     if args.closed_form == "rkl":
-        ell = t_logp.neg_().add_(s_logp)  # ℓ = S − T, in the teacher's buffer
-        d = (p * ell).sum(dim=-1)
+        p = torch.exp(s_logp, out=buf)
+        m = t_logp.neg_().add_(s_logp).mul_(p)  # p·ℓ with ℓ = S − T, in the teacher's buffer
+        d = m.sum(dim=-1)
         if not bool(torch.isfinite(d).all()):
             return d, extras, None
-        return d, extras, ell.sub_(d[:, None]).mul_(p).mul_(scale)
-    q = torch.exp(t_logp)
-    diff = t_logp.sub_(s_logp)  # T − S, in the teacher's buffer
-    d = (q * diff).sum(dim=-1)
+        return d, extras, m.addcmul_(p, d[:, None], value=-1.0).mul_(scale)  # p·ℓ − p·RKL = p (ℓ − RKL)
+    q = torch.exp(t_logp, out=buf)
+    d = t_logp.sub_(s_logp).mul_(q).sum(dim=-1)  # Σ q (T − S), in the teacher's buffer
     if not bool(torch.isfinite(d).all()):
         return d, extras, None
-    return d, extras, p.sub_(q).mul_(scale)
+    return d, extras, torch.exp(s_logp, out=t_logp).sub_(q).mul_(scale)  # (p − q), in the teacher's buffer
 
 
 def _chunk_extras(args: _Args, s_logp: Tensor, t_logp: Tensor | None, rows: slice) -> dict[str, Tensor]:
@@ -390,7 +395,7 @@ def _run_chunks(args: _Args, needs: tuple[bool, bool, bool]):
                 grad_b += dz.sum(dim=0)
             del dz
         del s_logp, loss_c
-    args.t_buf = None
+    args.t_buf = args.p_buf = None
     grad_W = None if grad_W is None else grad_W.to(args.W.dtype)
     grad_b = None if grad_b is None else grad_b.to(args.b.dtype)
     return loss, per_token_N, extras_N, (grad_h, grad_W, grad_b)

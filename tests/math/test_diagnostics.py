@@ -496,3 +496,24 @@ def test_summarize_cr_opd_matches_loop():
     assert summarize_cr_opd(metrics, mask) == pytest.approx(want, rel=1e-12)
     none = torch.zeros_like(mask)
     assert summarize_cr_opd(metrics, none) == {"cr_opd_routed_frac": 0.0}
+
+
+def test_workspace_and_chunked_extra_fn_give_the_same_values():
+    """The full-mode scratch buffers (a garbage-filled workspace, reused across chunks of unequal
+    size by diagnostics_extra_fn) change no value: bitwise equal to fresh allocations."""
+    from opd.math.diagnostics import diagnostics_extra_fn
+
+    g = torch.Generator().manual_seed(5)
+    n, v = 9, 13
+    s = torch.log_softmax(torch.randn(n, v, generator=g), -1)
+    t = torch.log_softmax(torch.randn(n, v, generator=g), -1)
+    y = torch.randint(0, v, (n,), generator=g)
+    mask = torch.rand(n, generator=g) > 0.2
+    ref = token_diagnostics(s, y, teacher_logp_NV=t, mask_N=mask, k=4)
+    garbage = (torch.full((n, v), float("nan")), torch.full((n, v), 7.0))
+    got = token_diagnostics(s, y, teacher_logp_NV=t, mask_N=mask, k=4, workspace=garbage)
+    assert got.keys() == ref.keys() and all(torch.equal(got[key], ref[key]) for key in ref)
+    fn = diagnostics_extra_fn(y, mask_N=mask, k=4)
+    parts = [fn(s[rows], t[rows], rows) for rows in (slice(0, 5), slice(5, 9))]
+    for key in ref:
+        assert torch.equal(torch.cat([p[key] for p in parts]), ref[key]), key
