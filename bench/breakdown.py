@@ -167,7 +167,8 @@ CHANGES = {
     "closed_form": "student fwd+bwd: closed-form RKL / FKL logit gradient per chunk instead of autograd through "
                    "the divergence and the log-softmax (opd/math/fused.py)",
     "diag": "in-loss diagnostics: entropies and KLs share exp(S), exp(T), S − T (opd/math/diagnostics.py)",
-    "teacher_div": "teacher: no `[N, V]` division (and no head copy) for temperature 1 (opd/teachers.py)",
+    "teacher_div": "teacher: no `[N, V]` division for temperature 1 (opd/teachers.py; the measured version also "
+                   "skipped the copy of the head, since restored so that feedback never aliases live weights)",
 }
 BASELINE_REV = "1f46230"  # the commit whose opd/math/diagnostics.py predates the shared-intermediate path
 
@@ -503,6 +504,12 @@ def render(out: dict[str, Any], gemm: float, bw: float, a: argparse.Namespace, c
                          f"{max(before['neighbours_busy'], after['neighbours_busy']):.0%}"])
         parts += [common.md_table(["change", "phase", "phase before → after", "step before → after",
                                    "step speed-up", "CPU used by others"], rows, "llrrrr"), ""]
+        afters = [v["after"]["step_s"] for v in ab.values() if isinstance(v, dict) and "after" in v]
+        if len(afters) > 1:
+            parts += [f"Noise: the {len(afters)} \"after\" measurements run the same code; their step times range from "
+                      f"{min(afters) * 1e3:.0f} to {max(afters) * 1e3:.0f} ms ({max(afters) / min(afters) - 1:.0%} apart), "
+                      "so a single row's step speed-up smaller than that is not distinguishable from the machine's "
+                      "drift; the phase column isolates the part a change touches.", ""]
     return "\n".join(parts)
 
 

@@ -193,12 +193,15 @@ class ModelTeacher:
         merged = {k: torch.cat([p[k] for p in parts]).to(out_device) for k in parts[0]}
         if head is not None and access == "full":
             weight, bias = head
-            merged["head_weight_VH"] = self._tempered(weight.detach()).to(out_device)
-            merged["head_bias_V"] = None if bias is None else self._tempered(bias.detach()).to(out_device)
+            # always a copy (the division makes one): the feedback must keep the head as it was at
+            # scoring time even if these are the live student's weights, updated before it is used again
+            merged["head_weight_VH"] = (weight.detach() / self.temperature).to(out_device)
+            merged["head_bias_V"] = None if bias is None else (bias.detach() / self.temperature).to(out_device)
         return Feedback(access=access, **merged)
 
     def _tempered(self, x: Tensor) -> Tensor:
-        """``x / τ`` (``x`` itself at τ = 1: no ``[.., V]`` pass or copy for a no-op division)."""
+        """``x / τ`` (``x`` itself at τ = 1: no ``[.., V]`` pass or copy for a no-op division); only for
+        tensors computed in this call, never for weights the caller may update later."""
         return x if self.temperature == 1.0 else x / self.temperature
 
     def _score_rows(self, rows: slice, rollouts: Rollouts, prompt_ids: Tensor, prompt_mask: Tensor,

@@ -207,3 +207,15 @@ def test_teacher_scores_carry_no_gradient(tok, rollouts):
     assert not fb_h.hidden_BTH.requires_grad and not fb_h.head_weight_VH.requires_grad
     ids, mask = encode_prompts(tok, ["1="])
     assert ids.tolist() == [tok("1=")["input_ids"]] and mask.all()
+
+
+def test_hidden_accessor_head_is_a_snapshot_of_the_weights(tok, rollouts):
+    """With full access as hidden states + head, the feedback keeps the head as it was at scoring time:
+    a live self-teacher's weights change at the next optimizer step, while the feedback may be reused
+    (rollout.updates_per_rollout > 1)."""
+    model = _model(tok, seed=5)
+    fb = ModelTeacher(model, tok, full_as_hidden_above_vocab=1).score(rollouts, access="full")
+    before = fb.head_weight_VH.clone()
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    assert torch.equal(fb.head_weight_VH, before)
