@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rerun a divergence's variants when other processes used more than this share of the CPUs")
     p.add_argument("--attempts", type=int, default=3, help="at most this many runs per divergence (the least shared is kept)")
     p.add_argument("--quick", action="store_true", help="N=512, V=8000, H=128, 3 divergences, 3 reps (smoke)")
-    p.add_argument("--check-only", action="store_true", help="only the value/gradient agreement check")
+    p.add_argument("--check-only", action="store_true",
+                   help="only the value/gradient agreement check (rewrites that table of results.md)")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch bench/results.md")
     p.add_argument("--render-only", action="store_true",
                    help="rebuild the results.md section from bench/data/loss_kernels.json without measuring")
@@ -214,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                                 "max |Δ ∂h| / max |∂h|", "max |Δ ∂W| / max |∂W|", "agrees"], check_rows, "llrrrrrl")
     print(f"values and gradients vs dense (N={check_n}, V={check_v}, H={check_h}):\n{check_md}\n", flush=True)
     if a.check_only:
+        if not a.quick and not a.no_write and DATA.exists():  # refresh the agreement table only
+            store = json.loads(DATA.read_text())
+            store["check"] = {"command": common.command_line(), "when": common.stamp(), "n": check_n, "v": check_v,
+                              "h": check_h, "rows": check_rows}
+            DATA.write_text(json.dumps(store, indent=1))
+            common.write_section("loss_kernels", render(store), machine=_machine(store))
         return 0
 
     import torch
