@@ -301,10 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", default="demo,large")
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quiet-timeout", type=float, default=120.0,
-                   help="wait at most this many seconds for a quiet machine before each measurement")
-    p.add_argument("--quiet-busy", type=float, default=0.3)
+    common.add_machine_args(p)
     p.add_argument("--quick", action="store_true", help="demo pair, 1 warm-up + 2 steps")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

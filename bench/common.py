@@ -301,6 +301,15 @@ users: the column "CPU used by others" says how much of it they took during a me
 """
 
 
+def add_machine_args(parser: Any) -> None:
+    """The options every measuring script shares: thread count and the wait for a quiet machine."""
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch threads (default 2)")
+    parser.add_argument("--quiet-timeout", type=float, default=120.0,
+                        help="wait at most this many seconds for a quiet machine before each measurement")
+    parser.add_argument("--quiet-busy", type=float, default=0.3,
+                        help="wait (≤ --quiet-timeout) until other processes use less than this fraction of the CPUs")
+
+
 def write_section(name: str, body: str, path: Path = RESULTS, machine: str | None = None) -> None:
     """Replace (or append) the section ``name`` of ``bench/results.md``, delimited by
     ``<!-- BEGIN name -->`` / ``<!-- END name -->``, leaving the other sections untouched; the file

@@ -261,10 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="alternate the frameworks this many times")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quiet-timeout", type=float, default=120.0,
-                   help="wait at most this many seconds for a quiet machine before each measurement")
-    p.add_argument("--quiet-busy", type=float, default=0.3)
+    common.add_machine_args(p)
     p.add_argument("--max-neighbours", type=float, default=0.1,
                    help="rerun a process when other processes used more than this share of the CPUs")
     p.add_argument("--attempts", type=int, default=3)

@@ -171,12 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beta", type=float, default=0.5, help="β of jsd")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mem-fraction", type=float, default=0.6)
-    p.add_argument("--quiet-timeout", type=float, default=120.0,
-                   help="wait at most this many seconds for a quiet machine before each measurement")
-    p.add_argument("--quiet-busy", type=float, default=0.3,
-                   help="wait (≤ --quiet-timeout) until other processes use less than this fraction of the CPUs")
+    common.add_machine_args(p)
     p.add_argument("--max-neighbours", type=float, default=0.1,
                    help="rerun a divergence's variants when other processes used more than this share of the CPUs")
     p.add_argument("--attempts", type=int, default=3, help="at most this many runs per divergence (the least shared is kept)")

@@ -190,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=6)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--store-dtype", default="float16")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quiet-timeout", type=float, default=120.0,
-                   help="wait at most this many seconds for a quiet machine before each measurement")
-    p.add_argument("--quiet-busy", type=float, default=0.3)
+    common.add_machine_args(p)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
