@@ -351,7 +351,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{pair}: {runs[diag]['error']}")
         s = summarise(runs[1], runs[0], gemm)
         s["neighbours_busy"] = max(r["neighbours_busy"] for r in runs.values())
-        s["raw_phases"] = {ph: statistics.median(p.get(ph, 0.0) for p in runs[1]["phases"]) for ph in PHASES}
         s["profile"] = runs[1]["profile"]
         out[pair] = s
         print(render_pair(pair, s), flush=True)

@@ -23,22 +23,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _mem_available_mb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    return float("inf")
+import common  # noqa: E402  (bench/common.py: /proc readers shared by the benchmarks)
 
 
 def worker(a: argparse.Namespace) -> dict:
@@ -69,7 +56,7 @@ def worker(a: argparse.Namespace) -> dict:
         loss.backward()
         return float(loss.detach())
 
-    base_kb = _status_kb("VmRSS")
+    base_kb = common.status_kb("VmRSS")
     for _ in range(a.warmup):
         step()
     times = []
@@ -77,7 +64,7 @@ def worker(a: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
-    peak_mb = (_status_kb("VmHWM") - base_kb) / 1024
+    peak_mb = (common.status_kb("VmHWM") - base_kb) / 1024
     return {"peak_mb": peak_mb, "median_s": statistics.median(times), "min_s": min(times), "loss": loss,
             "grad_h_norm": float(h.grad.norm()), "grad_W_norm": float(W.grad.norm())}
 
@@ -144,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     for V in a.V:
         for div in divergences:
             est = None if dense_mb_per_v is None else dense_mb_per_v * V
-            if est is not None and est > a.mem_fraction * _mem_available_mb():
+            if est is not None and est > a.mem_fraction * common.mem_available_mb():
                 print(f"| {V} | {div} | dense | – | skipped: est. {est:,.0f} MB > {a.mem_fraction:.0%} of "
-                      f"MemAvailable {_mem_available_mb():,.0f} MB | | | | | |")
+                      f"MemAvailable {common.mem_available_mb():,.0f} MB | | | | | |")
                 dense = None
             else:
                 dense = run_variant(a, V=V, divergence=div, variant="dense", chunk_size=0)
