@@ -27,7 +27,7 @@ from opd.config import (
     validate_config,
     with_overrides,
 )
-from opd.config.load import field_specs
+from opd.config.fields import field_specs
 
 
 def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:

@@ -7,10 +7,15 @@
 
 * :mod:`opd.config.schema` — the dataclasses and their documented options;
 * :mod:`opd.config.load` — defaults → preset → file → overrides, YAML in and out;
-* :mod:`opd.config.validate` — types, ranges, incompatible combinations, warnings, teacher access;
+* :mod:`opd.config.fields` — schema introspection and type conversion (what the others build on);
+* :mod:`opd.config.validate` — types, ranges, incompatible combinations, teacher access;
+* :mod:`opd.config.advice` — soft warnings (options without effect, ...);
+* :mod:`opd.config.docs` — the ``opd methods`` / ``opd config-help`` texts;
 * :mod:`opd.config.presets` — the published methods as named configurations (``opd methods``).
 """
 
+from opd.config.advice import config_warnings
+from opd.config.docs import format_config_help, format_methods
 from opd.config.load import (
     ConfigError,
     config_from_dict,
@@ -20,11 +25,10 @@ from opd.config.load import (
     parse_override,
     with_overrides,
 )
-from opd.config.presets import PRESETS, Preset, format_config_help, format_methods
+from opd.config.presets import PRESETS, Preset
 from opd.config.schema import SECTIONS, Config
 from opd.config.validate import (
     check_combinations,
-    config_warnings,
     required_teacher_access,
     resolve_teacher_access,
     validate_config,

@@ -15,17 +15,12 @@ of a string option keeps its text when YAML would read something else
 Every problem — unknown sections or keys (with a suggestion), wrong types, out-of-range values,
 incompatible combinations (:mod:`opd.config.validate`) — is collected and raised together as one
 :class:`ConfigError`, each line naming where the value came from (preset, file or override).
-This module also holds the schema introspection (:func:`field_specs`) and the type conversion
-(:func:`coerce_value`) that the checks build on.
+The schema introspection and type conversion live in :mod:`opd.config.fields`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import functools
-import math
 import re
 import types
 import typing
@@ -36,195 +31,26 @@ from typing import Any, Union, get_args, get_origin
 
 import yaml
 
+from opd.config.fields import (
+    ConfigError,
+    FieldSpec,
+    Problem,
+    coerce_value,
+    describe_value,
+    field_specs,
+    get_value,
+    section_keys,
+    suggest,
+)
+from opd.config.presets import PRESETS
 from opd.config.schema import SECTIONS, Config
+from opd.config.validate import collect_problems, format_problem
 
 __all__ = [
     "ConfigError", "FieldSpec", "Problem", "coerce_value", "config_from_dict", "config_to_dict",
     "dump_config", "field_specs", "get_value", "load_config", "parse_override", "section_keys",
     "suggest", "with_overrides",
 ]
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; ``problems`` holds one line per problem (each says how to fix it)."""
-
-    def __init__(self, problems: Sequence[str], header: str = "invalid configuration") -> None:
-        self.problems: list[str] = list(problems)
-        n = len(self.problems)
-        body = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{header} ({n} problem{'' if n == 1 else 's'}):\n{body}")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem: a message and the dotted keys it is about (to cite where their values came from)."""
-
-    message: str
-    keys: tuple[str, ...] = ()
-    source: str | None = None  # where the offending entry came from, when it is not a stored value
-
-
-# ---------------------------------------------------------------------------------------------
-# schema introspection
-@dataclass(frozen=True)
-class FieldSpec:
-    """One option of the schema: dotted ``path`` (``route2.gamma``; ``seed`` for top-level ones)."""
-
-    path: str
-    section: str | None
-    name: str
-    type: Any
-    type_name: str
-    default: Any
-    doc: str
-    choices: tuple[str, ...] | None
-    low: float | None
-    high: float | None
-    low_open: bool
-    high_open: bool
-
-
-def _specs_of(cls: type, section: str | None) -> list[FieldSpec]:
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        if section is None and f.name in SECTIONS:
-            continue
-        meta = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out.append(FieldSpec(
-            path=f.name if section is None else f"{section}.{f.name}", section=section, name=f.name,
-            type=hints[f.name], type_name=str(f.type), default=default, doc=meta.get("doc", ""),
-            choices=meta.get("choices"), low=meta.get("low"), high=meta.get("high"),
-            low_open=bool(meta.get("low_open")), high_open=bool(meta.get("high_open")),
-        ))
-    return out
-
-
-@functools.cache
-def field_specs() -> dict[str, FieldSpec]:
-    """Every option, top-level ones first, then the sections in pipeline (schema) order."""
-    hints = typing.get_type_hints(Config)
-    specs = _specs_of(Config, None)
-    for section in SECTIONS:
-        specs += _specs_of(hints[section], section)
-    return {s.path: s for s in specs}
-
-
-def section_keys(section: str) -> list[str]:
-    """The option names of one section, in schema order."""
-    return [s.name for s in field_specs().values() if s.section == section]
-
-
-def get_value(cfg: Config, path: str) -> Any:
-    """The value of a dotted option path in ``cfg``."""
-    obj: Any = cfg
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def suggest(word: str, candidates: Sequence[str]) -> str | None:
-    """The closest candidate to a misspelt ``word`` (difflib), or None."""
-    hits = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return hits[0] if hits else None
-
-
-# ---------------------------------------------------------------------------------------------
-# types
-def _describe_type(tp: Any) -> str:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return " or ".join(_describe_type(a) for a in inner) + " or null"
-    if origin is list:
-        return f"a list of {_describe_type(args[0]).split(' ', 1)[1]}s"
-    if origin is dict:
-        return "a mapping of strings to strings" if args == (str, str) else "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _describe_value(value: Any) -> str:
-    kind = ("null" if value is None else "a boolean" if isinstance(value, bool) else
-            "an integer" if isinstance(value, int) else "a number" if isinstance(value, float) else
-            "a string" if isinstance(value, str) else "a list" if isinstance(value, (list, tuple)) else
-            "a mapping" if isinstance(value, Mapping) else type(value).__name__)
-    return kind if value is None else f"{value!r} ({kind})"
-
-
-def _parse_number(text: str) -> float | None:
-    try:
-        return float(text.strip())
-    except ValueError:
-        return None
-
-
-def coerce_value(value: Any, tp: Any) -> Any:
-    """``value`` converted to the schema type ``tp``; raises ``TypeError`` saying what was expected.
-
-    Accepted conversions: ``int`` → ``float``; a string holding a number → ``float`` (YAML 1.1
-    reads ``1e-3`` as a string); an integral number or numeric string → ``int``; a tuple → list;
-    numeric mapping keys → strings. A ``bool`` is never a number and a number never a ``bool``;
-    ``None`` only where the type allows it; ``nan`` never.
-    """
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if value is None:
-            raise TypeError(f"null is not allowed here (expected {_describe_type(tp)})")
-        return coerce_value(value, inner[0])
-    expected = f"expected {_describe_type(tp)}, got {_describe_value(value)}"
-    if value is None:
-        raise TypeError(f"null is not allowed here ({expected})")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError(expected)
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise TypeError(expected)
-        number = _parse_number(value) if isinstance(value, str) else value
-        if isinstance(number, (int, float)):
-            if isinstance(number, float) and math.isnan(number):
-                raise TypeError(f"nan is not allowed ({expected})")
-            if tp is float:
-                return float(number)
-            if isinstance(number, int):
-                return number
-            if number.is_integer():
-                return int(number)
-        raise TypeError(expected)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError(expected + ("; quote it to keep it a string" if isinstance(value, (bool, int, float)) else ""))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(expected)
-        out = []
-        for i, item in enumerate(value):
-            try:
-                out.append(coerce_value(item, args[0]))
-            except TypeError as err:
-                raise TypeError(f"item {i}: {err}") from None
-        return out
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise TypeError(expected)
-        result = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                if isinstance(key, bool) or not isinstance(key, (int, float)):
-                    raise TypeError(f"key {key!r}: expected a string key")
-                key = str(key)
-            try:
-                result[key] = coerce_value(item, args[1])
-            except TypeError as err:
-                raise TypeError(f"entry {key!r}: {err}") from None
-        return result
-    raise TypeError(f"unsupported schema type {tp!r} (a bug in opd/config/schema.py)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +147,7 @@ def _locate(entry: _Entry) -> tuple[list[tuple[str, str | None, Any]], list[Prob
             return [], []
         if not isinstance(entry.value, Mapping):
             return [], [Problem(f"{name}: a section must be a mapping of options, got "
-                                f"{_describe_value(entry.value)}", (name,), src)]
+                                f"{describe_value(entry.value)}", (name,), src)]
         out: list[tuple[str, str | None, Any]] = []
         problems: list[Problem] = []
         for key, value in entry.value.items():
@@ -382,7 +208,7 @@ def _read_file(path: str | Path) -> list[_Entry]:
         return []
     if not isinstance(data, Mapping):
         raise ConfigError([f"{source} must hold a mapping of sections (rollout:, teacher:, ...), "
-                           f"got {_describe_value(data)}"])
+                           f"got {describe_value(data)}"])
     return _mapping_entries(data, source)
 
 
@@ -428,9 +254,6 @@ def _build(values: Mapping[str, Any]) -> Config:
 
 
 def _finish(values: Mapping[str, Any], sources: Mapping[str, str], problems: list[Problem]) -> Config:
-    # validate builds on this module's introspection; imported here to keep the import graph acyclic
-    from opd.config.validate import collect_problems, format_problem
-
     clean, more = collect_problems(_build(values))
     problems = problems + more
     if problems:
@@ -460,8 +283,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             method = entry.value
     preset_entries: list[_Entry] = []
     if isinstance(method, str):
-        from opd.config.presets import PRESETS
-
         if method in PRESETS:  # an unknown name is reported with the list of presets by validation
             preset = PRESETS[method]
             preset_entries = _mapping_entries(preset.values, f"preset '{method}'")
@@ -488,7 +309,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     (``method`` is kept as a label), so ``config_from_dict(config_to_dict(cfg)) == cfg``.
     """
     if not isinstance(data, Mapping):
-        raise ConfigError([f"a configuration must be a mapping, got {_describe_value(data)}"])
+        raise ConfigError([f"a configuration must be a mapping, got {describe_value(data)}"])
     values, sources, problems = _merge(_mapping_entries(data, "the given mapping"))
     return _finish(values, {}, problems)
 

@@ -9,8 +9,8 @@ Three levels, each collecting *every* problem before anything is raised:
   schema metadata, and a few option-specific rules (``data.verifier``, ``train.betas``);
 * **combinations** (:func:`check_combinations`) — settings that cannot work together, e.g. a
   full-vocabulary loss with a teacher that only returns sampled-token log-probs;
-* **warnings** (:func:`config_warnings`) — settings that run but probably do not do what the user
-  meant (a knob that has no effect, stale samples without importance correction, ...).
+* **warnings** (:func:`opd.config.advice.config_warnings`) — settings that run but probably do not
+  do what the user meant (a knob that has no effect, stale samples without importance correction, ...).
 
 Errors are :class:`ConfigError`, a ``ValueError`` whose message lists one problem per line, each
 saying what is wrong and how to fix it; :mod:`opd.config.load` adds where each value came from.
@@ -23,15 +23,24 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from opd.config.load import (
-    ConfigError, FieldSpec, Problem, coerce_value, field_specs, get_value, section_keys, suggest,
+from opd.config.fields import (
+    ConfigError,
+    FieldSpec,
+    Problem,
+    coerce_value,
+    field_specs,
+    get_value,
+    range_text,
+    suggest,
 )
+from opd.config.presets import PRESETS, unknown_method_message
 from opd.config.schema import Config
 
 __all__ = [
-    "Access", "ConfigError", "Problem", "check_combinations", "check_field", "collect_problems",
-    "config_warnings", "format_problem", "normalize_config", "range_text", "required_teacher_access",
-    "resolve_teacher_access", "route1_on", "route2_on", "validate_config",
+    "Access", "ConfigError", "MONITOR_THRESHOLDS", "Problem", "check_combinations", "check_field",
+    "collect_problems", "format_problem", "normalize_config", "required_teacher_access",
+    "resolve_teacher_access", "route1_on", "route2_on", "support_used", "uses_value", "validate_config",
+    "value_uses_rkl",
 ]
 
 Access = Literal["sampled", "topk", "full"]
@@ -41,7 +50,7 @@ _PYTHON_VERIFIER = re.compile(r"^python:[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # teacher signal each support construction needs (opd.math.support: student_topk and union need
 # teacher log-probs at student-chosen ids, which only full logits give)
 # the thresholds each failure detector reads (monitor section; opd.monitor.detectors)
-_MONITOR_THRESHOLDS: dict[str, tuple[str, ...]] = {
+MONITOR_THRESHOLDS: dict[str, tuple[str, ...]] = {
     "length": ("truncation_rate_max", "length_growth_max"), "repetition": ("repetition_rate_max",),
     "entropy": ("entropy_ratio_min", "entropy_floor"), "reward_sign": ("reward_neg_frac_max",),
     "support": ("support_off_frac_max", "support_prob_floor"), "grad_spike": ("grad_spike_factor",),
@@ -49,21 +58,6 @@ _MONITOR_THRESHOLDS: dict[str, tuple[str, ...]] = {
 }
 _SUPPORT_NEED: dict[str, str] = {"full": "full", "student_topk": "full", "union": "full",
                                  "teacher_topk": "topk", "teacher_topk_sampled": "topk", "sampled": "sampled"}
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(x)
-
-
-def range_text(spec: FieldSpec) -> str:
-    """The allowed range of a numeric option, e.g. ``in [0, 1]`` or ``> 0``; '' when unbounded."""
-    if spec.low is not None and spec.high is not None:
-        return f"in {'(' if spec.low_open else '['}{_num(spec.low)}, {_num(spec.high)}{')' if spec.high_open else ']'}"
-    if spec.low is not None:
-        return f"{'>' if spec.low_open else '≥'} {_num(spec.low)}"
-    if spec.high is not None:
-        return f"{'<' if spec.high_open else '≤'} {_num(spec.high)}"
-    return ""
 
 
 def check_field(spec: FieldSpec, value: Any) -> str | None:
@@ -113,8 +107,6 @@ def normalize_config(cfg: Config) -> tuple[Config, list[Problem]]:
         owner = clean if spec.section is None else getattr(clean, spec.section)
         setattr(owner, spec.name, value)
     if clean.method is not None:
-        from opd.config.presets import PRESETS, unknown_method_message
-
         if clean.method not in PRESETS:
             problems.append(Problem(unknown_method_message(clean.method), ("method",)))
     return clean, problems
@@ -132,16 +124,16 @@ def route2_on(cfg: Config) -> bool:
     return cfg.route2.coef > 0
 
 
-def _uses_value(cfg: Config) -> bool:
+def uses_value(cfg: Config) -> bool:
     return route2_on(cfg) and (cfg.route2.credit == "gae" or cfg.route2.baseline == "value")
 
 
-def _value_uses_rkl(cfg: Config) -> bool:
-    return _uses_value(cfg) and cfg.route2.value in ("closed_form", "decomposed")
+def value_uses_rkl(cfg: Config) -> bool:
+    return uses_value(cfg) and cfg.route2.value in ("closed_form", "decomposed")
 
 
-def _support_used(cfg: Config) -> bool:
-    return route1_on(cfg) or _value_uses_rkl(cfg)
+def support_used(cfg: Config) -> bool:
+    return route1_on(cfg) or value_uses_rkl(cfg)
 
 
 def _max_access(*levels: str) -> str:
@@ -158,7 +150,7 @@ def _access_needs(cfg: Config) -> list[tuple[str, str, tuple[str, ...]]]:
     if route2_on(cfg) and cfg.routing.kind == "cr_opd":
         needs.append(("topk", "routing.kind=cr_opd (it routes mass to the teacher's top-k alternatives)",
                       ("routing.kind",)))
-    if _value_uses_rkl(cfg):
+    if value_uses_rkl(cfg):
         needs.append((_max_access("topk", _SUPPORT_NEED[kind]),
                       f"route2.value={cfg.route2.value} (V(s_t) = −RKL_t computed on support.kind={kind})",
                       ("route2.value", "support.kind")))
@@ -214,7 +206,7 @@ def _combination_problems(cfg: Config) -> list[Problem]:
         add("support.kind=sampled with support.norm=renorm is degenerate: a one-token support renormalises to "
             "probability 1 for both models, so the divergence is always 0; set support.norm=tail "
             "(the sampled token vs the rest)", "support.kind", "support.norm")
-    if (_support_used(cfg) and s.kind in ("teacher_topk", "teacher_topk_sampled")
+    if (support_used(cfg) and s.kind in ("teacher_topk", "teacher_topk_sampled")
             and resolve_teacher_access(cfg) == "topk" and s.k > t.topk):
         add(f"support.k={s.k} exceeds teacher.topk={t.topk}: with top-k feedback the teacher returns only its "
             f"{t.topk} best tokens; set teacher.topk={s.k} or support.k={t.topk}", "support.k", "teacher.topk")
@@ -330,162 +322,6 @@ def check_combinations(cfg: Config) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# soft issues
-def _ignored_knobs(cfg: Config) -> list[Problem]:
-    """Options set away from their default that have no effect in this configuration."""
-    specs = field_specs()
-    r1, r2, rt, g = cfg.route1, cfg.route2, cfg.routing, cfg.gates
-    changed = {p for p, spec in specs.items() if get_value(cfg, p) != spec.default}
-    P = []
-    groups = [
-        ("route1", not route1_on(cfg) and r1.divergence == "none", "route 1 is off (route1.divergence=none)",
-         {"route1.coef", "route1.divergence"}),
-        ("route2", not route2_on(cfg), "route 2 is off (route2.coef=0)", {"route2.coef"}),
-        ("routing", not route2_on(cfg), "routing applies to route 2, which is off (route2.coef=0)", set()),
-        ("support", not _support_used(cfg), "nothing uses the support (route 1 is off and no closed-form value)",
-         set()),
-    ]
-    silenced: set[str] = set()
-    for section, off, why, exempt in groups:
-        if off:
-            keys = [p for p in specs if p.startswith(section + ".") and p in changed and p not in exempt]
-            silenced.update(p for p in specs if p.startswith(section + "."))
-            if keys:
-                P.append(Problem(f"{', '.join(keys)} {'has' if len(keys) == 1 else 'have'} no effect: {why}",
-                                 tuple(keys)))
-    knobs = [
-        ("route1.beta", r1.divergence == "jsd", "route1.divergence=jsd"),
-        ("route1.alpha", r1.divergence in ("skl", "srkl"), "route1.divergence=skl or srkl"),
-        ("route1.mu", r1.divergence == "akl", "route1.divergence=akl"),
-        ("route2.reward_low", r2.reward == "clipped", "route2.reward=clipped"),
-        ("route2.reward_high", r2.reward == "clipped", "route2.reward=clipped"),
-        ("route2.box_cox_alpha", r2.reward == "box_cox", "route2.reward=box_cox"),
-        ("route2.extrapolation_lambda", r2.reward == "extrapolated", "route2.reward=extrapolated"),
-        ("route2.gamma", r2.credit in ("discounted", "gae"), "route2.credit=discounted or gae"),
-        ("route2.lam", r2.credit == "gae", "route2.credit=gae"),
-        ("route2.value", _uses_value(cfg), "route2.baseline=value or route2.credit=gae"),
-        ("route2.value_coef", r2.credit == "gae" and r2.value == "decomposed", "route2.credit=gae, value=decomposed"),
-        ("route2.clip_low", r2.is_correction in ("ppo_clip", "dppo"), "route2.is_correction=ppo_clip or dppo"),
-        ("route2.clip_high", r2.is_correction in ("ppo_clip", "dppo"), "route2.is_correction=ppo_clip or dppo"),
-        ("route2.ratio_cap", r2.is_correction != "none", "an importance correction (route2.is_correction)"),
-        ("gates.keep_fraction", g.entropy_gate in ("q1", "q1_or_q3"), "gates.entropy_gate=q1 or q1_or_q3"),
-        ("gates.entropy_low", g.entropy_gate in ("q3", "q1_or_q3"), "gates.entropy_gate=q3 or q1_or_q3"),
-        ("gates.divergence_high", g.entropy_gate in ("q3", "q1_or_q3"), "gates.entropy_gate=q3 or q1_or_q3"),
-        ("gates.prefix_fraction", g.position == "prefix", "gates.position=prefix"),
-        ("gates.decay_to", g.position == "linear_decay", "gates.position=linear_decay"),
-        ("gates.drift_beta", g.position == "drift", "gates.position=drift"),
-        ("support.k", cfg.support.kind not in ("full", "sampled"), "a top-k support kind"),
-        ("support.norm", cfg.support.kind != "full", "a support smaller than the vocabulary"),
-        ("regularization.ref_kl_estimator", cfg.regularization.ref_kl_coef > 0, "regularization.ref_kl_coef > 0"),
-        ("rollout.off_policy_source", cfg.rollout.on_policy_fraction < 1, "rollout.on_policy_fraction < 1"),
-        ("rollout.teacher_mix", cfg.rollout.on_policy_fraction > 0, "rollout.on_policy_fraction > 0"),
-        ("teacher.self_mode", cfg.teacher.model == "self", "teacher.model=self"),
-        ("teacher.context_template", cfg.teacher.use_context, "teacher.use_context=true"),
-        ("outcome.normalize_std", cfg.outcome.adv_tau > 0, "outcome.adv_tau > 0"),
-    ] + [(f"routing.{k}", rt.kind == "cr_opd", "routing.kind=cr_opd") for k in section_keys("routing") if k != "kind"]
-    m = cfg.monitor
-    knobs += [(f"monitor.{key}", getattr(m, f"{detector}_action") != "off", f"monitor.{detector}_action ≠ off")
-              for detector, keys in _MONITOR_THRESHOLDS.items() for key in keys]
-    for key, used, when in knobs:
-        if key in changed and key not in silenced and not used:
-            P.append(Problem(f"{key}={get_value(cfg, key)!r} has no effect: it is used only with {when}", (key,)))
-    return P
-
-
-def _warning_problems(cfg: Config) -> list[Problem]:
-    r, t, r1, r2, s = cfg.rollout, cfg.teacher, cfg.route1, cfg.route2, cfg.support
-    on1, on2 = route1_on(cfg), route2_on(cfg)
-    P: list[Problem] = []
-
-    def add(message: str, *keys: str) -> None:
-        P.append(Problem(message, keys))
-
-    if on2 and r2.future_only and not on1:
-        add("route2.future_only=true drops the immediate step from route 2 and no route-1 term covers it "
-            "(route 1 is off): the immediate reverse-KL step is never trained; add route1.divergence=rkl "
-            "(MiniLLM's single-step term) or set future_only=false", "route2.future_only", "route1.divergence")
-    if on2 and r2.future_only and r2.credit == "immediate":
-        add("route2.future_only=true with credit=immediate credits each token with the next token's reward only "
-            "(A_t = r_{t+1}); MiniLLM pairs future_only with credit=return_to_go", "route2.future_only",
-            "route2.credit")
-    if (on1 and on2 and r1.divergence == "rkl" and r2.reward == "log_ratio" and not r2.future_only
-            and r2.credit == "immediate"):
-        add("route1 (rkl) and route 2 (immediate log-ratio) both train the immediate step, so its reverse-KL "
-            "gradient is counted twice; set route2.future_only=true with credit=return_to_go (MiniLLM) "
-            "or turn one route off", "route1.divergence", "route2.credit", "route2.future_only")
-    reasons = [why for cond, why in (
-        (r.temperature != 1, f"rollout.temperature={r.temperature}"), (r.top_p < 1, f"rollout.top_p={r.top_p}"),
-        (r.top_k > 0, f"rollout.top_k={r.top_k}"), (r.teacher_mix > 0, f"rollout.teacher_mix={r.teacher_mix}"),
-    ) if cond]
-    if on2 and r2.is_correction == "none" and reasons:
-        add(f"the rollouts come from μ ≠ π_S ({', '.join(reasons)}) but route2.is_correction=none treats them as "
-            "the student's own samples, which biases the update; set route2.is_correction=ratio (or ppo_clip)",
-            "route2.is_correction", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.teacher_mix")
-    if on2 and r2.is_correction == "none" and r.updates_per_rollout > 1:
-        add(f"rollout.updates_per_rollout={r.updates_per_rollout} reuses each batch after the student moved, but "
-            "route2.is_correction=none ignores that staleness; set route2.is_correction=ppo_clip (or ratio, dppo)",
-            "rollout.updates_per_rollout", "route2.is_correction")
-    if on2 and r2.is_correction != "none" and (r.top_p < 1 or r.top_k > 0):
-        add("top-p / top-k sampling never proposes tokens outside the kept set, so the importance ratio π_S/μ "
-            "cannot correct for them (and is below 1 on every kept token at temperature 1); expect a small "
-            "bias, or sample with rollout.top_p=1 and rollout.top_k=0", "rollout.top_p", "rollout.top_k")
-    if on1 and t.temperature != s.student_temperature:
-        add(f"teacher.temperature={t.temperature} differs from support.student_temperature="
-            f"{s.student_temperature}: route 1 pulls the student towards the teacher's tempered distribution; "
-            "set both to the same value unless that is intended", "teacher.temperature", "support.student_temperature")
-    if on2 and t.temperature != 1:
-        add(f"teacher.temperature={t.temperature}: route 2's reward compares the tempered teacher with the "
-            "untempered student, so r_t is not 0 even where the models agree; set teacher.temperature=1 unless "
-            "intended", "teacher.temperature")
-    if t.temperature != 1 and t.model.startswith(("http://", "https://")):
-        add(f"teacher.temperature={t.temperature} with a teacher server: servers usually return untempered "
-            "log-probs; check that the server applies the temperature", "teacher.temperature", "teacher.model")
-    if on2 and r2.reward == "extrapolated" and r2.extrapolation_lambda == 1:
-        add("route2.reward=extrapolated with extrapolation_lambda=1 equals reward=log_ratio but still loads a "
-            "reference model; use reward=log_ratio, or λ > 1 for ExOPD", "route2.reward",
-            "route2.extrapolation_lambda")
-    if on2 and r2.credit == "gae" and r2.value == "decomposed" and r2.value_coef == 0:
-        add("route2.value=decomposed with value_coef=0 never trains its value head (U stays 0); "
-            "set route2.value_coef > 0 (e.g. 0.5)", "route2.value", "route2.value_coef")
-    if on2 and r2.baseline == "value" and r2.value == "zero":
-        add("route2.baseline=value with value=zero subtracts 0; use value=closed_form (vOPD) or baseline=none",
-            "route2.baseline", "route2.value")
-    if _value_uses_rkl(cfg) and s.kind == "sampled":
-        add("the closed-form value V = −RKL_t is computed on support.kind=sampled, a two-point (token vs rest) "
-            "approximation; use support.kind=teacher_topk (or full) for a useful value",
-            "route2.value", "support.kind")
-    if cfg.route1.divergence != "none" and cfg.route1.coef == 0:
-        add(f"route1.divergence={cfg.route1.divergence} with route1.coef=0: route 1 is off; "
-            "write route1.divergence=none to say so", "route1.divergence", "route1.coef")
-    if t.model == "self" and t.self_mode == "frozen" and not t.use_context:
-        add("teacher.model=self without use_context is the initial student: this only regularises towards the "
-            "starting point; set teacher.use_context=true for self-distillation", "teacher.model",
-            "teacher.use_context")
-    if cfg.data.context_field is not None and not t.use_context:
-        add(f"data.context_field={cfg.data.context_field!r} is set but teacher.use_context=false, so the "
-            "context is never shown; set teacher.use_context=true", "data.context_field", "teacher.use_context")
-    m = cfg.monitor
-    needs_diag = [f"monitor.{d}_action={getattr(m, f'{d}_action')}" for d in ("entropy", "reward_sign", "support")
-                  if getattr(m, f"{d}_action") in ("stop", "apply")]
-    if not m.diagnostics and needs_diag:
-        add(f"{', '.join(needs_diag)} never acts with monitor.diagnostics=false: those detectors read the per-token "
-            "diagnostics; set monitor.diagnostics=true", "monitor.diagnostics")
-    active = [d for d in _MONITOR_THRESHOLDS if d != "nonfinite" and getattr(m, f"{d}_action") != "off"]
-    if active and m.warmup_steps >= cfg.train.steps:
-        add(f"monitor.warmup_steps={m.warmup_steps} ≥ train.steps={cfg.train.steps}: the failure detectors never "
-            "run (the NaN/Inf guard still does); lower monitor.warmup_steps", "monitor.warmup_steps", "train.steps")
-    if cfg.train.warmup_steps >= cfg.train.steps:
-        add(f"train.warmup_steps={cfg.train.warmup_steps} ≥ train.steps={cfg.train.steps}: the learning rate "
-            "never reaches its peak", "train.warmup_steps", "train.steps")
-    return P + _ignored_knobs(cfg)
-
-
-def config_warnings(cfg: Config) -> list[str]:
-    """Soft issues: settings that run but probably do not do what was meant (empty when none)."""
-    return [p.message for p in _warning_problems(cfg)]
-
-
-# ---------------------------------------------------------------------------------------------
 def format_problem(problem: Problem, sources: Mapping[str, str] | None = None) -> str:
     """The problem's message, followed by where its non-default values came from."""
     if problem.source is not None:
@@ -515,7 +351,7 @@ def validate_config(cfg: Config, sources: Mapping[str, str] | None = None) -> Co
 
     Raises :class:`ConfigError` listing every field problem and incompatible combination;
     ``sources`` maps dotted keys to where their values came from (``preset 'gkd'``, ``file 'x.yaml'``,
-    ``override 'a.b=c'``) and the messages cite them. Warnings are not raised: :func:`config_warnings`.
+    ``override 'a.b=c'``) and the messages cite them. Warnings are not raised: :func:`opd.config.advice.config_warnings`.
     """
     clean, problems = collect_problems(cfg)
     if problems:

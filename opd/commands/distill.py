@@ -1,0 +1,71 @@
+"""``opd distill``: run on-policy distillation (no arguments: the built-in arith demo)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+NAME = "distill"
+HELP = "run on-policy distillation (no arguments: the built-in arith demo)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config (sections mirror the design variables)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. route2.credit=gae route2.gamma=0.9")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+
+
+def _is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch (``accelerate launch`` and
+    ``torchrun`` set ``RANK``; the process group may already be gone when the run returns)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print_summary(summary) -> None:
+    rows = []
+    if summary.teacher is not None:
+        rows.append(("teacher", summary.teacher))
+    if summary.before is not None:
+        rows.append(("student before", summary.before))
+    if summary.after is not None:
+        rows.append(("student after", summary.after))
+    if rows:
+        print()
+        print(f"{'model':<16} {'accuracy':>9} {'mean len':>9} {'trunc':>6} {'RKL(S‖T)':>9}")
+        for name, r in rows:
+            rkl = f"{r.teacher_rkl:9.4f}" if r.teacher_rkl is not None else f"{'-':>9}"
+            print(f"{name:<16} {r.accuracy:9.3f} {r.mean_length:9.2f} {r.truncation_rate:6.3f} {rkl}")
+    state = "stopped early (resume with `opd distill --resume DIR`)" if summary.stopped_early else "done"
+    if getattr(summary, "stop_reason", None):
+        print(f"\nthe monitor stopped the run: {summary.stop_reason} (a checkpoint was saved; see the report)")
+        state = "stopped early"
+    print(f"\n{state} in {summary.seconds:.1f} s; run folder: {summary.run_dir}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from opd.config.load import load_config
+
+    if args.resume:
+        if args.config or args.overrides:
+            print("opd distill --resume takes no config or overrides: the run folder's config.yaml is used",
+                  file=sys.stderr)
+            return 2
+        cfg, resume = None, args.resume
+    else:
+        config, overrides = args.config, list(args.overrides)
+        if config is not None and "=" in config:  # `opd distill key=value` without a file
+            overrides.insert(0, config)
+            config = None
+        cfg, resume = load_config(config, overrides), None  # a bad config stops here, before torch loads
+
+    from opd.train import distill
+
+    summary = distill(load_config(None) if cfg is None else cfg, resume=resume)
+    if not _is_main_process():
+        return 0  # under `accelerate launch` the first process prints the summary
+    print_summary(summary)
+    report = getattr(summary, "report_path", None)
+    if report:
+        print(f"report: {report}")
+    return 0

@@ -1,0 +1,55 @@
+"""The teacher interface: anything that scores rollouts and returns :class:`~opd.types.Feedback`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from opd.tasks.base import Example
+from opd.types import ACCESS_LEVELS, Access, Feedback, Rollouts
+
+__all__ = ["Teacher", "check_request", "teacher_prompt_texts"]
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """Anything that scores rollouts: ``score(rollouts, access=..., topk=...) -> Feedback``."""
+
+    def score(self, rollouts: Rollouts, *, access: Access = "sampled", topk: int = 32) -> Feedback:
+        """Teacher feedback on ``rollouts`` at the teacher temperature (0 on padding)."""
+        ...
+
+
+def teacher_prompt_texts(
+    examples: Sequence[Example], use_context: bool, template: str = "{context}\n"
+) -> list[str]:
+    """The text each example's teacher reads before the completion.
+
+    ``use_context=False``: ``example.prompt``. ``use_context=True``:
+    ``template.replace("{context}", example.teacher_context) + example.prompt``.
+
+    Raises:
+        ValueError: ``template`` lacks ``{context}``, or an example has no ``teacher_context``
+            (the message names the field and the first rows that lack it).
+    """
+    if not use_context:
+        return [e.prompt for e in examples]
+    if "{context}" not in template:
+        raise ValueError(f"context_template {template!r} does not contain '{{context}}'; e.g. '{{context}}\\n'")
+    missing = [i for i, e in enumerate(examples) if e.teacher_context is None]
+    if missing:
+        raise ValueError(
+            f"use_context=True but Example.teacher_context is None for {len(missing)} example(s) (rows "
+            f"{missing[:10]}); set data.context_field to the field that holds the teacher-only context, or "
+            "turn teacher.use_context off"
+        )
+    return [template.replace("{context}", str(e.teacher_context)) + e.prompt for e in examples]
+
+
+def check_request(access: str, topk: int) -> None:
+    if access not in ACCESS_LEVELS:
+        raise ValueError(f"unknown access {access!r}; choose one of {ACCESS_LEVELS}")
+    if access != "sampled" and (not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"topk must be a positive integer for access={access!r}, got {topk!r}")
+
+

@@ -1,0 +1,108 @@
+"""Multi-teacher routing: one teacher per value of an example field."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from opd.tasks.base import Example
+from opd.teachers.base import Teacher, check_request
+from opd.types import Access, Feedback, Rollouts
+
+__all__ = ["RoutedTeacher"]
+
+
+def _pad_last(t: Tensor, size: int, value: float | int) -> Tensor:
+    if t.shape[-1] == size:
+        return t
+    return F.pad(t, (0, size - t.shape[-1]), value=value)
+
+
+class RoutedTeacher:
+    """Multi-teacher routing: each row is scored by the teacher of its example's
+    ``fields[field]`` value (the value is matched as a string), or by ``default`` when the value
+    is missing or has no route.
+
+    The rows of each teacher are scored together and merged back in the original order. When
+    the parts differ in top-k size or vocabulary, top-k is padded with id 0 / log-prob ``-inf``
+    and logits with ``-inf`` (probability 0 outside a teacher's vocabulary). When more than one
+    teacher is used and one returns the hidden-state accessor, its logits are materialised
+    (``hidden @ W.T + b``) so the parts can share ``logits_BTV``.
+
+    Raises (from :meth:`score`):
+        ValueError: a row whose value has no route while ``default`` is None (lists the known
+            values), or rollouts without examples.
+    """
+
+    def __init__(self, routes: Mapping[str, Teacher], default: Teacher | None = None, field: str = "domain"):
+        if not routes and default is None:
+            raise ValueError("RoutedTeacher needs at least one route or a default teacher")
+        self.routes = {str(k): v for k, v in routes.items()}
+        self.default = default
+        self.field = field
+
+    def teacher_for(self, example: Example) -> Teacher:
+        """The teacher that scores ``example``."""
+        value = example.fields.get(self.field)
+        key = None if value is None else str(value)
+        if key is not None and key in self.routes:
+            return self.routes[key]
+        if self.default is None:
+            raise ValueError(
+                f"no teacher for {self.field}={value!r} and no default teacher; known values: "
+                f"{sorted(self.routes)}. Add a route for it or set a default teacher (teacher.model)."
+            )
+        return self.default
+
+    def score(self, rollouts: Rollouts, *, access: Access = "sampled", topk: int = 32) -> Feedback:
+        """Per-row feedback from each row's own teacher, in the original row order."""
+        check_request(access, topk)
+        if not rollouts.examples:
+            raise ValueError("RoutedTeacher needs rollouts with examples (routing reads example.fields)")
+        groups: dict[int, tuple[Teacher, list[int]]] = {}
+        for row, example in enumerate(rollouts.examples):
+            teacher = self.teacher_for(example)
+            groups.setdefault(id(teacher), (teacher, []))[1].append(row)
+        if len(groups) == 1:
+            teacher, _ = next(iter(groups.values()))
+            return teacher.score(rollouts, access=access, topk=topk)
+        parts = [(rows, teacher.score(rollouts.select(rows), access=access, topk=topk))
+                 for teacher, rows in groups.values()]
+        return _merge_feedback(parts, rollouts.batch_size, access)
+
+
+def _merge_feedback(parts: list[tuple[list[int], Feedback]], batch: int, access: Access) -> Feedback:
+    """Scatter per-part feedback back to ``batch`` rows (see :class:`RoutedTeacher`)."""
+    first = parts[0][1].sampled_logprobs_BT
+    t = first.shape[1]
+    device = first.device
+    sampled = torch.zeros(batch, t, device=device)
+    merged: dict[str, Tensor | None] = {}
+    for rows, fb in parts:
+        sampled[torch.as_tensor(rows, device=device)] = fb.sampled_logprobs_BT.to(device)
+    if access != "sampled":
+        k = max(fb.topk_ids_BTK.shape[-1] for _, fb in parts if fb.topk_ids_BTK is not None)
+        ids = torch.zeros(batch, t, k, dtype=torch.long, device=device)
+        lps = torch.full((batch, t, k), float("-inf"), device=device)
+        for rows, fb in parts:
+            idx = torch.as_tensor(rows, device=device)
+            ids[idx] = _pad_last(fb.topk_ids_BTK.to(device), k, 0)
+            lps[idx] = _pad_last(fb.topk_logprobs_BTK.to(device), k, float("-inf"))
+        merged["topk_ids_BTK"], merged["topk_logprobs_BTK"] = ids, lps
+    if access == "full":
+        logits_parts = []
+        for rows, fb in parts:
+            if fb.logits_BTV is not None:
+                logits = fb.logits_BTV.float()
+            else:  # materialise the hidden-state accessor (padding rows stay 0: hidden is 0 there)
+                logits = F.linear(fb.hidden_BTH, fb.head_weight_VH, fb.head_bias_V).float()
+            logits_parts.append((rows, logits.to(device)))
+        v = max(lg.shape[-1] for _, lg in logits_parts)
+        full = torch.zeros(batch, t, v, device=device)
+        for rows, lg in logits_parts:
+            full[torch.as_tensor(rows, device=device)] = _pad_last(lg, v, float("-inf"))
+        merged["logits_BTV"] = full
+    return Feedback(access=access, sampled_logprobs_BT=sampled, **merged)
