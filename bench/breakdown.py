@@ -82,7 +82,9 @@ class Timers:
 def worker(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    import opd.components as C
     import opd.runlog
+    import opd.step as S
     import opd.train as T
     from opd.config.load import load_config
     from opd.monitor import Monitor
@@ -95,7 +97,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
                                           a.threads, extra))
     timers = Timers()
     models: dict[str, Any] = {}
-    build_student, build_teacher = T.build_student, T.build_teacher
+    build_student, build_teacher = C.build_student, C.build_teacher
 
     def capture_student(*args: Any, **kwargs: Any) -> Any:
         out = build_student(*args, **kwargs)
@@ -108,9 +110,9 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         teacher.score = timers.wrap("teacher", teacher.score)
         return teacher
 
-    T.build_student, T.build_teacher = capture_student, capture_teacher
-    T.collect_rollouts = timers.wrap("rollout", T.collect_rollouts)
-    T.accumulate_gradients = timers.wrap("student fwd+bwd", T.accumulate_gradients)
+    C.build_student, C.build_teacher = capture_student, capture_teacher
+    S.collect_rollouts = timers.wrap("rollout", S.collect_rollouts)
+    S.accumulate_gradients = timers.wrap("student fwd+bwd", S.accumulate_gradients)
     torch.optim.AdamW.step = timers.wrap("optimizer", torch.optim.AdamW.step)
     Monitor.step_metrics = timers.wrap("monitor", Monitor.step_metrics)
     Monitor.check_nonfinite = timers.wrap("monitor", Monitor.check_nonfinite)
@@ -131,7 +133,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         timers.current = defaultdict(float)
         profile = a.profile and len(tokens) == a.warmup
         if profile:
-            from torch.profiler import ProfilerActivity, profile as torch_profile
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
 
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 out = original(*args, **kwargs)

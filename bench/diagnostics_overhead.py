@@ -5,17 +5,17 @@
 One process builds the demo run's components once (``opd distill`` defaults: the shipped arith
 student and teacher, 128 prompts per step, full-vocabulary reverse KL; extra ``key=value``
 overrides are applied) and times whole optimizer steps (:func:`opd.train.train_step`: rollout,
-teacher scoring, forward/backward, update, metrics) in three variants:
+teacher scoring, forward/backward, update, metrics) in two variants:
 
 * ``on``   — ``monitor.diagnostics=true``: per-token diagnostics inside the objective's forward,
   their summaries, position buckets, sequence metrics, NaN/Inf guard (the default);
-* ``off``  — ``monitor.diagnostics=false``: only the sequence metrics and the NaN/Inf guard;
-* ``bare`` — no monitor at all (reference).
+* ``off``  — ``monitor.diagnostics=false``: only the sequence metrics and the NaN/Inf guard (which
+  is part of every step and cannot be switched off).
 
 Variants alternate within each repetition (order rotated every repetition) and use the same step
 index, hence the same prompts and sampling seed, after ``--warmup`` untimed repetitions. Reported:
 the median step time of each variant over ``--reps`` repetitions and the ratios ``on/off`` (the
-acceptance number: < 1.10) and ``on/bare``. Then the part that differs is timed alone on one fixed
+acceptance number: < 1.10). Then the part that differs is timed alone on one fixed
 batch (the loss forward/backward with and without per-token diagnostics, plus the monitor's
 reductions), and its extra time is reported as a share of the median whole step — a check that is
 less exposed to a shared machine's noise. Compare ratios within one run.
@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
-from opd.build import build_reference, build_student, build_task, build_teacher, special_token_ids
 from opd.collect import collect_rollouts
+from opd.components import build_components
 from opd.config import load_config, with_overrides
-from opd.config.validate import required_teacher_access
-from opd.monitor import Monitor
-from opd.objective import Objective
-from opd.step import StepBatch, accumulate_gradients, token_counts
-from opd.train import make_scheduler, train_step
+from opd.step import StepBatch, accumulate_gradients, token_counts, train_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,38 +51,25 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(None, list(args.overrides))
     cfgs = {"on": with_overrides(base, ["monitor.diagnostics=true"]),
             "off": with_overrides(base, ["monitor.diagnostics=false"])}
-    cfgs["bare"] = cfgs["off"]
-    torch.manual_seed(base.seed)
-    student, tokenizer = build_student(base, "cpu")
-    task = build_task(base, eos_token=tokenizer.eos_token)
-    teacher = build_teacher(base, student, tokenizer, "cpu")
-    reference = build_reference(base, student, tokenizer, "cpu")
-    params = [p for p in student.parameters() if p.requires_grad]
-    t = base.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    scheduler = make_scheduler(optimizer, base)
-    vocab = student.get_output_embeddings().weight.shape[0]
-    objectives = {name: Objective.from_config(cfg, eos_id=tokenizer.eos_token_id,
-                                              special_ids=special_token_ids(tokenizer),
-                                              diagnostics=cfg.monitor.diagnostics) for name, cfg in cfgs.items()}
-    monitors = {"on": Monitor(cfgs["on"], echo=None, eos_ids=tokenizer.eos_token_id),
-                "off": Monitor(cfgs["off"], echo=None, eos_ids=tokenizer.eos_token_id), "bare": None}
-    access = base.teacher.access if base.teacher.access != "auto" else required_teacher_access(base)
-    common = dict(task=task, student=student, tokenizer=tokenizer, teacher=teacher,
-                  teacher_model=getattr(teacher, "model", None), reference=reference, access=access,
-                  optimizer=optimizer, scheduler=scheduler, params=params, value_head=None)
+    tmp = Path(tempfile.mkdtemp(prefix="opd-diag-bench-"))
+    parts = build_components(base, tmp, Accelerator(cpu=True))
+    objectives = {name: parts.objective_for(cfg) for name, cfg in cfgs.items()}
+    monitors = {name: type(parts.monitor)(cfg, echo=None, eos_ids=parts.tokenizer.eos_token_id)
+                for name, cfg in cfgs.items()}
 
-    names = ["on", "off", "bare"]
+    def use(name: str) -> None:
+        parts.cfg, parts.objective, parts.monitor = cfgs[name], objectives[name], monitors[name]
+        parts.chunked = parts.objective.use_chunked(parts.vocab)
+
+    names = ["on", "off"]
     times: dict[str, list[float]] = {n: [] for n in names}
     print(f"demo configuration: {base.rollout.prompts_per_step} prompts/step, route1={base.route1.divergence} on "
-          f"support={base.support.kind}, teacher access={access}, vocab={vocab}, threads={args.threads}")
+          f"support={base.support.kind}, teacher access={parts.access}, vocab={parts.vocab}, threads={args.threads}")
     for rep in range(args.warmup + args.reps):
-        order = names[rep % 3:] + names[:rep % 3]
-        for name in order:
-            obj = objectives[name]
+        for name in (names if rep % 2 else names[::-1]):
+            use(name)
             tic = time.perf_counter()
-            train_step(cfgs[name], rep, objective=obj, chunked=obj.use_chunked(vocab), monitor=monitors[name],
-                       **common)
+            train_step(parts, rep)
             if rep >= args.warmup:
                 times[name].append(time.perf_counter() - tic)
         if rep >= args.warmup:
@@ -92,15 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     print("median step time: " + ", ".join(f"{n} {med[n] * 1e3:.1f} ms" for n in names))
     ratio = med["on"] / med["off"]
     print(f"ratio on/off = {ratio:.3f}   (diagnostics overhead {100 * (ratio - 1):+.1f} %)")
-    print(f"ratio on/bare = {med['on'] / med['bare']:.3f}  (whole monitor incl. NaN/Inf guard)")
 
     # The part that differs, isolated on one fixed batch (less exposed to a shared machine's noise):
     # the loss forward/backward with and without the per-token diagnostics, plus the monitor's
     # reductions; its extra time relative to the median whole step.
     with torch.no_grad():
-        rollouts = collect_rollouts(base, task.train_examples(0, base.rollout.prompts_per_step, base.seed), student,
-                                    tokenizer)
-        feedback = teacher.score(rollouts, access=access, topk=base.teacher.topk)
+        rollouts = collect_rollouts(base, parts.task.train_examples(0, base.rollout.prompts_per_step, base.seed),
+                                    parts.engine, parts.tokenizer)
+        feedback = parts.teacher.score(rollouts, access=parts.access, topk=base.teacher.topk)
     part: dict[str, list[float]] = {"on": [], "off": []}
     for rep in range(args.warmup + 3 * args.reps):
         for name in (("on", "off") if rep % 2 else ("off", "on")):
@@ -108,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             batch = StepBatch(rollouts=rollouts, feedback=feedback, reference=None, outcome_rewards_B=None,
                               counts=token_counts(obj, rollouts))
             tic = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            _, stats = accumulate_gradients(student, obj, batch, micro_batch_size=None, group_size=1,
-                                            chunked=obj.use_chunked(vocab))
+            parts.optimizer.zero_grad(set_to_none=True)
+            _, stats = accumulate_gradients(parts.student, obj, batch, micro_batch_size=None, group_size=1,
+                                            chunked=obj.use_chunked(parts.vocab))
             monitors[name].step_metrics(stats, rollouts)
             if rep >= args.warmup:
                 part[name].append(time.perf_counter() - tic)

@@ -18,7 +18,13 @@ from __future__ import annotations
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.config.schema import Config
-from opd.rollout import concat_rollouts, generate_mixed_rollouts, generate_rollouts, rollouts_from_texts
+from opd.rollout import (
+    concat_rollouts,
+    generate_mixed_rollouts,
+    generate_rollouts,
+    rollouts_from_texts,
+)
+from opd.rollout.engine import RolloutEngine, sampling_from_config
 from opd.tasks.base import Example
 from opd.teachers import teacher_prompt_texts
 from opd.types import Rollouts
@@ -32,13 +38,19 @@ def step_seed(seed: int, step: int) -> int:
 def collect_rollouts(
     cfg: Config,
     examples: list[Example],
-    student: PreTrainedModel,
+    engine: RolloutEngine,
     tokenizer: PreTrainedTokenizerBase,
     *,
+    student: PreTrainedModel | None = None,
     teacher_model: PreTrainedModel | None = None,
     group_offset: int = 0,
 ) -> Rollouts:
-    """Rollouts for ``examples`` (one process's share of a step) per ``cfg.rollout``."""
+    """Rollouts for ``examples`` (one process's share of a step) per ``cfg.rollout``.
+
+    The student's own samples come from ``engine``; teacher-mixed sampling (which needs both
+    models' next-token distributions at every step) runs opd's decode loop on ``student`` and
+    ``teacher_model`` in this process.
+    """
     r = cfg.rollout
     max_new = r.prefix_tokens or r.max_new_tokens
     n_on = round(r.on_policy_fraction * len(examples))
@@ -48,8 +60,8 @@ def collect_rollouts(
     parts: list[Rollouts] = []
     if on_examples:
         if r.teacher_mix > 0:
-            if teacher_model is None:
-                raise ValueError("rollout.teacher_mix > 0 needs an in-process teacher model")
+            if teacher_model is None or student is None:
+                raise ValueError("rollout.teacher_mix > 0 needs the student and an in-process teacher model")
             parts.append(generate_mixed_rollouts(
                 student, teacher_model, tokenizer, on_examples, alpha=r.teacher_mix,
                 teacher_prompt_texts=teacher_prompt_texts(on_examples, cfg.teacher.use_context,
@@ -57,7 +69,7 @@ def collect_rollouts(
                 group_offset=group_offset, **sampling,
             ))
         else:
-            parts.append(generate_rollouts(student, tokenizer, on_examples, group_offset=group_offset, **sampling))
+            parts.append(engine.generate(on_examples, sampling_from_config(r), group_offset=group_offset))
     if off_examples:
         offset = group_offset + len(on_examples)
         if r.off_policy_source == "answer":

@@ -69,10 +69,13 @@ class RunLog:
             self._wandb.log({(k if kind == "train" else f"{kind}/{k}"): v for k, v in numeric.items()}, step=step)
 
     def close(self) -> None:
+        """Flush and close the TensorBoard / W&B writers (safe to call more than once)."""
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
 
 
 def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict[str, Any]]:

@@ -1,21 +1,29 @@
 """One optimizer step: rollout → feedback → objective → update. Knows no method by name.
 
-The pieces are free functions so that tests can drive a single step (the multi-process
-gradient test does) and the loop in :mod:`opd.train` stays short.
+:func:`train_step` takes the run's :class:`~opd.components.Components` and a step number; the
+pieces it is made of are free functions so that tests can drive a single step (the
+multi-process gradient test does) and the loop in :mod:`opd.train` stays short.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from opd.collect import collect_rollouts, step_seed
+from opd.evaluate import verify_rollouts
 from opd.objective import Objective, ObjectiveOutput, StudentOutputs, TokenCounts
 from opd.rollout import completion_forward, lm_head_of
 from opd.types import Feedback, Rollouts
+
+if TYPE_CHECKING:
+    from opd.components import Components
 
 
 @dataclass
@@ -121,3 +129,89 @@ def sync_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
             p.grad = torch.zeros_like(p)
         torch.distributed.all_reduce(p.grad)
         p.grad.div_(world_size)
+
+
+def prepare_batch(parts: "Components", step: int) -> StepBatch:
+    """This process's share of step ``step``: prompts, rollouts, teacher (and reference) feedback,
+    verifier rewards when the objective mixes them in. Seeded by ``(seed, step, rank)``."""
+    cfg, r = parts.cfg, parts.cfg.rollout
+    world, rank = parts.world, parts.rank
+    examples = parts.task.train_examples(step, r.prompts_per_step, cfg.seed)
+    per_rank = math.ceil(len(examples) / world)
+    local = examples[rank * per_rank:(rank + 1) * per_rank]
+    torch.manual_seed(step_seed(cfg.seed, step) + rank)
+    parts.student.eval()
+    with torch.no_grad():
+        rollouts = collect_rollouts(cfg, local, parts.engine, parts.tokenizer, student=parts.student,
+                                    teacher_model=parts.teacher_model, group_offset=rank * per_rank)
+        feedback = parts.teacher.score(rollouts, access=parts.access, topk=cfg.teacher.topk)
+        ref_fb = None
+        if parts.reference is not None:
+            ref_access = "full" if cfg.regularization.ref_kl_estimator == "full" else "sampled"
+            ref_fb = parts.reference.score(rollouts, access=ref_access, topk=1)
+        outcome = verify_rollouts(parts.task, parts.tokenizer, rollouts) if cfg.outcome.adv_tau > 0 else None
+    parts.student.train()
+    return StepBatch(rollouts=rollouts, feedback=feedback, reference=ref_fb, outcome_rewards_B=outcome,
+                     counts=token_counts(parts.objective, rollouts, world))
+
+
+def train_step(parts: "Components", step: int) -> dict[str, float]:
+    """One optimizer step (``updates_per_rollout`` passes over one rollout batch).
+
+    The step's metrics carry the monitor's ``diag/*`` diagnostics; a pass whose loss, token
+    statistics, teacher feedback or gradient norm hold NaN/Inf is skipped *before*
+    ``optimizer.step()`` — gradients zeroed, weights and optimizer state untouched, ``skipped = 1``
+    in the metrics. The LR scheduler still advances: the schedule is a function of the step number,
+    and a skipped step is a step with no update.
+    """
+    cfg, r = parts.cfg, parts.cfg.rollout
+    batch = prepare_batch(parts, step)
+    rollouts, monitor, optimizer, params = batch.rollouts, parts.monitor, parts.optimizer, parts.params
+    skipped = False
+    for _ in range(r.updates_per_rollout):
+        optimizer.zero_grad(set_to_none=True)
+        sums, stats = accumulate_gradients(parts.student, parts.objective, batch,
+                                           micro_batch_size=cfg.train.micro_batch_size,
+                                           group_size=r.samples_per_prompt, chunked=parts.chunked,
+                                           value_head=parts.value_head, autocast=parts.accelerator.autocast)
+        sync_gradients(params, parts.world)
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        bad = monitor.check_nonfinite(loss_terms=sums, stats=stats, feedback=batch.feedback, grad_norm=grad_norm)
+        if _on_any_process(bool(bad), parts.world, params[0].device):
+            optimizer.zero_grad(set_to_none=True)
+            monitor.skip_step(step + 1, bad or {"another process": 1.0})
+            skipped = True
+            break
+        optimizer.step()
+    parts.engine.sync_weights(parts.student)
+    lr = optimizer.param_groups[0]["lr"]
+    with warnings.catch_warnings():  # a skipped first step calls the scheduler before any optimizer.step()
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler", category=UserWarning)
+        parts.scheduler.step()
+    mask = stats["mask"]
+    n_tok = mask.sum().clamp(min=1)
+    metrics = dict(sums)
+    metrics.update({
+        "teacher_kl": float((stats["teacher_kl"] * mask).sum() / n_tok),
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens": float(rollouts.completion_mask_BT.sum()),
+        "mean_length": float(rollouts.lengths_B.float().mean()),
+        "truncation_rate": float(rollouts.truncated_B.float().mean()),
+    })
+    if batch.outcome_rewards_B is not None:
+        metrics["outcome_reward"] = float(batch.outcome_rewards_B.mean())
+    if skipped:
+        metrics["skipped"] = 1.0
+    metrics.update(monitor.step_metrics(stats, rollouts))
+    return metrics
+
+
+def _on_any_process(flag: bool, world: int, device: torch.device) -> bool:
+    """``flag`` OR-ed over processes (every process must skip the same step)."""
+    if world <= 1 or not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t)
+    return bool(t.item() > 0)

@@ -12,13 +12,14 @@ import math
 
 import pytest
 import torch
+from accelerate import Accelerator
 
+import opd.components as components
 import opd.train as train
-from opd.build import build_student, build_task, build_teacher
 from opd.config import PRESETS, load_config
 from opd.config.schema import MonitorConfig
 from opd.monitor import DETECTORS, RECIPES, History, Monitor, apply_recipe, recipe_for
-from opd.objective import Objective
+from opd.step import train_step
 from opd.types import Feedback
 
 SMOKE = [
@@ -38,7 +39,7 @@ def _restore_threads():
 def run(tmp_path, *overrides, wrap_teacher=None, student_hook=None, steps=8):
     """distill() on the smoke checkpoints; returns (summary, events as dicts)."""
     cfg = load_config(None, [*SMOKE, f"train.steps={steps}", f"logging.run_dir={tmp_path}", *overrides])
-    original_teacher, original_student = train.build_teacher, train.build_student
+    original_teacher, original_student = components.build_teacher, components.build_student
 
     def teacher(cfg, student, tokenizer, device):
         t = original_teacher(cfg, student, tokenizer, device)
@@ -50,11 +51,11 @@ def run(tmp_path, *overrides, wrap_teacher=None, student_hook=None, steps=8):
             model.lm_head.register_forward_hook(student_hook)
         return model, tokenizer
 
-    train.build_teacher, train.build_student = teacher, student
+    components.build_teacher, components.build_student = teacher, student
     try:
         summary = train.distill(cfg)
     finally:
-        train.build_teacher, train.build_student = original_teacher, original_student
+        components.build_teacher, components.build_student = original_teacher, original_student
     path = tmp_path / "events.jsonl"
     events = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return summary, events
@@ -252,55 +253,42 @@ def test_apply_with_a_conflicting_recipe_is_reported_and_the_run_continues():
 
 
 # ------------------------------------------------------------------------------------ NaN / Inf guard
-def _components(*overrides):
-    cfg = load_config(None, [*SMOKE, *overrides])
-    student, tokenizer = build_student(cfg, "cpu")
-    task = build_task(cfg, eos_token=tokenizer.eos_token)
-    teacher = build_teacher(cfg, student, tokenizer, "cpu")
-    objective = Objective.from_config(cfg, eos_id=tokenizer.eos_token_id)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    scheduler = train.make_scheduler(optimizer, cfg)
-    return cfg, dict(task=task, student=student, tokenizer=tokenizer, teacher=teacher, teacher_model=teacher.model,
-                     reference=None, objective=objective, access="full", optimizer=optimizer, scheduler=scheduler,
-                     params=params, value_head=None, chunked=False)
-
-
-def test_nan_student_logits_skip_the_step_before_the_optimizer_touches_the_weights():
-    cfg, parts = _components()
-    student, optimizer = parts["student"], parts["optimizer"]
+def test_nan_student_logits_skip_the_step_before_the_optimizer_touches_the_weights(tmp_path):
+    cfg = load_config(None, [*SMOKE, "train.lr=1e-2", "route1.divergence=rkl", "teacher.access=full"])
+    parts = components.build_components(cfg, tmp_path, Accelerator(cpu=True))
+    student, optimizer, mon = parts.student, parts.optimizer, parts.monitor
     poison = {"on": False}
 
     def nan_logits(module, inputs, output):
         return output * float("nan") if (module.training and poison["on"]) else output
 
     student.lm_head.register_forward_hook(nan_logits)
-    mon = Monitor(cfg, echo=None)
-    train.train_step(cfg, 0, monitor=mon, **parts)  # a clean step: Adam has state
+    mon.echo = None
+    train_step(parts, 0)  # a clean step: Adam has state
     weights = {n: p.detach().clone() for n, p in student.named_parameters()}
     state = {k: {n: v.clone() for n, v in s.items()} for k, s in optimizer.state.items()}
     lr_before = optimizer.param_groups[0]["lr"]
 
     poison["on"] = True
-    metrics = train.train_step(cfg, 1, monitor=mon, **parts)
+    metrics = train_step(parts, 1)
     assert metrics["skipped"] == 1.0
     for n, p in student.named_parameters():
         assert torch.equal(p, weights[n]), n
     for k, s in optimizer.state.items():
         for n, v in s.items():
             assert torch.equal(v, state[k][n]), n  # Adam's step count and moments did not move
-    assert all(p.grad is None for p in parts["params"])
-    assert parts["scheduler"].last_epoch == 2 and optimizer.param_groups[0]["lr"] == lr_before
+    assert all(p.grad is None for p in parts.params)
+    assert parts.scheduler.last_epoch == 2 and optimizer.param_groups[0]["lr"] == lr_before
     events = mon.observe(2, metrics)
     assert [e.detector for e in events] == ["nonfinite"]
     # log π_S(y_t) is NaN on every counted token; the reported loss may hide it (the −inf-safe masks
     # keep entries with log p > −inf, which NaN is not), but teacher_kl and the gradient norm show it
     evidence = events[0].evidence
-    assert evidence["tokens/teacher_kl"] == float(parts["objective"].base_mask(mon._last_batch[0]).sum())
+    assert evidence["tokens/teacher_kl"] == float(parts.objective.base_mask(mon._last_batch[0]).sum())
     assert math.isnan(evidence["grad_norm"])
 
     poison["on"] = False
-    clean = train.train_step(cfg, 2, monitor=mon, **parts)
+    clean = train_step(parts, 2)
     assert "skipped" not in clean
     assert any(not torch.equal(p, weights[n]) for n, p in student.named_parameters())
     assert mon.observe(3, clean) == [] and mon.skipped_steps == 1

@@ -8,12 +8,23 @@ import math
 
 import pytest
 import torch
+from accelerate import Accelerator
 
-import opd.train as train
-from opd.build import build_reference, build_student, build_task, build_teacher
-from opd.config import PRESETS, SECTIONS, ConfigError, config_warnings, load_config, resolve_teacher_access
-from opd.monitor import Monitor, batch_samples, nonfinite_evidence, sequence_metrics, token_metrics
-from opd.objective import Objective
+from opd.components import build_components
+from opd.config import (
+    PRESETS,
+    SECTIONS,
+    ConfigError,
+    config_warnings,
+    load_config,
+)
+from opd.monitor import (
+    batch_samples,
+    nonfinite_evidence,
+    sequence_metrics,
+    token_metrics,
+)
+from opd.step import train_step
 from opd.types import Feedback, Rollouts
 
 SMOKE = [
@@ -203,39 +214,32 @@ def test_monitor_options_are_validated():
 
 
 # ------------------------------------------------------------------------------------ loop integration
-def _parts(*overrides, diagnostics=True):
-    cfg = load_config(None, [*SMOKE, *overrides, f"monitor.diagnostics={str(diagnostics).lower()}"])
-    student, tokenizer = build_student(cfg, "cpu")
-    teacher = build_teacher(cfg, student, tokenizer, "cpu")
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    return cfg, dict(task=build_task(cfg, eos_token=tokenizer.eos_token), student=student, tokenizer=tokenizer,
-                     teacher=teacher, teacher_model=teacher.model, reference=None,
-                     objective=Objective.from_config(cfg, eos_id=tokenizer.eos_token_id, diagnostics=diagnostics),
-                     access="full", optimizer=optimizer, scheduler=train.make_scheduler(optimizer, cfg), params=params,
-                     value_head=None, chunked=False)
+def _parts(run_dir, *overrides, diagnostics=True):
+    cfg = load_config(None, [*SMOKE, "train.lr=1e-3", *overrides, f"monitor.diagnostics={str(diagnostics).lower()}"])
+    parts = build_components(cfg, run_dir, Accelerator(cpu=True))
+    parts.monitor.echo = None
+    return parts
 
 
 @pytest.mark.parametrize("overrides", [[], ["method=thinking-machines"], ["method=cr-opd"]])
-def test_diagnostics_use_the_losses_forward_pass_only(overrides):
+def test_diagnostics_use_the_losses_forward_pass_only(overrides, tmp_path):
     """Counting the student's training forwards and the teacher's scoring calls: the same with the
     diagnostics on and off (one each per step)."""
     counts = {}
     for diagnostics in (True, False):
-        cfg, parts = _parts(*overrides, diagnostics=diagnostics)
-        parts["access"] = "full" if not overrides else ("sampled" if "thinking" in overrides[0] else "topk")
+        parts = _parts(tmp_path / str(diagnostics), *overrides, diagnostics=diagnostics)
+        assert parts.access == ("full" if not overrides else ("sampled" if "thinking" in overrides[0] else "topk"))
         n = {"student": 0, "teacher": 0}
-        parts["student"].lm_head.register_forward_hook(
+        parts.student.lm_head.register_forward_hook(
             lambda m, i, o: n.__setitem__("student", n["student"] + m.training))
-        score = parts["teacher"].score
+        score = parts.teacher.score
 
         def counted(*a, **k):
             n["teacher"] += 1
             return score(*a, **k)
 
-        parts["teacher"].score = counted
-        mon = Monitor(cfg, echo=None, eos_ids=parts["tokenizer"].eos_token_id)
-        metrics = train.train_step(cfg, 0, monitor=mon, **parts)
+        parts.teacher.score = counted
+        metrics = train_step(parts, 0)
         counts[diagnostics] = dict(n)
         diag = {k for k in metrics if k.startswith("diag/")}
         if diagnostics:
@@ -252,24 +256,13 @@ def test_diagnostics_use_the_losses_forward_pass_only(overrides):
 
 
 @pytest.mark.parametrize("method", [None, *PRESETS, "chunked"])
-def test_diagnostics_of_every_preset_are_finite(method):
+def test_diagnostics_of_every_preset_are_finite(method, tmp_path):
     """One monitored step of every method (and the chunked large-vocabulary path) gives finite
     diag/* metrics and no skipped update."""
     overrides = ["route1.chunk_size=8"] if method == "chunked" else [] if method is None else [f"method={method}"]
-    cfg = load_config(None, [*SMOKE, "rollout.prompts_per_step=8", *overrides])
-    student, tokenizer = build_student(cfg, "cpu")
-    teacher = build_teacher(cfg, student, tokenizer, "cpu")
-    objective = Objective.from_config(cfg, eos_id=tokenizer.eos_token_id)
-    value_head = torch.nn.Linear(student.config.hidden_size, 1) if objective.needs_value_head else None
-    params = [*student.parameters(), *([] if value_head is None else value_head.parameters())]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    mon = Monitor(cfg, echo=None, eos_ids=tokenizer.eos_token_id)
-    metrics = train.train_step(
-        cfg, 0, task=build_task(cfg, eos_token=tokenizer.eos_token), student=student, tokenizer=tokenizer,
-        teacher=teacher, teacher_model=getattr(teacher, "model", None),
-        reference=build_reference(cfg, student, tokenizer, "cpu"), objective=objective,
-        access=resolve_teacher_access(cfg), optimizer=optimizer, scheduler=train.make_scheduler(optimizer, cfg),
-        params=params, value_head=value_head, chunked=method == "chunked" or objective.use_chunked(17), monitor=mon)
+    parts = _parts(tmp_path, "rollout.prompts_per_step=8", *overrides)
+    assert parts.chunked == (method == "chunked")
+    metrics = train_step(parts, 0)
     diag = {k: v for k, v in metrics.items() if k.startswith("diag/")}
     assert "skipped" not in metrics and len(diag) >= 20
     assert [k for k, v in diag.items() if not math.isfinite(v)] == []

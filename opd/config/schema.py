@@ -80,6 +80,8 @@ class RolloutConfig:
     prefix_tokens: int | None = opt(None, "partial rollouts: generate and train on only the first n completion tokens "
                                     "(Prefix-OPD); such prefixes are not treated as truncated", low=1)
     updates_per_rollout: int = opt(1, "optimizer passes over each rollout batch (> 1 makes samples stale: use route2.is_correction)", low=1)
+    engine: str = opt("hf", "who samples the student's rollouts: hf (opd's own KV-cached decode loop over the live "
+                      "student; opd/rollout/engine.py)", choices=("hf",))
 
 
 @dataclass

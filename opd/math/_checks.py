@@ -7,7 +7,6 @@ error deep inside a kernel.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

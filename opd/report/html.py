@@ -113,7 +113,7 @@ def _checklist_multi(runs: Sequence[RunData], items: Sequence[list[Item]]) -> st
     rows = []
     for i, first in enumerate(items[0]):
         cells = "".join(
-            f'<td class="value">' + ('<span class="flag">✗ missing</span> ' if its[i].missing else "")
+            '<td class="value">' + ('<span class="flag">✗ missing</span> ' if its[i].missing else "")
             + f"{_e(its[i].value)}</td>" for its in items)
         rows.append(f"<tr><td>{_e(first.section)}</td><td>{_e(first.name)}</td>{cells}</tr>")
     return "<table>" + head + "".join(rows) + "</table>"

@@ -19,6 +19,7 @@ from opd.collect import collect_rollouts
 from opd.config.load import load_config
 from opd.config.validate import required_teacher_access
 from opd.objective import Objective
+from opd.rollout.engine import HFEngine
 from opd.step import StepBatch, accumulate_gradients, sync_gradients, token_counts
 
 OVERRIDES = [
@@ -41,7 +42,7 @@ def main(out: str) -> None:
     examples = task.train_examples(0, cfg.rollout.prompts_per_step, cfg.seed)
     torch.manual_seed(1234)  # the same global batch on every process
     with torch.no_grad():
-        rollouts = collect_rollouts(cfg, examples, student, tokenizer)
+        rollouts = collect_rollouts(cfg, examples, HFEngine(student, tokenizer), tokenizer)
         feedback = teacher.score(rollouts, access=required_teacher_access(cfg), topk=cfg.teacher.topk)
     per_rank = rollouts.batch_size // world
     rows = list(range(rank * per_rank, (rank + 1) * per_rank))
