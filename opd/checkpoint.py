@@ -6,17 +6,29 @@ Layout of ``<run>/checkpoints/step-000050/``::
     trainer_state.pt    optimizer, LR scheduler, value head, step
 
 Exact resume needs nothing else: prompts and sampling are seeded from ``(seed, step)``.
+
+A checkpoint is written into ``step-000050.tmp`` and renamed when complete (:func:`opd.io.atomic_dir`),
+so a crash or a full disk leaves either the whole checkpoint or none, and the older ones intact.
+:func:`load_latest_intact` reads the newest checkpoint that loads completely; a damaged one (a
+file truncated or corrupted later) is skipped with a message naming the file, and the next older
+one is used.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from opd.io import atomic_dir
+
+__all__ = ["Checkpoint", "TrainerState", "checkpoint_dir", "list_checkpoints", "load_latest_intact",
+           "save_checkpoint"]
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -29,6 +41,15 @@ class TrainerState:
     value_head: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read completely into memory (nothing applied yet)."""
+
+    path: Path
+    state: TrainerState
+    weights: dict[str, torch.Tensor]
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
 
@@ -36,29 +57,28 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
                     optimizer: torch.optim.Optimizer, scheduler: Any, value_head: torch.nn.Module | None,
                     *, keep: int) -> Path:
-    """Write a checkpoint for ``step`` and prune older ones beyond ``keep``."""
+    """Write a checkpoint for ``step`` atomically and prune older ones beyond ``keep``.
+
+    Raises:
+        opd.io.WriteError: the checkpoint could not be written (nothing of it is left behind).
+    """
     path = checkpoint_dir(run_dir, step)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    torch.save({
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "value_head": None if value_head is None else value_head.state_dict(),
-    }, tmp / "trainer_state.pt")
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)  # a checkpoint is either complete or absent
+    with atomic_dir(path, what=f"the checkpoint of step {step}") as tmp:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save({
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "value_head": None if value_head is None else value_head.state_dict(),
+        }, tmp / "trainer_state.pt")
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete step checkpoints of a run, oldest first."""
+    """Step checkpoints of a run (complete folders: ``trainer_state.pt`` present), oldest first."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
@@ -67,35 +87,65 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read ``path`` completely (trainer state and model weights).
+
+    Raises:
+        ValueError: a file is missing, truncated or corrupt (the message names it).
+    """
+    from safetensors.torch import load_file
+
+    state_file = path / "trainer_state.pt"
+    try:
+        raw = torch.load(state_file, map_location="cpu", weights_only=False)
+        state = TrainerState(step=int(raw["step"]), optimizer=raw["optimizer"], scheduler=raw["scheduler"],
+                             value_head=raw.get("value_head"))
+    except Exception as err:  # noqa: BLE001 — any failure to read means the file is damaged
+        raise ValueError(f"{state_file} is damaged ({type(err).__name__}: {err})") from None
+    files = sorted((path / "model").glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no safetensors weights in {path / 'model'}")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            weights.update(load_file(str(f)))
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"{f} is damaged ({type(err).__name__}: {err})") from None
+    return Checkpoint(path=path, state=state, weights=weights)
+
+
+def load_latest_intact(run_dir: Path, *, warn: Callable[[str], None] | None = None) -> Checkpoint:
+    """The newest checkpoint of ``run_dir`` that reads completely; damaged newer ones are reported
+    through ``warn`` and skipped.
+
+    Raises:
+        FileNotFoundError: the run has no checkpoint, or none of its checkpoints is intact.
+    """
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise FileNotFoundError(
-            f"no checkpoint under {run_dir / 'checkpoints'}; a run writes one every "
-            "train.checkpoint_every steps and when it stops (train.stop_after) — nothing to resume"
-        )
-    return ckpts[-1]
+            f"no checkpoint under {run_dir / 'checkpoints'}: nothing to resume (a run writes one every "
+            "train.checkpoint_every steps, when it is interrupted, and when it stops early)")
+    problems = []
+    for path in reversed(ckpts):
+        try:
+            ckpt = read_checkpoint(path)
+        except ValueError as err:
+            problems.append(str(err))
+            if warn is not None:
+                warn(f"opd: checkpoint {path.name} cannot be used: {err}; trying the previous one")
+            continue
+        if problems and warn is not None:
+            warn(f"opd: resuming from the newest intact checkpoint, {path.name} (step {ckpt.state.step})")
+        return ckpt
+    raise FileNotFoundError(f"no intact checkpoint under {run_dir / 'checkpoints'}: " + "; ".join(problems))
 
 
-def load_trainer_state(path: Path) -> TrainerState:
-    raw = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    return TrainerState(step=int(raw["step"]), optimizer=raw["optimizer"], scheduler=raw["scheduler"],
-                        value_head=raw.get("value_head"))
-
-
-def load_model_weights(model: torch.nn.Module, path: Path) -> None:
-    """Copy the checkpoint's weights into ``model`` (same architecture) in place."""
-    from safetensors.torch import load_file
-
-    files = sorted((path / "model").glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {path / 'model'}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy checkpoint ``weights`` into ``model`` (same architecture) in place."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     # tied embeddings are stored once; anything else missing is an error
     tied = {k for k in missing if k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)}")
+        raise ValueError(f"checkpoint {source} does not match the model: missing {sorted(set(missing) - tied)}, "
+                         f"unexpected {sorted(unexpected)}")

@@ -30,6 +30,7 @@ from opd.config.validate import resolve_teacher_access
 from opd.monitor import Monitor
 from opd.objective import Objective
 from opd.rollout.engine import RolloutEngine, build_engine
+from opd.rundir import RunFolderLock
 from opd.runlog import RunLog
 from opd.tasks.base import Task
 from opd.teachers import Teacher
@@ -81,6 +82,7 @@ class Components:
     access: str
     chunked: bool
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    lock: RunFolderLock | None = None  # the run folder's lock, held while the run is live (main process)
 
     @property
     def world(self) -> int:
@@ -130,8 +132,12 @@ class Components:
         return new
 
     def close(self) -> None:
+        """Release what the run holds: the engine, the log writers, the run folder's lock."""
         self.engine.close()
         self.log.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def build_components(cfg: Config, run_dir: Path, accelerator: Accelerator, *, echo=None) -> Components:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opd.collect import collect_rollouts, step_seed
+from opd.errors import RunFault
 from opd.evaluate import verify_rollouts
 from opd.objective import Objective, ObjectiveOutput, StudentOutputs, TokenCounts
 from opd.rollout import completion_forward, lm_head_of
@@ -133,26 +134,33 @@ def sync_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
 
 def prepare_batch(parts: "Components", step: int) -> StepBatch:
     """This process's share of step ``step``: prompts, rollouts, teacher (and reference) feedback,
-    verifier rewards when the objective mixes them in. Seeded by ``(seed, step, rank)``."""
+    verifier rewards when the objective mixes them in. Seeded by ``(seed, step, rank)``.
+
+    The engine is brought up to date with the student's weights first (the previous step's update);
+    a :class:`~opd.errors.RunFault` raised here (a server that failed) leaves the weights untouched.
+    """
     cfg, r = parts.cfg, parts.cfg.rollout
     world, rank = parts.world, parts.rank
+    parts.engine.sync_weights(parts.student)
     examples = parts.task.train_examples(step, r.prompts_per_step, cfg.seed)
     per_rank = math.ceil(len(examples) / world)
     local = examples[rank * per_rank:(rank + 1) * per_rank]
     torch.manual_seed(step_seed(cfg.seed, step) + rank)
     parts.student.eval()
-    with torch.no_grad():
-        rollouts = collect_rollouts(cfg, local, parts.engine, parts.tokenizer, student=parts.student,
-                                    teacher_model=parts.teacher_model, group_offset=rank * per_rank)
-        feedback = parts.teacher.score(rollouts, access=parts.access, topk=cfg.teacher.topk)
-        ref_fb = None
-        if parts.reference is not None:
-            ref_access = "full" if cfg.regularization.ref_kl_estimator == "full" else "sampled"
-            ref_fb = parts.reference.score(rollouts, access=ref_access, topk=1)
-        outcome = verify_rollouts(parts.task, parts.tokenizer, rollouts) if cfg.outcome.adv_tau > 0 else None
-    parts.student.train()
+    try:
+        with torch.no_grad():
+            rollouts = collect_rollouts(cfg, local, parts.engine, parts.tokenizer, student=parts.student,
+                                        teacher_model=parts.teacher_model, group_offset=rank * per_rank)
+            feedback = parts.teacher.score(rollouts, access=parts.access, topk=cfg.teacher.topk)
+            ref_fb = None
+            if parts.reference is not None:
+                ref_access = "full" if cfg.regularization.ref_kl_estimator == "full" else "sampled"
+                ref_fb = parts.reference.score(rollouts, access=ref_access, topk=1)
+            outcome = verify_rollouts(parts.task, parts.tokenizer, rollouts) if cfg.outcome.adv_tau > 0 else None
+    finally:
+        parts.student.train()
     return StepBatch(rollouts=rollouts, feedback=feedback, reference=ref_fb, outcome_rewards_B=outcome,
-                     counts=token_counts(parts.objective, rollouts, world))
+                     counts=TokenCounts(0.0, 0.0, world))
 
 
 def train_step(parts: "Components", step: int) -> dict[str, float]:
@@ -162,10 +170,21 @@ def train_step(parts: "Components", step: int) -> dict[str, float]:
     statistics, teacher feedback or gradient norm hold NaN/Inf is skipped *before*
     ``optimizer.step()`` — gradients zeroed, weights and optimizer state untouched, ``skipped = 1``
     in the metrics. The LR scheduler still advances: the schedule is a function of the step number,
-    and a skipped step is a step with no update.
+    and a skipped step is a step with no update. Weights that are not finite *after* the update
+    (an infinite learning rate, an optimizer overflow) raise a :class:`~opd.errors.RunFault` naming
+    the first such parameter.
+
+    Under data parallelism every process learns whether any process failed to prepare its batch
+    before the first collective of the update, so all stop together.
     """
     cfg, r = parts.cfg, parts.cfg.rollout
-    batch = prepare_batch(parts, step)
+    try:
+        batch, fault = prepare_batch(parts, step), None
+    except RunFault as err:
+        batch, fault = None, err
+    if sync_flag(fault is not None, parts.world, parts.device):
+        raise fault or RunFault(f"another process failed at step {step + 1} (see its output)")
+    batch = replace(batch, counts=token_counts(parts.objective, batch.rollouts, parts.world))
     rollouts, monitor, optimizer, params = batch.rollouts, parts.monitor, parts.optimizer, parts.params
     skipped = False
     for _ in range(r.updates_per_rollout):
@@ -178,22 +197,20 @@ def train_step(parts: "Components", step: int) -> dict[str, float]:
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         bad = monitor.check_nonfinite(loss_terms=sums, stats=stats, feedback=batch.feedback, grad_norm=grad_norm)
-        if _on_any_process(bool(bad), parts.world, params[0].device):
+        if sync_flag(bool(bad), parts.world, parts.device):
             optimizer.zero_grad(set_to_none=True)
             monitor.skip_step(step + 1, bad or {"another process": 1.0})
             skipped = True
             break
         optimizer.step()
-    parts.engine.sync_weights(parts.student)
+        _check_finite_weights(parts, step + 1)
     lr = optimizer.param_groups[0]["lr"]
     with warnings.catch_warnings():  # a skipped first step calls the scheduler before any optimizer.step()
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler", category=UserWarning)
         parts.scheduler.step()
-    mask = stats["mask"]
-    n_tok = mask.sum().clamp(min=1)
     metrics = dict(sums)
+    metrics.update(_token_metrics(stats, rollouts))
     metrics.update({
-        "teacher_kl": float((stats["teacher_kl"] * mask).sum() / n_tok),
         "grad_norm": grad_norm,
         "lr": lr,
         "tokens": float(rollouts.completion_mask_BT.sum()),
@@ -208,8 +225,37 @@ def train_step(parts: "Components", step: int) -> dict[str, float]:
     return metrics
 
 
-def _on_any_process(flag: bool, world: int, device: torch.device) -> bool:
-    """``flag`` OR-ed over processes (every process must skip the same step)."""
+def _token_metrics(stats: dict[str, Tensor], rollouts: Rollouts) -> dict[str, float]:
+    """``teacher_kl``: mean of ``log π_S(y_t) − log π_T(y_t)`` over the student's own samples, whose
+    expectation under the student is the per-token reverse KL; ``offpolicy_logratio``: the same
+    quantity over off-policy rows (teacher samples, dataset answers), where it is *not* a KL
+    (it is negative when the teacher likes its own samples more than the student does)."""
+    mask = stats["mask"]
+    on_BT = rollouts.on_policy_B.to(mask.device)[:, None] & mask
+    out = {}
+    for name, keep in (("teacher_kl", on_BT), ("offpolicy_logratio", mask & ~on_BT)):
+        if bool(keep.any()):
+            out[name] = float((stats["teacher_kl"] * keep).sum() / keep.sum())
+    return out
+
+
+def _check_finite_weights(parts: "Components", step: int) -> None:
+    """Raise a RunFault when a trainable weight holds NaN/Inf after ``optimizer.step()``."""
+    norms = torch._foreach_norm([p.detach() for p in parts.params])
+    if bool(torch.isfinite(torch.stack(norms)).all()):
+        return
+    named = [(n, p) for n, p in parts.student.named_parameters() if p.requires_grad]
+    if parts.value_head is not None:
+        named += [(f"value_head.{n}", p) for n, p in parts.value_head.named_parameters()]
+    name = next((n for n, p in named if not bool(torch.isfinite(p).all())), "a parameter")
+    raise RunFault(
+        f"the weights are not finite after the update of step {step} ({name}); the gradients were finite, so the "
+        f"update itself overflowed (train.lr={parts.cfg.train.lr:g}): lower train.lr or clip gradients "
+        "(train.grad_clip); no checkpoint of these weights was written", state_intact=False)
+
+
+def sync_flag(flag: bool, world: int, device: torch.device) -> bool:
+    """``flag`` OR-ed over processes (every process must take the same decision)."""
     if world <= 1 or not torch.distributed.is_initialized():
         return flag
     t = torch.tensor([float(flag)], device=device)

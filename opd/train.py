@@ -6,6 +6,20 @@ It never names a method: everything a method is lives in the config, turned into
 run's parts are one :class:`~opd.components.Components` object built in one place.
 Multi-process runs go through ``accelerate launch`` (the loss is normalised by global token
 counts, so one step equals the single-process step on the same global batch).
+
+What the loop guarantees (docs/guarantees.md):
+
+* **nothing is written before the run can start** — config, environment (device, precision,
+  optional packages), models, data and context lengths are checked first;
+* **a run folder belongs to one run** — it is locked while the run is live, and a folder that
+  holds another run is refused unless resumed or ``logging.overwrite=true`` (:mod:`opd.rundir`);
+* **interrupts save** — SIGINT / SIGTERM finish the step in progress, write a checkpoint, the
+  summary and the report, and print the ``--resume`` command (:mod:`opd.interrupts`);
+* **faults stop cleanly** — a :class:`~opd.errors.RunFault` (a server that failed, weights gone
+  non-finite) or a failed write ends the run with one line naming what and where; the last
+  completed step is checkpointed when the weights are still sound;
+* **every whole file is written atomically** (:mod:`opd.io`); resume falls back to the newest
+  intact checkpoint and says so (:mod:`opd.checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,21 +32,26 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from opd.checkpoint import (
-    latest_checkpoint,
-    load_model_weights,
-    load_trainer_state,
-    save_checkpoint,
-)
+from opd.checkpoint import apply_weights, list_checkpoints, load_latest_intact, save_checkpoint
 from opd.components import Components, build_components
+from opd.config.advice import config_warnings
 from opd.config.load import dump_config, load_config
 from opd.config.schema import Config
+from opd.errors import RunFault
 from opd.evaluate import EvalResult, evaluate
+from opd.interrupts import StopRequest
+from opd.io import write_json
 from opd.monitor import Monitor
-from opd.report.run_info import run_info, write_json
-from opd.step import train_step
+from opd.preflight import check_context_lengths, check_environment
+from opd.report.run_info import run_info
+from opd.rundir import acquire_run_folder, check_run_folder
+from opd.step import sync_flag, train_step
+from opd.teachers import teacher_prompt_texts
 
-__all__ = ["RunSummary", "default_run_dir", "distill"]
+__all__ = ["EXIT_CODES", "RunSummary", "default_run_dir", "distill"]
+
+#: Final states of a run (``summary.json`` "status") and the exit status of ``opd distill``.
+EXIT_CODES: dict[str, int] = {"done": 0, "stopped": 0, "stopped by monitor": 0, "failed": 2, "no updates": 1}
 
 
 @dataclass
@@ -43,10 +62,22 @@ class RunSummary:
     after: EvalResult | None
     teacher: EvalResult | None
     seconds: float
-    stopped_early: bool = False
+    status: str = "done"  # done | stopped | interrupted | stopped by monitor | failed | no updates
+    steps_done: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     stop_reason: str | None = None  # a failure detector ended the run (monitor.*_action=stop)
+    error: str | None = None  # status failed: what went wrong, in one line
+    checkpoint: Path | None = None  # the checkpoint a resume starts from (None: none written)
     report_path: Path | None = None
+    exit_code: int = 0
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.status != "done"
+
+    @property
+    def resume_command(self) -> str | None:
+        return None if self.checkpoint is None else f"opd distill --resume {self.run_dir}"
 
 
 @dataclass
@@ -58,8 +89,11 @@ class _Progress:
     began: float = field(default_factory=time.time)
     before: EvalResult | None = None
     teacher: EvalResult | None = None
+    after: EvalResult | None = None
     last_accuracy: float = float("nan")
-    stopped: bool = False
+    stopped: str | None = None  # why the loop ended before train.steps: stop_after | monitor | signal
+    fault: RunFault | OSError | None = None  # what ended the run early (a failed write is an OSError)
+    skipped_here: int = 0  # steps of this session whose update was skipped (non-finite values)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -69,122 +103,241 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 def distill(cfg: Config, *, resume: str | Path | None = None) -> RunSummary:
-    """Run on-policy distillation as ``cfg`` says; ``resume`` continues a stopped run exactly."""
+    """Run on-policy distillation as ``cfg`` says; ``resume`` continues a stopped run exactly.
+
+    Raises (before anything is written): :class:`opd.config.ConfigError`,
+    :class:`opd.preflight.PreflightError`, :class:`opd.rundir.RunFolderError`, and the errors of
+    loading models and data. Faults during the run do not raise: the summary's ``status`` is
+    ``failed`` and ``error`` says why.
+    """
     parts, progress = _set_up(cfg, resume)
     try:
-        _loop(parts, progress)
-        return _finish(parts, progress)
+        with StopRequest(echo=tqdm.write if parts.main else None) as stop:
+            _loop(parts, progress, stop)
+        return _finish(parts, progress, stop)
     finally:
         parts.close()
 
 
 # ---------------------------------------------------------------------------------------------
+# set up
 def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progress]:
     if resume is not None:
         run_dir = Path(resume)
+        check_run_folder(run_dir, resume=True, overwrite=False)
         cfg = load_config(str(run_dir / "config.yaml"))
         cfg.train.stop_after = None  # a resumed run goes to the end unless told otherwise
     else:
         run_dir = Path(cfg.logging.run_dir) if cfg.logging.run_dir else default_run_dir(cfg)
+        check_run_folder(run_dir, resume=False, overwrite=cfg.logging.overwrite)
+    check_environment(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.precision)
-    main = accelerator.is_main_process
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            dump_config(cfg, run_dir / "config.yaml")
-    parts = build_components(cfg, run_dir, accelerator, echo=tqdm.write if main else None)
-    progress = _Progress()
-    if main and resume is None:
-        write_json(run_dir / "run_info.json", run_info(
-            cfg, student=parts.student, teacher=parts.teacher, reference=parts.reference, vocab=parts.vocab,
-            device=parts.device, world=parts.world, access=parts.access))
-    if resume is not None:
-        progress.start = progress.done = _restore(parts, run_dir)
-    if main and progress.start == 0:
-        progress.before = _evaluate(parts, 0)
-        progress.last_accuracy = progress.before.accuracy
-        teacher_model = parts.teacher_model
-        if cfg.eval.teacher and teacher_model is not None and cfg.teacher.model != "self":
-            progress.teacher = evaluate(teacher_model, parts.tokenizer, parts.task, _eval_examples(parts),
-                                        max_new_tokens=_eval_tokens(parts), batch_size=cfg.eval.batch_size)
-            parts.log.write("eval_teacher", 0, progress.teacher.as_metrics("teacher"))
+    echo = tqdm.write if accelerator.is_main_process else None
+    parts = build_components(cfg, run_dir, accelerator, echo=echo)
+    try:
+        _check_context(parts)
+        if parts.main:
+            parts.lock = acquire_run_folder(run_dir, resume=resume is not None, overwrite=cfg.logging.overwrite)
+        warnings = config_warnings(cfg)
+        if parts.main:
+            for message in warnings:
+                tqdm.write(f"opd: warning: {message}")
+            if resume is None:
+                dump_config(cfg, run_dir / "config.yaml")
+                write_json(run_dir / "warnings.json", warnings)
+                write_json(run_dir / "run_info.json", {
+                    **run_info(cfg, student=parts.student, teacher=parts.teacher, reference=parts.reference,
+                               vocab=parts.vocab, device=parts.device, world=parts.world, access=parts.access),
+                    "precision": accelerator.mixed_precision})
+        progress = _Progress()
+        if resume is not None:
+            progress.start = progress.done = _restore(parts, run_dir, echo)
+        if parts.main and progress.start == 0:
+            progress.before = _evaluate(parts, 0)
+            progress.last_accuracy = progress.before.accuracy
+            teacher_model = parts.teacher_model
+            if cfg.eval.teacher and teacher_model is not None and cfg.teacher.model != "self":
+                progress.teacher = evaluate(teacher_model, parts.tokenizer, parts.task, _eval_examples(parts),
+                                            max_new_tokens=_eval_tokens(parts), batch_size=cfg.eval.batch_size)
+                parts.log.write("eval_teacher", 0, progress.teacher.as_metrics("teacher"))
+    except BaseException:
+        parts.close()
+        raise
     return parts, progress
 
 
-def _restore(parts: Components, run_dir: Path) -> int:
-    """Load the newest checkpoint into the parts; returns its step."""
-    ckpt = latest_checkpoint(run_dir)
-    state = load_trainer_state(ckpt)
-    load_model_weights(parts.student, ckpt)
+def _model_teachers(teacher) -> list:
+    """The in-process model teachers behind ``teacher`` (through caches and routing)."""
+    if hasattr(teacher, "model") and hasattr(teacher, "tokenizer"):
+        return [teacher]
+    inner = [getattr(teacher, "teacher", None), getattr(teacher, "default", None),
+             *(getattr(teacher, "routes", None) or {}).values()]
+    return [m for t in inner if t is not None for m in _model_teachers(t)]
+
+
+def _check_context(parts: Components) -> None:
+    task = parts.task
+    examples = task.all_examples() if hasattr(task, "all_examples") else [
+        *task.train_examples(0, parts.cfg.rollout.prompts_per_step, parts.cfg.seed), *_eval_examples(parts)]
+    teachers = [(f"the teacher ({type(t).__name__})", t.model, t.tokenizer,
+                 lambda ex, t=t: teacher_prompt_texts(ex, t.use_context, t.context_template))
+                for t in _model_teachers(parts.teacher)]
+    check_context_lengths(parts.cfg, examples, student=parts.student, student_tokenizer=parts.tokenizer,
+                          teachers=teachers)
+
+
+def _restore(parts: Components, run_dir: Path, echo) -> int:
+    """Load the newest intact checkpoint into the parts; returns its step."""
+    ckpt = load_latest_intact(run_dir, warn=echo)
+    apply_weights(parts.student, ckpt.weights, ckpt.path)
+    state = ckpt.state
     parts.optimizer.load_state_dict(state.optimizer)
     parts.scheduler.load_state_dict(state.scheduler)
     if parts.value_head is not None and state.value_head is not None:
         parts.value_head.load_state_dict(state.value_head)
     parts.engine.sync_weights(parts.student)
-    parts.log.truncate_after(state.step)
+    parts.log.truncate_after(state.step, warn=echo)
     for overrides in parts.monitor.resume(state.step):  # recipes applied before the checkpoint
         parts.apply_recipe(overrides)
+    if echo is not None:
+        echo(f"opd: resuming {run_dir} from step {state.step} ({ckpt.path.name})")
     return state.step
 
 
-def _loop(parts: Components, progress: _Progress) -> None:
+# ---------------------------------------------------------------------------------------------
+# the loop
+def _loop(parts: Components, progress: _Progress, stop: StopRequest) -> None:
     t = parts.cfg.train
     parts.student.train()
     bar = tqdm(range(progress.start, t.steps), initial=progress.start, total=t.steps,
                disable=not (parts.main and parts.cfg.logging.progress), desc="opd distill", dynamic_ncols=True)
-    for step in bar:
-        tic = time.time()
+    try:
+        for step in bar:
+            if not _one_step(parts, progress, stop, step, bar):
+                break
+        if progress.fault is None and (progress.stopped is None or progress.stopped == "monitor") and parts.main:
+            progress.after = _evaluate(parts, progress.done)  # the bar shows the final accuracy, not the last periodic
+            bar.set_postfix(acc=f"{progress.after.accuracy:.3f}", refresh=True)
+    except OSError as err:  # a write failed (disk full, read-only): stop with what and where
+        progress.fault = err
+    finally:
+        bar.close()
+
+
+def _one_step(parts: Components, progress: _Progress, stop: StopRequest, step: int, bar) -> bool:
+    """Run step ``step``; False when the loop must end (interrupt, stop, fault)."""
+    t = parts.cfg.train
+    tic = time.time()
+    try:
         metrics = train_step(parts, step)
-        done = progress.done = step + 1
-        metrics["seconds"] = time.time() - tic
-        metrics["tokens_per_s"] = metrics["tokens"] / max(metrics["seconds"], 1e-9)
-        cfg = parts.cfg  # a recipe may have replaced it during the step's observation below
-        if parts.main and (done % cfg.train.log_every == 0 or done == t.steps):
-            parts.log.write("train", done, metrics)
-        progress.history.append({"step": done, **metrics})
-        events = parts.monitor.observe(done, metrics) if parts.main else []
-        if parts.world > 1:
-            _follow_main_monitor(parts.monitor, events, parts.main, parts.apply_recipe)
-        cfg = parts.cfg
-        if parts.main and cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
-            progress.last_accuracy = _evaluate(parts, done).accuracy
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", teacher_kl=f"{metrics['teacher_kl']:.4f}",
-                        acc=f"{progress.last_accuracy:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        interrupt = (t.stop_after is not None and done >= t.stop_after and done < t.steps) or (
-            parts.monitor.stop_reason is not None and done < t.steps)
-        if parts.main and ((t.checkpoint_every and done % t.checkpoint_every == 0) or interrupt):
-            save_checkpoint(parts.run_dir, done, parts.student, parts.tokenizer, parts.optimizer, parts.scheduler,
-                            parts.value_head, keep=t.keep_checkpoints)
-        if interrupt:
-            progress.stopped = True
-            break
-    bar.close()
+    except RunFault as err:
+        progress.fault = err
+        return False
+    done = progress.done = step + 1
+    progress.skipped_here += int(bool(metrics.get("skipped")))
+    metrics["seconds"] = time.time() - tic
+    metrics["tokens_per_s"] = metrics["tokens"] / max(metrics["seconds"], 1e-9)
+    if parts.main and (done % parts.cfg.train.log_every == 0 or done == t.steps):
+        parts.log.write("train", done, metrics)
+    progress.history.append({"step": done, **metrics})
+    events = parts.monitor.observe(done, metrics) if parts.main else []
+    if parts.world > 1:
+        _follow_main_monitor(parts.monitor, events, parts.main, parts.apply_recipe)
+    cfg = parts.cfg  # a recipe may have replaced it
+    if parts.main and cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
+        progress.last_accuracy = _evaluate(parts, done).accuracy
+    shown = {"loss": f"{metrics['loss']:.4f}"}
+    if "teacher_kl" in metrics:
+        shown["teacher_kl"] = f"{metrics['teacher_kl']:.4f}"
+    bar.set_postfix(**shown, acc=f"{progress.last_accuracy:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    signalled = sync_flag(stop.requested is not None, parts.world, parts.device)
+    if signalled:
+        progress.stopped = "signal"
+    elif t.stop_after is not None and t.stop_after <= done < t.steps:
+        progress.stopped = "stop_after"
+    elif parts.monitor.stop_reason is not None and done < t.steps:
+        progress.stopped = "monitor"
+    if parts.main and ((t.checkpoint_every and done % t.checkpoint_every == 0) or progress.stopped):
+        _save(parts, done)
+    return progress.stopped is None
 
 
-def _finish(parts: Components, progress: _Progress) -> RunSummary:
+def _save(parts: Components, step: int) -> Path:
+    t = parts.cfg.train
+    return save_checkpoint(parts.run_dir, step, parts.student, parts.tokenizer, parts.optimizer, parts.scheduler,
+                           parts.value_head, keep=t.keep_checkpoints)
+
+
+# ---------------------------------------------------------------------------------------------
+# finish
+def _status(parts: Components, progress: _Progress, stop: StopRequest) -> str:
+    if progress.fault is not None:
+        return "failed"
+    if progress.stopped == "signal":
+        return "interrupted"
+    if progress.stopped == "monitor":
+        return "stopped by monitor"
+    if progress.stopped == "stop_after":
+        return "stopped"
+    ran = progress.done - progress.start
+    if ran > 0 and progress.skipped_here == ran and progress.start == 0:
+        return "no updates"
+    return "done"
+
+
+def _finish(parts: Components, progress: _Progress, stop: StopRequest) -> RunSummary:
     cfg, run_dir, monitor = parts.cfg, parts.run_dir, parts.monitor
-    after = None
-    if parts.main and (not progress.stopped or monitor.stop_reason is not None):
-        after = _evaluate(parts, progress.done)
-    if parts.main and not progress.stopped:
-        parts.student.save_pretrained(run_dir / "final")
-        parts.tokenizer.save_pretrained(run_dir / "final")
-    summary = RunSummary(run_dir=run_dir, steps=cfg.train.steps, before=progress.before, after=after,
-                         teacher=progress.teacher, seconds=time.time() - progress.began,
-                         stopped_early=progress.stopped, history=progress.history, stop_reason=monitor.stop_reason)
+    status = _status(parts, progress, stop)
+    error = None if progress.fault is None else str(progress.fault)
     if parts.main:
-        write_json(run_dir / "summary.json", {
-            "steps": cfg.train.steps, "steps_done": progress.done, "seconds": summary.seconds,
-            "stopped_early": progress.stopped, "stop_reason": monitor.stop_reason,
-            "skipped_steps": monitor.skipped_steps,
-            **{k: (None if r is None else r.as_metrics(k)) for k, r in
-               (("before", progress.before), ("after", after), ("teacher", progress.teacher))}})
+        try:
+            if (isinstance(progress.fault, RunFault) and progress.fault.state_intact
+                    and progress.done > _last_checkpoint_step(run_dir)):
+                _save(parts, progress.done)  # keep the completed steps (a server fault happens before an update)
+            if status == "done":
+                _save_final(parts)
+        except OSError as err:
+            status, error = "failed", str(err)
+    checkpoints = list_checkpoints(run_dir)
+    summary = RunSummary(
+        run_dir=run_dir, steps=cfg.train.steps, steps_done=progress.done, status=status, before=progress.before,
+        after=progress.after, teacher=progress.teacher, seconds=time.time() - progress.began,
+        history=progress.history, stop_reason=monitor.stop_reason, error=error,
+        checkpoint=checkpoints[-1] if checkpoints and status != "done" else None,
+        exit_code=stop.exit_code if status == "interrupted" else EXIT_CODES[status])
+    if parts.main:
+        parts.log.close()
+        try:
+            write_json(run_dir / "summary.json", {
+                "status": status, "error": error, "steps": cfg.train.steps, "steps_done": progress.done,
+                "seconds": summary.seconds, "stopped_early": summary.stopped_early, "stop_reason": monitor.stop_reason,
+                "skipped_steps": monitor.skipped_steps, "signal": stop.requested,
+                "resume": summary.resume_command,
+                **{k: (None if r is None else r.as_metrics(k)) for k, r in
+                   (("before", progress.before), ("after", progress.after), ("teacher", progress.teacher))}},
+                what="the run summary")
+        except OSError as err:
+            summary.status, summary.error, summary.exit_code = "failed", str(err), EXIT_CODES["failed"]
+            return summary
         if cfg.logging.report:
-            parts.log.close()
             summary.report_path = _write_report(run_dir)
     return summary
+
+
+def _last_checkpoint_step(run_dir: Path) -> int:
+    ckpts = list_checkpoints(run_dir)
+    return int(ckpts[-1].name.split("-")[1]) if ckpts else -1
+
+
+def _save_final(parts: Components) -> None:
+    """``<run>/final``: the trained student in Hugging Face format, written atomically."""
+    from opd.io import atomic_dir
+
+    with atomic_dir(parts.run_dir / "final", what="the final model") as tmp:
+        parts.student.save_pretrained(tmp)
+        parts.tokenizer.save_pretrained(tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +366,7 @@ def _write_report(run_dir: Path) -> Path | None:
 
     try:
         return write_report([run_dir])[0]
-    except Exception as err:  # noqa: BLE001 — the run itself succeeded
+    except Exception as err:  # noqa: BLE001 — the run itself is saved
         tqdm.write(f"opd: could not write the report ({type(err).__name__}: {err}); "
                    f"run `opd report {run_dir}` to retry (OPD_TRACEBACK=1 for the traceback)")
         return None
@@ -227,3 +380,4 @@ def _follow_main_monitor(monitor: Monitor, events: list, main: bool, apply_fn) -
         monitor.stop_reason = decision[0]
         for overrides in decision[1]:
             apply_fn(tuple(overrides))
+

@@ -306,6 +306,9 @@ def test_nan_teacher_rewards_are_caught_and_reported_once(tmp_path):
     assert fired(events) == ["nonfinite"]  # every step is skipped, reported once
     assert events[0]["evidence"]["teacher/sampled_logprobs"] == 1.0
     assert all(h.get("skipped") == 1.0 for h in summary.history)
+    # a run that never updated the weights does not end as "done" (issue: summary and exit code say so)
+    assert summary.status == "no updates" and summary.exit_code == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "no updates"
 
 
 def test_repeated_nan_steps_stop_the_run():

@@ -23,24 +23,32 @@ def _is_main_process() -> bool:
 
 
 def print_summary(summary) -> None:
-    rows = []
-    if summary.teacher is not None:
-        rows.append(("teacher", summary.teacher))
-    if summary.before is not None:
-        rows.append(("student before", summary.before))
-    if summary.after is not None:
-        rows.append(("student after", summary.after))
+    """The before/after table and one line saying how the run ended (and how to resume it)."""
+    rows = [(name, r) for name, r in (("teacher", summary.teacher), ("student before", summary.before),
+                                      ("student after", summary.after)) if r is not None]
     if rows:
         print()
         print(f"{'model':<16} {'accuracy':>9} {'mean len':>9} {'trunc':>6} {'RKL(S‖T)':>9}")
         for name, r in rows:
             rkl = f"{r.teacher_rkl:9.4f}" if r.teacher_rkl is not None else f"{'-':>9}"
             print(f"{name:<16} {r.accuracy:9.3f} {r.mean_length:9.2f} {r.truncation_rate:6.3f} {rkl}")
-    state = "stopped early (resume with `opd distill --resume DIR`)" if summary.stopped_early else "done"
-    if getattr(summary, "stop_reason", None):
-        print(f"\nthe monitor stopped the run: {summary.stop_reason} (a checkpoint was saved; see the report)")
-        state = "stopped early"
-    print(f"\n{state} in {summary.seconds:.1f} s; run folder: {summary.run_dir}")
+    where = f"run folder: {summary.run_dir}"
+    at = f"after step {summary.steps_done} of {summary.steps}"
+    status = summary.status
+    if status == "done":
+        print(f"\ndone in {summary.seconds:.1f} s; {where}")
+    elif status == "failed":
+        print(f"\nopd distill: error: {summary.error}", file=sys.stderr)
+        print(f"the run failed {at}; {where}", file=sys.stderr)
+    elif status == "no updates":
+        print(f"\nno update was made: every step was skipped because of NaN/Inf values (see events.jsonl and the "
+              f"report); {where}")
+    else:
+        why = {"interrupted": "interrupted", "stopped": "stopped (train.stop_after)",
+               "stopped by monitor": f"stopped by the monitor: {summary.stop_reason}"}[status]
+        print(f"\n{why} {at}; {where}")
+    if summary.resume_command:
+        print(f"checkpoint: {summary.checkpoint}; continue with: {summary.resume_command}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,9 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     summary = distill(load_config(None) if cfg is None else cfg, resume=resume)
     if not _is_main_process():
-        return 0  # under `accelerate launch` the first process prints the summary
+        return summary.exit_code  # under `accelerate launch` the first process prints the summary
     print_summary(summary)
-    report = getattr(summary, "report_path", None)
-    if report:
-        print(f"report: {report}")
-    return 0
+    if summary.report_path:
+        print(f"report: {summary.report_path}")
+    return summary.exit_code

@@ -1,0 +1,56 @@
+"""Interrupts that save: SIGINT (Ctrl-C) and SIGTERM (a scheduler's kill) end a run cleanly.
+
+The first signal asks the run to stop after the step in progress: the loop then writes a
+checkpoint of that step, the summary and the report, and prints the exact ``--resume`` command.
+A second SIGINT aborts at once (Python's ``KeyboardInterrupt``), for when saving is not wanted;
+the checkpoints already written stay intact (they are written atomically).
+
+Handlers are installed only in the main thread (Python allows no other) and restored on exit.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Callable
+
+__all__ = ["StopRequest"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequest:
+    """Context manager: ``requested`` holds the name of the first signal received (or None)."""
+
+    def __init__(self, echo: Callable[[str], None] | None = print):
+        self.requested: str | None = None
+        self.signum: int | None = None
+        self._echo = echo
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort without saving
+        if self.requested is None:
+            self.requested, self.signum = signal.Signals(signum).name, signum
+            if self._echo is not None:
+                self._echo(f"opd: {self.requested} received: finishing the current step, then saving a checkpoint "
+                           "(press Ctrl-C again to abort without saving)")
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + signal number."""
+        return 128 + (self.signum or 0)
