@@ -166,10 +166,10 @@ CHANGES = {
                "(before: `transformers` `generate` with `torch.multinomial`, `output_scores` stacked into "
                "`[B, T, V]`; opd/rollout/generate.py)",
     "sampled": "student fwd+bwd: log π_S(y_t) read off the route-1 chunks instead of a separate LM-head pass "
-               "(opd/objective.py)",
+               "(opd/objective/)",
     "closed_form": "student fwd+bwd: closed-form RKL / FKL logit gradient per chunk instead of autograd through "
                    "the divergence and the log-softmax (opd/math/fused.py)",
-    "diag": "in-loss diagnostics: entropies and KLs share exp(S), exp(T), S − T (opd/math/diagnostics.py)",
+    "diag": "in-loss diagnostics: entropies and KLs share exp(S), exp(T), S − T (opd/math/diagnostics/)",
     "teacher_div": "teacher: no `[N, V]` division for temperature 1 (opd/teachers.py; the measured version also "
                    "skipped the copy of the head, since restored so that feedback never aliases live weights)",
 }
@@ -230,8 +230,10 @@ def apply_previous(changes: list[str]) -> None:
     for change in changes:
         if change == "sampler":
             import opd.collect
+            import opd.rollout.engine
 
-            opd.collect.generate_rollouts = previous_generate_rollouts
+            opd.collect.generate_rollouts = previous_generate_rollouts  # off-policy teacher samples
+            opd.rollout.engine.generate_rollouts = previous_generate_rollouts  # the student's rollouts (hf engine)
         elif change == "sampled":
             from opd.objective import Objective
 
@@ -247,11 +249,12 @@ def apply_previous(changes: list[str]) -> None:
 
             fused._Args.__init__ = generic_only  # type: ignore[method-assign]
         elif change == "diag":
-            import opd.objective
+            import opd.objective.core
+            import opd.objective.route1
 
             old = _baseline_module("opd/math/diagnostics.py", "opd.math._baseline_diagnostics")
-            opd.objective.diagnostics_extra_fn = old.diagnostics_extra_fn
-            opd.objective.token_diagnostics = old.token_diagnostics
+            opd.objective.route1.diagnostics_extra_fn = old.diagnostics_extra_fn
+            opd.objective.core.token_diagnostics = old.token_diagnostics
         elif change == "teacher_div":
             from opd.teachers import ModelTeacher
 

@@ -55,20 +55,27 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, value_head: torch.nn.Module | None,
-                    *, keep: int) -> Path:
+                    optimizer: torch.optim.Optimizer | None, scheduler: Any, value_head: torch.nn.Module | None,
+                    *, keep: int, state_dict: dict[str, torch.Tensor] | None = None,
+                    write_sharded: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint for ``step`` atomically and prune older ones beyond ``keep``.
+
+    ``state_dict``: the student's full weights when ``model``'s own are sharded (gathered by the
+    caller). ``write_sharded(folder)``: writes the sharded optimizer state (FSDP / DeepSpeed, through
+    ``accelerator.save_state``; then ``optimizer`` is None) — the caller runs it on every process.
 
     Raises:
         opd.io.WriteError: the checkpoint could not be written (nothing of it is left behind).
     """
     path = checkpoint_dir(run_dir, step)
     with atomic_dir(path, what=f"the checkpoint of step {step}") as tmp:
-        model.save_pretrained(tmp / "model")
+        model.save_pretrained(tmp / "model", state_dict=state_dict)
         tokenizer.save_pretrained(tmp / "model")
+        if write_sharded is not None:
+            write_sharded(tmp / "accelerate")
         torch.save({
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": None if optimizer is None else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "value_head": None if value_head is None else value_head.state_dict(),
         }, tmp / "trainer_state.pt")
@@ -87,12 +94,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Read ``path`` completely (trainer state and model weights).
+def read_checkpoint(path: Path, *, weights: bool = True) -> Checkpoint:
+    """Read ``path`` completely (trainer state and, with ``weights``, the model weights; without,
+    the weight files are only checked to be readable safetensors headers).
 
     Raises:
         ValueError: a file is missing, truncated or corrupt (the message names it).
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     state_file = path / "trainer_state.pt"
@@ -105,16 +114,21 @@ def read_checkpoint(path: Path) -> Checkpoint:
     files = sorted((path / "model").glob("*.safetensors"))
     if not files:
         raise ValueError(f"no safetensors weights in {path / 'model'}")
-    weights: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            weights.update(load_file(str(f)))
+            if weights:
+                tensors.update(load_file(str(f)))
+            else:
+                with safe_open(str(f), framework="pt") as handle:
+                    handle.keys()
         except Exception as err:  # noqa: BLE001
             raise ValueError(f"{f} is damaged ({type(err).__name__}: {err})") from None
-    return Checkpoint(path=path, state=state, weights=weights)
+    return Checkpoint(path=path, state=state, weights=tensors)
 
 
-def load_latest_intact(run_dir: Path, *, warn: Callable[[str], None] | None = None) -> Checkpoint:
+def load_latest_intact(run_dir: Path, *, warn: Callable[[str], None] | None = None,
+                       weights: bool = True) -> Checkpoint:
     """The newest checkpoint of ``run_dir`` that reads completely; damaged newer ones are reported
     through ``warn`` and skipped.
 
@@ -129,7 +143,7 @@ def load_latest_intact(run_dir: Path, *, warn: Callable[[str], None] | None = No
     problems = []
     for path in reversed(ckpts):
         try:
-            ckpt = read_checkpoint(path)
+            ckpt = read_checkpoint(path, weights=weights)
         except ValueError as err:
             problems.append(str(err))
             if warn is not None:

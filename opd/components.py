@@ -29,9 +29,11 @@ from opd.config.schema import Config
 from opd.config.validate import resolve_teacher_access
 from opd.monitor import Monitor
 from opd.objective import Objective
+from opd.overlap import Prefetcher
 from opd.rollout.engine import RolloutEngine, build_engine
 from opd.rundir import RunFolderLock
 from opd.runlog import RunLog
+from opd.step import PolicyModule
 from opd.tasks.base import Task
 from opd.teachers import Teacher
 
@@ -66,7 +68,8 @@ class Components:
     cfg: Config
     run_dir: Path
     accelerator: Accelerator
-    student: PreTrainedModel
+    model: torch.nn.Module  # the prepared PolicyModule (student + value head) the update runs through
+    student: PreTrainedModel  # the student itself: sampling, teachers that read it, saving
     tokenizer: PreTrainedTokenizerBase
     task: Task
     teacher: Teacher
@@ -83,6 +86,7 @@ class Components:
     chunked: bool
     params: list[torch.nn.Parameter] = field(default_factory=list)
     lock: RunFolderLock | None = None  # the run folder's lock, held while the run is live (main process)
+    prefetch: Prefetcher | None = None  # rollout.overlap: the next step's batch, prepared in the background
 
     @property
     def world(self) -> int:
@@ -132,7 +136,10 @@ class Components:
         return new
 
     def close(self) -> None:
-        """Release what the run holds: the engine, the log writers, the run folder's lock."""
+        """Release what the run holds: the background sampler, the engine, the log writers, the lock."""
+        if self.prefetch is not None:
+            self.prefetch.close()
+            self.prefetch = None
         self.engine.close()
         self.log.close()
         if self.lock is not None:
@@ -158,19 +165,25 @@ def build_components(cfg: Config, run_dir: Path, accelerator: Accelerator, *, ec
         value_head = torch.nn.Linear(student.config.hidden_size, 1).to(device)
         torch.nn.init.zeros_(value_head.weight)
         torch.nn.init.zeros_(value_head.bias)
-    params = [p for p in student.parameters() if p.requires_grad]
-    params += [] if value_head is None else list(value_head.parameters())
     t = cfg.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    policy = PolicyModule(student, value_head)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=t.lr,
+                                  betas=tuple(t.betas), weight_decay=t.weight_decay)
+    # accelerate wraps the module for the launch it runs under (DDP / FSDP / DeepSpeed, autocast) and
+    # the optimizer with it; the LR schedule is ours (a function of the step number, never prepared)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
     scheduler = make_scheduler(optimizer, cfg)
     engine = build_engine(cfg, student, tokenizer)
     log = RunLog(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
     parts = Components(
-        cfg=cfg, run_dir=run_dir, accelerator=accelerator, student=student, tokenizer=tokenizer, task=task,
+        cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, student=student, tokenizer=tokenizer, task=task,
         teacher=teacher, reference=reference, objective=objective, engine=engine, optimizer=optimizer,
         scheduler=scheduler, value_head=value_head, monitor=None, log=log, vocab=vocab,  # type: ignore[arg-type]
         access=resolve_teacher_access(cfg), chunked=objective.use_chunked(vocab), params=params,
     )
+    if cfg.rollout.overlap:
+        parts.prefetch = Prefetcher(parts)
     parts.monitor = Monitor(cfg, run_dir, write=main, eos_ids=tokenizer.eos_token_id, echo=echo,
                             apply_fn=parts.apply_recipe)
     return parts

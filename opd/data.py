@@ -9,6 +9,12 @@ Each record (a JSON object / a dataset row) becomes an :class:`~opd.tasks.base.E
 ``fields``             the whole record (``route_field`` values written as strings)
 =====================  ==========================================================
 
+Conversations (``chat``, a :class:`opd.chat.ChatFormat`; ``data.format=chat``): a record holds a
+list of messages and gives one example per trained assistant turn (:mod:`opd.chat`): ``prompt`` is
+the conversation before the turn rendered with the student's chat template, ``answer`` the turn's
+text in the data, ``teacher_context`` the teacher-only system prompt (``record[context_field]``, or
+the format's ``system_prompt``). ``prompt_field`` / ``answer_field`` are not read.
+
 Held-out set: the records of ``eval_path`` / ``eval_split`` when given, otherwise a fixed slice
 of ``eval_size`` records chosen by a ``seed``-ed shuffle. Training never returns a record whose
 prompt text is in the held-out set (duplicates in the file included).
@@ -39,6 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from opd.chat import ChatFormat, conversation_examples
 from opd.tasks.base import Example
 
 __all__ = ["DataError", "HFDatasetTask", "JsonlTask", "make_verifier", "read_jsonl"]
@@ -149,19 +156,30 @@ class _RecordTask:
         eval_size: int | None,
         seed: int,
         eos_token: str | None,
+        chat: ChatFormat | None = None,
+        eval_only: bool = False,
+        system_prompt: str | None = None,
     ):
         self.source = source
+        self.system_prompt = system_prompt
+        self.eval_only = eval_only
         self.prompt_field, self.answer_field = prompt_field, answer_field
         self.context_field, self.route_field = context_field, route_field
         self.seed = seed
-        examples = self._examples(train_records, source)
-        if eval_records is not None:
-            eval_examples = self._examples(eval_records, eval_source or f"{source} (eval)")
+        self.chat = chat
+        # one list of examples per record: a conversation gives one per trained turn, and the
+        # held-out split is made over records, so no turn of a held-out conversation is trained on
+        groups = self._examples(train_records, source)
+        if eval_only:  # every record is held out (opd eval --prompts FILE): nothing is trained on
+            eval_examples = [e for g in groups for e in g][:eval_size]
+            pool = []
+        elif eval_records is not None:
+            eval_examples = [e for g in self._examples(eval_records, eval_source or f"{source} (eval)") for e in g]
             if eval_size is not None:
                 eval_examples = eval_examples[:eval_size]
-            pool = examples
+            pool = [e for g in groups for e in g]
         else:
-            n = len(examples)
+            n = len(groups)
             size = min(_DEFAULT_EVAL_CAP, max(1, n // 10)) if eval_size is None else eval_size
             if not 1 <= size < n:
                 raise DataError(f"eval_size={size} leaves no training prompts among the {n} records of {source}; "
@@ -169,23 +187,31 @@ class _RecordTask:
             order = list(range(n))
             random.Random(f"opd-heldout:{seed}").shuffle(order)
             held = set(order[:size])
-            eval_examples = [examples[i] for i in sorted(held)]
-            pool = [examples[i] for i in range(n) if i not in held]
+            eval_examples = [e for i in sorted(held) for e in groups[i]]
+            pool = [e for i in range(n) if i not in held for e in groups[i]]
         eval_prompts = {e.prompt for e in eval_examples}
         self._train = [e for e in pool if e.prompt not in eval_prompts]
         self._eval = eval_examples
-        if not self._train:
+        if not self._train and not eval_only:
             raise DataError(f"every training prompt of {source} also appears in the held-out set; nothing is left to train on")
         has_answers = all(e.answer is not None for e in self._train + self._eval)
         self._verifier = make_verifier(verifier, has_answers=has_answers, eos_token=eos_token)
         self._perm_cache: dict[tuple[int, int], list[int]] = {}
 
-    def _examples(self, records: Iterable[Mapping[str, Any]], source: str) -> list[Example]:
-        out: list[Example] = []
+    def _examples(self, records: Iterable[Mapping[str, Any]], source: str) -> list[list[Example]]:
+        out: list[list[Example]] = []
         answers_seen: bool | None = None
         for i, record in enumerate(records):
             where = f"{source}:{record['__line__']}" if "__line__" in record else f"{source} row {i}"
             fields = {k: v for k, v in record.items() if k != "__line__"}
+            if self.route_field is not None and fields.get(self.route_field) is not None:
+                fields[self.route_field] = str(fields[self.route_field])
+            if self.chat is not None:  # data.format=chat: one example per trained assistant turn
+                context = None
+                if self.context_field is not None:
+                    context = str(self._field(fields, self.context_field, where, required=True))
+                out.append(conversation_examples(fields, where, self.chat, context=context))
+                continue
             prompt = self._field(fields, self.prompt_field, where, required=True)
             if not isinstance(prompt, str):
                 raise DataError(f"{where}: field {self.prompt_field!r} must be a string, got {type(prompt).__name__}")
@@ -199,12 +225,10 @@ class _RecordTask:
                     raise DataError(f"{where}: field {self.answer_field!r} is present here but missing on earlier "
                                     "records; give every record an answer or none")
                 answer = None if not has else str(fields[self.answer_field])
-            context = None
+            context = self.system_prompt  # teacher.system_prompt: every record's teacher-only context
             if self.context_field is not None:
                 context = str(self._field(fields, self.context_field, where, required=True))
-            if self.route_field is not None and fields.get(self.route_field) is not None:
-                fields[self.route_field] = str(fields[self.route_field])
-            out.append(Example(prompt=prompt, answer=answer, teacher_context=context, fields=fields))
+            out.append([Example(prompt=prompt, answer=answer, teacher_context=context, fields=fields, origin=where)])
         if not out:
             raise DataError(f"{source} holds no records")
         return out
@@ -214,7 +238,8 @@ class _RecordTask:
         if name not in fields or fields[name] is None:
             if required:
                 raise DataError(f"{where}: missing field {name!r}; the record has fields {sorted(fields)}. Set "
-                                "data.prompt_field / answer_field / context_field to the right names")
+                                "data.prompt_field / answer_field / context_field to the right names "
+                                "(opd eval: --prompt-field / --answer-field)")
             return None
         return fields[name]
 
@@ -243,6 +268,9 @@ class _RecordTask:
         seeded per-epoch permutations (a pure function of ``seed``, ``step`` and ``batch_size``)."""
         if step < 0 or batch_size < 1:
             raise ValueError(f"step must be >= 0 and batch_size >= 1, got step={step}, batch_size={batch_size}")
+        if not self._train:
+            raise ValueError(f"{self.source} was read as an evaluation-only set (eval_only=True): it has no "
+                             "training prompts")
         n = len(self._train)
         start = step * batch_size
         return [self._train[self._permutation(seed, pos // n)[pos % n]] for pos in range(start, start + batch_size)]
@@ -254,6 +282,10 @@ class _RecordTask:
             raise ValueError(f"n must be in [1, {len(self._eval)}] (the held-out set of {self.source}), got {n}; "
                              "raise eval_size or provide a larger eval file")
         return list(self._eval[:n])
+
+    def all_examples(self) -> list[Example]:
+        """Every example the run can read (training and held-out), for checks made before training."""
+        return list(self._train) + list(self._eval)
 
     def verify(self, example: Example, completion: str) -> float:
         """The configured verifier's score, NaN when there is none."""
@@ -275,10 +307,17 @@ class JsonlTask(_RecordTask):
             the first ``eval_size`` records of that file.
         seed: seed of the held-out slice and of the training order.
         eos_token: the tokenizer's EOS string; built-in verifiers cut the completion there.
+        chat: read each record as a conversation (see the module docstring); None: prompts.
+        system_prompt: every record's teacher-only context when ``context_field`` is unset
+            (``teacher.system_prompt``; conversations take it from ``chat.system_prompt``).
+        eval_only: every record of ``path`` is the held-out set (the first ``eval_size`` when
+            given; ``eval_path`` is then not read) and there are no training prompts: a whole file
+            scored by ``opd eval --prompts``.
 
     Raises:
         FileNotFoundError / DataError: see :func:`read_jsonl`; a missing field (which field, which
             line, which fields the record has); a held-out set that leaves nothing to train on.
+        opd.chat.ChatDataError: a bad conversation (the message names ``file:line``).
     """
 
     name = "jsonl"
@@ -296,13 +335,18 @@ class JsonlTask(_RecordTask):
         eval_size: int | None = None,
         seed: int = 0,
         eos_token: str | None = None,
+        chat: ChatFormat | None = None,
+        eval_only: bool = False,
+        system_prompt: str | None = None,
     ):
         self.path = Path(path).expanduser()
+        evals = None if eval_path is None or eval_only else read_jsonl(eval_path)
         super().__init__(
-            read_jsonl(self.path), None if eval_path is None else read_jsonl(eval_path), source=str(self.path),
+            read_jsonl(self.path), evals, source=str(self.path),
             eval_source=None if eval_path is None else str(Path(eval_path).expanduser()),
             prompt_field=prompt_field, answer_field=answer_field, context_field=context_field,
             route_field=route_field, verifier=verifier, eval_size=eval_size, seed=seed, eos_token=eos_token,
+            chat=chat, eval_only=eval_only, system_prompt=system_prompt,
         )
 
 
@@ -354,6 +398,8 @@ class HFDatasetTask(_RecordTask):
         eval_size: int | None = None,
         seed: int = 0,
         eos_token: str | None = None,
+        chat: ChatFormat | None = None,
+        system_prompt: str | None = None,
     ):
         datasets = _import_datasets()
         self.name_or_path = name_or_path
@@ -372,5 +418,5 @@ class HFDatasetTask(_RecordTask):
             train, evals, source=f"{name_or_path}[{split}]", eval_source=eval_source,
             prompt_field=prompt_field, answer_field=answer_field,
             context_field=context_field, route_field=route_field, verifier=verifier, eval_size=eval_size,
-            seed=seed, eos_token=eos_token,
+            seed=seed, eos_token=eos_token, chat=chat, system_prompt=system_prompt,
         )

@@ -1,8 +1,16 @@
-"""Held-out evaluation: greedy verifier accuracy, length, truncation, teacher–student divergence."""
+"""Held-out evaluation: greedy verifier accuracy, length, truncation, teacher–student divergence,
+and the first few greedy completions with their verifier scores (the report's held-out samples).
+
+The training loop (:mod:`opd.train`) and ``opd eval`` both score through :func:`evaluate`, so a
+checkpoint gets the same accuracy from either: greedy decoding, the task's own verifier (user
+data: cut at the tokenizer's EOS, :func:`opd.data.make_verifier`), the same ``max_new_tokens``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,9 +34,13 @@ class EvalResult:
     # mean per-token reverse KL(student ‖ teacher) on the model's own greedy completions
     # (exact over the vocabulary when the teacher returns full logits; else the sampled log-ratio)
     teacher_rkl: float | None = None
+    # the first ``samples`` held-out completions (see :func:`greedy_samples`); not a metric
+    samples: tuple[dict[str, Any], ...] = field(default=(), compare=False, repr=False)
 
     def as_metrics(self, prefix: str = "eval") -> dict[str, float]:
-        return {f"{prefix}/{k}": float(v) for k, v in asdict(self).items() if v is not None}
+        """The numbers as ``{prefix}/{name}`` floats (the samples are left out)."""
+        return {f"{prefix}/{f.name}": float(getattr(self, f.name)) for f in fields(self)
+                if f.name != "samples" and getattr(self, f.name) is not None}
 
 
 def decode_completions(tokenizer: PreTrainedTokenizerBase, rollouts: Rollouts) -> list[str]:
@@ -46,6 +58,35 @@ def verify_rollouts(task: Task, tokenizer: PreTrainedTokenizerBase, rollouts: Ro
                         dtype=torch.float32)
 
 
+def greedy_samples(tokenizer: PreTrainedTokenizerBase, rollouts: Rollouts, scores_B: torch.Tensor, n: int,
+                   log_ratio_BT: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """The first ``n`` rows of a greedy evaluation batch as sample records for ``samples.jsonl``.
+
+    Each record: ``source`` (``"heldout"``), ``decoding`` (``"greedy"``), ``prompt``, ``answer``,
+    ``completion`` (the text the verifier read: special tokens kept), ``tokens`` / ``token_ids``
+    (the completion's tokens), ``score`` (the verifier's score; None when the task has no
+    verifier), ``truncated``, and, when a teacher scored the completions, ``log_ratio``: the
+    per-token ``ℓ_t = log π_S(y_t) − log π_T(y_t)`` on the model's own greedy tokens.
+    """
+    texts = decode_completions(tokenizer, rollouts)
+    out = []
+    for b in range(min(n, rollouts.batch_size)):
+        keep = rollouts.completion_mask_BT[b].bool()
+        ids = rollouts.completion_ids_BT[b][keep].tolist()
+        ex = rollouts.examples[b]
+        score = float(scores_B[b])
+        record: dict[str, Any] = {
+            "source": "heldout", "decoding": "greedy", "prompt": ex.prompt, "answer": ex.answer,
+            "completion": texts[b], "tokens": [str(t) for t in tokenizer.convert_ids_to_tokens(ids)],
+            "token_ids": ids, "score": None if math.isnan(score) else score,
+            "truncated": bool(rollouts.truncated_B[b]),
+        }
+        if log_ratio_BT is not None:
+            record["log_ratio"] = [round(float(v), 5) for v in log_ratio_BT[b][keep]]
+        out.append(record)
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     model: PreTrainedModel,
@@ -56,35 +97,46 @@ def evaluate(
     max_new_tokens: int,
     batch_size: int = 500,
     teacher: Teacher | None = None,
+    samples: int = 0,
 ) -> EvalResult:
     """Greedy-decode ``examples`` with ``model``, verify, and (optionally) score with ``teacher``.
 
     ``teacher`` may be the model itself (to evaluate a teacher) — then the divergence is skipped.
+    ``samples``: keep the first ``samples`` completions (of ``examples``, so the same prompts at
+    every evaluation) with their verifier scores as :attr:`EvalResult.samples`
+    (:func:`greedy_samples`); they cost no extra model call.
     """
     was_training = model.training
     model.eval()
     correct = lengths = truncated = 0.0
     rkl_sum = rkl_tokens = 0.0
+    kept: list[dict[str, Any]] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         rollouts = generate_rollouts(model, tokenizer, chunk, max_new_tokens=max_new_tokens, greedy=True)
-        correct += float(verify_rollouts(task, tokenizer, rollouts).sum())
+        scores_B = verify_rollouts(task, tokenizer, rollouts)
+        correct += float(scores_B.sum())
         lengths += float(rollouts.lengths_B.sum())
         truncated += float(rollouts.truncated_B.sum())
+        log_ratio_BT = None
         if teacher is not None:
-            rkl_sum_b, n_b = _teacher_rkl(model, teacher, rollouts)
+            rkl_sum_b, n_b, log_ratio_BT = _teacher_rkl(model, teacher, rollouts)
             rkl_sum += rkl_sum_b
             rkl_tokens += n_b
+        if len(kept) < samples:
+            kept += greedy_samples(tokenizer, rollouts, scores_B, samples - len(kept), log_ratio_BT)
     model.train(was_training)
     n = len(examples)
     return EvalResult(
         accuracy=correct / max(n, 1), mean_length=lengths / max(n, 1), truncation_rate=truncated / max(n, 1),
-        n=n, teacher_rkl=(rkl_sum / max(rkl_tokens, 1.0)) if teacher is not None else None,
+        n=n, teacher_rkl=(rkl_sum / max(rkl_tokens, 1.0)) if teacher is not None else None, samples=tuple(kept),
     )
 
 
-def _teacher_rkl(model: PreTrainedModel, teacher: Teacher, rollouts: Rollouts) -> tuple[float, float]:
-    """Sum over completion tokens of RKL(student ‖ teacher), and the token count."""
+def _teacher_rkl(model: PreTrainedModel, teacher: Teacher,
+                 rollouts: Rollouts) -> tuple[float, float, torch.Tensor]:
+    """Sum over completion tokens of RKL(student ‖ teacher), the token count, and the per-token
+    sampled log-ratio ``ℓ_t = log π_S(y_t) − log π_T(y_t)`` ``[B, T]`` (for the samples)."""
     vocab = model.get_output_embeddings().weight.shape[0]
     access = "full" if vocab < 8192 else "sampled"
     feedback = teacher.score(rollouts, access=access, topk=1)
@@ -92,11 +144,13 @@ def _teacher_rkl(model: PreTrainedModel, teacher: Teacher, rollouts: Rollouts) -
     logits = completion_forward(model, rollouts.prompt_ids_BP, rollouts.prompt_mask_BP,
                                 rollouts.completion_ids_BT, rollouts.completion_mask_BT)
     s_logp = torch.log_softmax(logits.float(), dim=-1)
+    sampled = s_logp.gather(-1, rollouts.completion_ids_BT.unsqueeze(-1)).squeeze(-1)
     if feedback.logits_BTV is not None:
         t_logp = torch.log_softmax(feedback.logits_BTV.float(), dim=-1)
         per_token = reverse_kl(s_logp, t_logp)
+        t_sampled = t_logp.gather(-1, rollouts.completion_ids_BT.unsqueeze(-1)).squeeze(-1)
     else:
-        sampled = s_logp.gather(-1, rollouts.completion_ids_BT.unsqueeze(-1)).squeeze(-1)
-        per_token = sampled - feedback.sampled_logprobs_BT.float()
+        t_sampled = feedback.sampled_logprobs_BT.float()
+        per_token = sampled - t_sampled
     n = float(mask.sum())
-    return float(masked_mean(per_token, mask)) * n, n
+    return float(masked_mean(per_token, mask)) * n, n, (sampled - t_sampled).detach()

@@ -2,13 +2,18 @@
 
 :func:`train_step` takes the run's :class:`~opd.components.Components` and a step number; the
 pieces it is made of are free functions so that tests can drive a single step (the
-multi-process gradient test does) and the loop in :mod:`opd.train` stays short.
+multi-process gradient test does) and the loop in :mod:`opd.train` stays short. The update goes
+through ``accelerate``'s objects: the prepared :class:`PolicyModule` (DDP / FSDP / DeepSpeed),
+``accelerator.no_sync`` between micro-batches, ``accelerator.backward``,
+``accelerator.clip_grad_norm_`` and the prepared optimizer — no hand-written collectives for
+gradients.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +77,27 @@ def micro_batches(batch_size: int, micro_batch_size: int | None, group_size: int
     return [list(range(s, min(s + size, batch_size))) for s in range(0, batch_size, size)]
 
 
+class PolicyModule(torch.nn.Module):
+    """What ``accelerator.prepare`` wraps: the student and, for GAE-OPD, its value head.
+
+    Its forward runs the student over a micro-batch *and* evaluates the objective, so every use of
+    a trainable parameter — the LM head of the memory-efficient route-1 path included — happens
+    inside the wrapped forward, as DDP, FSDP and DeepSpeed require.
+    """
+
+    def __init__(self, student: torch.nn.Module, value_head: torch.nn.Module | None = None):
+        super().__init__()
+        self.student = student
+        self.value_head = value_head
+
+    def forward(self, rollouts: Rollouts, feedback: Feedback, *, objective: Objective, chunked: bool,
+                reference: Feedback | None = None, outcome_rewards_B: Tensor | None = None,
+                counts: TokenCounts | None = None) -> ObjectiveOutput:
+        outputs = student_forward(self.student, rollouts, chunked=chunked, value_head=self.value_head)
+        return objective(outputs, feedback, rollouts, reference=reference, outcome_rewards_B=outcome_rewards_B,
+                         counts=counts)
+
+
 def accumulate_gradients(
     model: torch.nn.Module,
     objective: Objective,
@@ -80,26 +106,36 @@ def accumulate_gradients(
     micro_batch_size: int | None,
     group_size: int,
     chunked: bool,
-    value_head: torch.nn.Module | None = None,
-    autocast: Any = None,
+    accelerator: Any = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """Forward/backward over micro-batches; gradients accumulate in ``.grad`` (not synced).
+    """Forward/backward over micro-batches of ``batch``; gradients accumulate in ``.grad``.
+
+    ``model`` is a :class:`PolicyModule` (prepared by ``accelerator``: its gradients are averaged
+    over processes at the last micro-batch, the others run under ``accelerator.no_sync``; the loss
+    is normalised by the global token counts times the number of processes, so the average is the
+    single-process gradient of the global batch). Without an accelerator, plain autograd.
 
     Returns the summed loss terms and the batch's per-token statistics (concatenated in row
     order) for diagnostics.
     """
     sums: dict[str, float] = {}
     parts: list[tuple[list[int], dict[str, Tensor]]] = []
-    for rows in micro_batches(batch.rollouts.batch_size, micro_batch_size, group_size):
-        mb = batch.rollouts.select(rows)
-        fb = batch.feedback.select(rows)
-        ref = None if batch.reference is None else batch.reference.select(rows)
-        outcome = None if batch.outcome_rewards_B is None else batch.outcome_rewards_B[rows]
-        ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
-        with ctx:
-            out: ObjectiveOutput = objective(student_forward(model, mb, chunked=chunked, value_head=value_head),
-                                             fb, mb, reference=ref, outcome_rewards_B=outcome, counts=batch.counts)
-        out.loss.backward()
+    chunks = micro_batches(batch.rollouts.batch_size, micro_batch_size, group_size)
+    for i, rows in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = nullcontext() if accelerator is None or last else accelerator.no_sync(model)
+        autocast = nullcontext() if accelerator is None else accelerator.autocast()
+        with sync:
+            with autocast:
+                out: ObjectiveOutput = model(
+                    batch.rollouts.select(rows), batch.feedback.select(rows), objective=objective, chunked=chunked,
+                    reference=None if batch.reference is None else batch.reference.select(rows),
+                    outcome_rewards_B=None if batch.outcome_rewards_B is None else batch.outcome_rewards_B[rows],
+                    counts=batch.counts)
+            if accelerator is None:
+                out.loss.backward()
+            else:
+                accelerator.backward(out.loss)
         for key, value in out.metrics.items():
             if key.startswith("loss"):
                 sums[key] = sums.get(key, 0.0) + value
@@ -121,44 +157,35 @@ def _concat_stats(parts: list[tuple[list[int], dict[str, Tensor]]], batch_size: 
     return out
 
 
-def sync_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average gradients over processes (the loss was scaled by the world size, so this is a sum)."""
-    if world_size <= 1 or not torch.distributed.is_initialized():
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad)
-        p.grad.div_(world_size)
-
-
-def prepare_batch(parts: "Components", step: int) -> StepBatch:
+def prepare_batch(parts: "Components", step: int, *, sync: bool = True) -> StepBatch:
     """This process's share of step ``step``: prompts, rollouts, teacher (and reference) feedback,
     verifier rewards when the objective mixes them in. Seeded by ``(seed, step, rank)``.
 
-    The engine is brought up to date with the student's weights first (the previous step's update);
-    a :class:`~opd.errors.RunFault` raised here (a server that failed) leaves the weights untouched.
+    With ``sync`` the engine is first brought up to date with the student's weights (the previous
+    step's update); the overlap prefetcher (:mod:`opd.overlap`) syncs it itself and passes False.
+    A :class:`~opd.errors.RunFault` raised here (a server that failed) leaves the weights untouched.
+    Nothing here touches the student's train/eval mode (the samplers and teachers restore it), so it
+    may run in a background thread while the student trains.
     """
     cfg, r = parts.cfg, parts.cfg.rollout
     world, rank = parts.world, parts.rank
-    parts.engine.sync_weights(parts.student)
+    if sync:
+        parts.engine.sync_weights(parts.student)
     examples = parts.task.train_examples(step, r.prompts_per_step, cfg.seed)
     per_rank = math.ceil(len(examples) / world)
     local = examples[rank * per_rank:(rank + 1) * per_rank]
     torch.manual_seed(step_seed(cfg.seed, step) + rank)
-    parts.student.eval()
-    try:
-        with torch.no_grad():
-            rollouts = collect_rollouts(cfg, local, parts.engine, parts.tokenizer, student=parts.student,
-                                        teacher_model=parts.teacher_model, group_offset=rank * per_rank)
-            feedback = parts.teacher.score(rollouts, access=parts.access, topk=cfg.teacher.topk)
-            ref_fb = None
-            if parts.reference is not None:
-                ref_access = "full" if cfg.regularization.ref_kl_estimator == "full" else "sampled"
-                ref_fb = parts.reference.score(rollouts, access=ref_access, topk=1)
-            outcome = verify_rollouts(parts.task, parts.tokenizer, rollouts) if cfg.outcome.adv_tau > 0 else None
-    finally:
-        parts.student.train()
+    # train.precision applies to sampling and scoring as to the update (autocast is thread-local)
+    with torch.no_grad(), parts.accelerator.autocast():
+        rollouts = collect_rollouts(cfg, local, parts.engine, parts.tokenizer, student=parts.student,
+                                    teacher_model=parts.teacher_model, group_offset=rank * per_rank)
+        feedback = parts.teacher.score(rollouts, access=parts.access, topk=cfg.teacher.topk)
+        ref_fb = None
+        if parts.reference is not None:
+            ref_access = "full" if cfg.regularization.ref_kl_estimator == "full" else "sampled"
+            ref_fb = parts.reference.score(rollouts, access=ref_access, topk=1)
+        needs_outcome = parts.objective.needs_outcome_rewards
+        outcome = verify_rollouts(parts.task, parts.tokenizer, rollouts) if needs_outcome else None
     return StepBatch(rollouts=rollouts, feedback=feedback, reference=ref_fb, outcome_rewards_B=outcome,
                      counts=TokenCounts(0.0, 0.0, world))
 
@@ -178,24 +205,29 @@ def train_step(parts: "Components", step: int) -> dict[str, float]:
     before the first collective of the update, so all stop together.
     """
     cfg, r = parts.cfg, parts.cfg.rollout
+    lag = 0
     try:
-        batch, fault = prepare_batch(parts, step), None
+        if parts.prefetch is not None:
+            batch, lag = parts.prefetch.batch(step)
+        else:
+            batch = prepare_batch(parts, step)
+        fault = None
     except RunFault as err:
         batch, fault = None, err
     if sync_flag(fault is not None, parts.world, parts.device):
         raise fault or RunFault(f"another process failed at step {step + 1} (see its output)")
     batch = replace(batch, counts=token_counts(parts.objective, batch.rollouts, parts.world))
     rollouts, monitor, optimizer, params = batch.rollouts, parts.monitor, parts.optimizer, parts.params
+    parts.model.train()  # the update runs in training mode (samplers and teachers restore the mode they found)
     skipped = False
     for _ in range(r.updates_per_rollout):
         optimizer.zero_grad(set_to_none=True)
-        sums, stats = accumulate_gradients(parts.student, parts.objective, batch,
+        sums, stats = accumulate_gradients(parts.model, parts.objective, batch,
                                            micro_batch_size=cfg.train.micro_batch_size,
                                            group_size=r.samples_per_prompt, chunked=parts.chunked,
-                                           value_head=parts.value_head, autocast=parts.accelerator.autocast)
-        sync_gradients(params, parts.world)
+                                           accelerator=parts.accelerator)
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(parts.accelerator.clip_grad_norm_(params, max_norm))
         bad = monitor.check_nonfinite(loss_terms=sums, stats=stats, feedback=batch.feedback, grad_norm=grad_norm)
         if sync_flag(bool(bad), parts.world, parts.device):
             optimizer.zero_grad(set_to_none=True)
@@ -221,6 +253,8 @@ def train_step(parts: "Components", step: int) -> dict[str, float]:
         metrics["outcome_reward"] = float(batch.outcome_rewards_B.mean())
     if skipped:
         metrics["skipped"] = 1.0
+    if parts.prefetch is not None:
+        metrics["policy_lag"] = float(lag)  # steps between the sampling weights and the updated ones
     metrics.update(monitor.step_metrics(stats, rollouts))
     return metrics
 

@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from opd.checkpoint import apply_weights, list_checkpoints, load_latest_intact, save_checkpoint
+from opd.checkpoint import list_checkpoints
 from opd.components import Components, build_components
 from opd.config.advice import config_warnings
 from opd.config.load import dump_config, load_config
@@ -42,6 +42,7 @@ from opd.evaluate import EvalResult, evaluate
 from opd.interrupts import StopRequest
 from opd.io import write_json
 from opd.monitor import Monitor
+from opd.persist import last_checkpoint_step, restore, save_final, save_step
 from opd.preflight import check_context_lengths, check_environment
 from opd.report.run_info import run_info
 from opd.rundir import acquire_run_folder, check_run_folder
@@ -153,7 +154,7 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
                     "precision": accelerator.mixed_precision})
         progress = _Progress()
         if resume is not None:
-            progress.start = progress.done = _restore(parts, run_dir, echo)
+            progress.start = progress.done = restore(parts, run_dir, echo)
         if parts.main and progress.start == 0:
             progress.before = _evaluate(parts, 0)
             progress.last_accuracy = progress.before.accuracy
@@ -186,24 +187,6 @@ def _check_context(parts: Components) -> None:
                 for t in _model_teachers(parts.teacher)]
     check_context_lengths(parts.cfg, examples, student=parts.student, student_tokenizer=parts.tokenizer,
                           teachers=teachers)
-
-
-def _restore(parts: Components, run_dir: Path, echo) -> int:
-    """Load the newest intact checkpoint into the parts; returns its step."""
-    ckpt = load_latest_intact(run_dir, warn=echo)
-    apply_weights(parts.student, ckpt.weights, ckpt.path)
-    state = ckpt.state
-    parts.optimizer.load_state_dict(state.optimizer)
-    parts.scheduler.load_state_dict(state.scheduler)
-    if parts.value_head is not None and state.value_head is not None:
-        parts.value_head.load_state_dict(state.value_head)
-    parts.engine.sync_weights(parts.student)
-    parts.log.truncate_after(state.step, warn=echo)
-    for overrides in parts.monitor.resume(state.step):  # recipes applied before the checkpoint
-        parts.apply_recipe(overrides)
-    if echo is not None:
-        echo(f"opd: resuming {run_dir} from step {state.step} ({ckpt.path.name})")
-    return state.step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,15 +242,9 @@ def _one_step(parts: Components, progress: _Progress, stop: StopRequest, step: i
         progress.stopped = "stop_after"
     elif parts.monitor.stop_reason is not None and done < t.steps:
         progress.stopped = "monitor"
-    if parts.main and ((t.checkpoint_every and done % t.checkpoint_every == 0) or progress.stopped):
-        _save(parts, done)
+    if (t.checkpoint_every and done % t.checkpoint_every == 0) or progress.stopped:
+        save_step(parts, done)
     return progress.stopped is None
-
-
-def _save(parts: Components, step: int) -> Path:
-    t = parts.cfg.train
-    return save_checkpoint(parts.run_dir, step, parts.student, parts.tokenizer, parts.optimizer, parts.scheduler,
-                           parts.value_head, keep=t.keep_checkpoints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,15 +268,14 @@ def _finish(parts: Components, progress: _Progress, stop: StopRequest) -> RunSum
     cfg, run_dir, monitor = parts.cfg, parts.run_dir, parts.monitor
     status = _status(parts, progress, stop)
     error = None if progress.fault is None else str(progress.fault)
-    if parts.main:
-        try:
-            if (isinstance(progress.fault, RunFault) and progress.fault.state_intact
-                    and progress.done > _last_checkpoint_step(run_dir)):
-                _save(parts, progress.done)  # keep the completed steps (a server fault happens before an update)
-            if status == "done":
-                _save_final(parts)
-        except OSError as err:
-            status, error = "failed", str(err)
+    try:
+        if (isinstance(progress.fault, RunFault) and progress.fault.state_intact
+                and progress.done > last_checkpoint_step(run_dir)):
+            save_step(parts, progress.done)  # keep the completed steps (a server fault happens before an update)
+        if status == "done":
+            save_final(parts)
+    except OSError as err:
+        status, error = "failed", str(err)
     checkpoints = list_checkpoints(run_dir)
     summary = RunSummary(
         run_dir=run_dir, steps=cfg.train.steps, steps_done=progress.done, status=status, before=progress.before,
@@ -326,20 +302,6 @@ def _finish(parts: Components, progress: _Progress, stop: StopRequest) -> RunSum
     return summary
 
 
-def _last_checkpoint_step(run_dir: Path) -> int:
-    ckpts = list_checkpoints(run_dir)
-    return int(ckpts[-1].name.split("-")[1]) if ckpts else -1
-
-
-def _save_final(parts: Components) -> None:
-    """``<run>/final``: the trained student in Hugging Face format, written atomically."""
-    from opd.io import atomic_dir
-
-    with atomic_dir(parts.run_dir / "final", what="the final model") as tmp:
-        parts.student.save_pretrained(tmp)
-        parts.tokenizer.save_pretrained(tmp)
-
-
 # ---------------------------------------------------------------------------------------------
 def _eval_examples(parts: Components):
     return parts.task.eval_examples(parts.cfg.eval.size)
@@ -351,12 +313,13 @@ def _eval_tokens(parts: Components) -> int:
 
 def _evaluate(parts: Components, step: int) -> EvalResult:
     """Held-out evaluation of the student (logged; the monitor keeps sample completions)."""
-    result = evaluate(parts.student, parts.tokenizer, parts.task, _eval_examples(parts),
-                      max_new_tokens=_eval_tokens(parts), batch_size=parts.cfg.eval.batch_size,
-                      teacher=parts.teacher)
+    with parts.accelerator.autocast():  # train.precision applies to evaluation too
+        result = evaluate(parts.student, parts.tokenizer, parts.task, _eval_examples(parts),
+                          max_new_tokens=_eval_tokens(parts), batch_size=parts.cfg.eval.batch_size,
+                          teacher=parts.teacher, samples=parts.cfg.monitor.samples if parts.main else 0)
     parts.log.write("eval", step, result.as_metrics("eval"))
-    if parts.main:
-        parts.monitor.write_samples(step, parts.tokenizer)
+    if parts.main:  # held-out greedy samples and the last training batch, each marked by the verifier
+        parts.monitor.write_samples(step, parts.tokenizer, task=parts.task, heldout=result.samples)
     return result
 
 

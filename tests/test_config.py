@@ -98,6 +98,54 @@ def test_required_presets_exist_with_their_defining_values() -> None:
     assert (sft.route2.coef, sft.regularization.sft_coef, sft.rollout.off_policy_source) == (0.0, 1.0, "teacher")
 
 
+def test_new_presets_set_their_defining_values() -> None:
+    tm = load_config(None, ["method=thinking-machines"])  # tinker: the sampler's log-probs, a summed loss
+    assert (tm.route2.reward_logprobs, tm.gates.reduction) == ("behaviour", "sum")
+    opdvr = load_config(None, ["method=opdvr"])
+    assert opdvr.outcome.sign_gate and opdvr.outcome.adv_tau == 0 and opdvr.route2.reward == "log_ratio"
+    opsa = load_config(None, ["method=opsa"])
+    assert (opsa.route2.reward, opsa.route2.constant_reward, opsa.gates.logprob_gate, opsa.gates.logprob_fraction) == (
+        "entropy_rank", -1.0, True, 0.2)
+    iw = load_config(None, ["method=iw-opd"])
+    assert (iw.gates.position, iw.gates.drift_gamma, iw.route2.is_correction) == ("drift_share", 0.5, "none")
+    eopd = load_config(None, ["method=eopd"])
+    assert (eopd.route1.divergence, eopd.route1.fkl_coef, eopd.support.kind) == ("rkl", 1.0, "full")
+    d2 = load_config(None, ["method=distillm-2"])
+    assert (d2.route1.divergence, d2.route1.off_policy_divergence, d2.rollout.off_policy_source) == (
+        "srkl", "skl", "teacher")
+    verl = load_config(None, ["method=verl-fkl-topk"])
+    assert (verl.support.norm, verl.support.k, verl.route1.clamp_low, verl.route1.logprob_floor) == (
+        "none", 128, 0.0, -10.0)
+    assert load_config(None, ["method=verl-k3"]).route1.divergence == "k3"
+    nemo = load_config(None, ["method=nemo-rl-opd"])
+    assert (nemo.route2.is_correction, nemo.route2.icepop_low, nemo.route2.icepop_high) == ("icepop", 0.2, 5.0)
+    prime = load_config(None, ["method=prime-rl-hybrid"])
+    assert (prime.outcome.adv_tau, prime.outcome.teacher_tau, prime.outcome.normalize_std) == (1.0, 0.5, False)
+    assert (prime.route2.is_correction, prime.route2.dppo_sign, prime.regularization.mismatch_coef) == (
+        "dppo", "outcome", 1e-3)
+    slime = load_config(None, ["method=slime-opd"])
+    assert (slime.outcome.adv_tau, slime.outcome.teacher_tau, slime.route2.is_correction) == (1.0, 1.0, "ppo_clip")
+    light = load_config(None, ["method=lightning-opd"])
+    assert (light.rollout.on_policy_fraction, light.route2.off_policy_rows, light.teacher.cache) == (
+        0.0, True, "memory")
+    for name, (model, mode) in {"sdft": ("self", "frozen"), "sdpo": ("self", "live")}.items():
+        cfg = load_config(None, [f"method={name}"])
+        assert (cfg.teacher.model, cfg.teacher.self_mode, cfg.teacher.use_context) == (model, mode, True)
+
+
+def test_new_options_are_checked() -> None:
+    assert any("route2.off_policy_rows" in p for p in problems_of(["route2.coef=1", "rollout.on_policy_fraction=0"]))
+    assert any("outcome.sign_gate" in p and "data.verifier" in p
+               for p in problems_of(["method=opdvr", "data.verifier=none"]))
+    assert any("icepop" in p for p in problems_of(["method=nemo-rl-opd", "route2.icepop_low=6"]))
+    assert any("credit=immediate" in p for p in problems_of(["method=opsa", "route2.credit=return_to_go"]))
+    assert any("reward_logprobs" in p for p in problems_of(["method=lightning-opd", "route2.reward_logprobs=behaviour"]))
+    warnings = config_warnings(load_config(None, ["method=vopd", "gates.drift_gamma=0.9"]))
+    assert any("gates.drift_gamma" in w and "drift_share" in w for w in warnings)
+    # the sampled-token k3 estimator needs only sampled teacher log-probs, whatever the support
+    assert required_teacher_access(load_config(None, ["method=verl-k3", "support.kind=full"])) == "sampled"
+
+
 def test_format_methods_lists_every_preset_with_its_variables() -> None:
     text = format_methods()
     for preset in PRESETS.values():
@@ -106,6 +154,7 @@ def test_format_methods_lists_every_preset_with_its_variables() -> None:
     block = text.split("\nthinking-machines\n")[1].split("\n\n")[0]
     assert "route2:" in block and "credit=immediate" in block and "baseline=none" in block
     assert "teacher:" in block and "access=sampled" in block and "divergence=none" in block
+    assert "reward_logprobs=behaviour" in block and "reduction=sum" in block and "formula: " in block
 
 
 def test_format_config_help_documents_every_option() -> None:
@@ -394,7 +443,7 @@ def test_explicit_access_above_the_need_is_kept() -> None:
 def _custom() -> Config:
     return load_config(None, ["method=gkd", "train.lr=1e-5", "train.betas=[0.9,0.95]", "logging.run_dir=1e-3",
                               "teacher.context_template=no", "data.prompt_field=yes", "teacher.routes={on: m, 7: n}",
-                              "data.route_field=domain", "route2.reward_high=.inf", "seed=7", "rollout.top_p=0.3333333333333333"])
+                              "data.route_field=domain", "route2.reward_high=1.0e+300", "seed=7", "rollout.top_p=0.3333333333333333"])
 
 
 @pytest.mark.parametrize("name", [*PRESETS, None])

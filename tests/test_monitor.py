@@ -190,6 +190,66 @@ def test_batch_samples_carry_the_per_token_log_ratio():
     assert out[0]["log_ratio"] == [-1.0, 2.0] and out[0]["tokens"] == ["t1", "t2"]
     assert out[1]["truncated"] and out[1]["prompt"] == "1 1"
     assert batch_samples(ro, stats, _Tok(), 0) == []
+    assert [x["score"] for x in out] == [None, None]  # no task: not marked
+
+
+class _LastDigitTask:
+    """Scores 1 when the decoded completion ends with the answer (a verifier written for the test)."""
+
+    def verify(self, example, completion):
+        return float(completion.endswith(example.answer))
+
+
+def test_batch_samples_are_marked_by_the_tasks_verifier():
+    from opd.tasks.base import Example
+
+    ro = _rollouts([[5, 6, 7], [1, 2, 0], [3, 3, 3]], [3, 2, 3], [False, False, True], [True, True, False])
+    ro = Rollouts(**{**{f: getattr(ro, f) for f in ro.__dataclass_fields__},
+                     "examples": (Example("p0", "7"), Example("p1", "9"), Example("p2", "3"))})
+    stats = {"mask": ro.completion_mask_BT, "teacher_kl": torch.zeros(3, 3)}
+    out = batch_samples(ro, stats, _Tok(), 3, task=_LastDigitTask())
+    assert [(x["prompt"], x["completion"], x["score"]) for x in out] == [
+        ("p0", "5 6 7", 1.0), ("p1", "1 2", 0.0), ("p2", "3 3 3", 1.0)]
+
+
+def _arith_verdict(completion: str, answer: str) -> float:
+    """The arith verifier written out: the text before the first EOS '$' equals the answer."""
+    head, eos, _ = completion.partition("$")
+    return float(bool(eos) and head == answer)
+
+
+@pytest.mark.parametrize("method", [None, "sft-teacher"])
+def test_write_samples_keeps_heldout_and_training_samples_with_their_marks(method, tmp_path):
+    """The call the loop makes at an evaluation: held-out greedy samples (scored by the evaluation's
+    verifier) and the training batch (scored here), each saying where it comes from."""
+    import json
+
+    from opd.evaluate import evaluate
+
+    parts = _parts(tmp_path, "rollout.prompts_per_step=8", "monitor.samples=3", "rollout.temperature=0.7",
+                   *([f"method={method}"] if method else []))
+    try:
+        train_step(parts, 0)
+        examples = parts.task.eval_examples(24)
+        result = evaluate(parts.student, parts.tokenizer, parts.task, examples, max_new_tokens=5, batch_size=10,
+                          teacher=parts.teacher, samples=24)
+        assert len(result.samples) == 24 and "samples" not in result.as_metrics()
+        scores = [s["score"] for s in result.samples]
+        assert scores == [_arith_verdict(s["completion"], s["answer"]) for s in result.samples]
+        assert sum(scores) / 24 == pytest.approx(result.accuracy) and 0 < result.accuracy < 1
+        assert [s["prompt"] for s in result.samples] == [e.prompt for e in examples]
+        assert all(len(s["log_ratio"]) == len(s["tokens"]) for s in result.samples)
+        n = parts.monitor.write_samples(1, parts.tokenizer, task=parts.task, heldout=result.samples)
+    finally:
+        parts.close()
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert n == len(rows) == 6
+    held, train = rows[:3], rows[3:]
+    assert all(r["source"] == "heldout" and r["decoding"] == "greedy" and r["step"] == 1 for r in held)
+    assert [r["score"] for r in held] == scores[:3]
+    assert all(r["source"] == "train" and r["temperature"] == 0.7 and r["step"] == 1 for r in train)
+    assert {r["policy"] for r in train} == {"teacher" if method == "sft-teacher" else "student"}
+    assert [r["score"] for r in train] == [_arith_verdict(r["completion"], r["answer"]) for r in train]
 
 
 # ------------------------------------------------------------------------------------ config

@@ -3,6 +3,8 @@ does not change the loss, and the terms equal a hand assembly of the math functi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -68,9 +70,18 @@ def run(obj, hidden, weight, fb, rollouts, chunked):
     ("route1.divergence=fkl", "route2.coef=0.5", "route2.credit=return_to_go", "route1.chunk_size=4",
      "route2.is_correction=none"),
     ("method=vopd", "route1.chunk_size=2", "support.kind=full", "route2.is_correction=none"),
+    # shaped divergences (EOPD's gated FKL; verl's floor and clamps) go through autograd per chunk
+    ("method=eopd", "route1.chunk_size=2", "route1.fkl_entropy_min=2.5"),
+    ("method=verl-fkl-topk", "route1.chunk_size=3", "route1.logprob_floor=-3", "route1.clamp_high=0.5"),
+    ("method=verl-k3", "route1.chunk_size=4"),
+    # per-row divergences (DistiLLM-2) and a route-2-only objective with position weights (IW-OPD)
+    ("method=distillm-2", "route1.chunk_size=2"),
+    ("method=iw-opd", "route1.chunk_size=2"),
 ])
 def test_chunked_path_equals_dense_path(batch, overrides):
     hidden, weight, fb, fb_hidden, rollouts = batch
+    if "method=distillm-2" in overrides:  # one row of teacher samples
+        rollouts = replace(rollouts, on_policy_B=torch.tensor([True, False, True]))
     obj = objective(*overrides)
     dense, gh_d, gw_d = run(obj, hidden, weight, fb, rollouts, chunked=False)
     chunk, gh_c, gw_c = run(obj, hidden, weight, fb_hidden, rollouts, chunked=True)
@@ -96,6 +107,12 @@ def test_route1_term_equals_hand_assembly(batch):
     ("method=thinking-machines", "route2.is_correction=none"),
     ("method=vopd", "route2.is_correction=none"),
     ("method=cr-opd", "route2.is_correction=none"),
+    ("method=eopd", "route1.fkl_entropy_min=0"),
+    ("method=verl-k3",),
+    ("method=iw-opd",),
+    ("method=nemo-rl-opd",),
+    ("method=tip",),
+    ("method=distillm-2",),
 ])
 def test_teacher_equal_to_student_gives_zero_loss_and_gradient(batch, overrides):
     hidden, weight, _, _, rollouts = batch
@@ -105,6 +122,8 @@ def test_teacher_equal_to_student_gives_zero_loss_and_gradient(batch, overrides)
     mask = rollouts.completion_mask_BT
     fb = Feedback(access="full", sampled_logprobs_BT=t_logp.gather(-1, rollouts.completion_ids_BT[..., None])[..., 0]
                   * mask, topk_ids_BTK=topk_ids, topk_logprobs_BTK=topk_lp, logits_BTV=logits)
+    # sampled by the student itself: μ = π_S (tinker's reward reads the sampler's log-probs)
+    rollouts = replace(rollouts, behaviour_logprobs_BT=fb.sampled_logprobs_BT.detach())
     out, gh, gw = run(objective(*overrides), hidden, weight, fb, rollouts, chunked=False)
     assert abs(out.loss.item()) < 1e-6
     assert gh.abs().max() < 1e-6 and gw.abs().max() < 1e-6

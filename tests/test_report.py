@@ -17,6 +17,7 @@ import torch
 
 from opd.cli import main as opd_main
 from opd.report import CHECKLIST, checklist, load_run, write_report
+from opd.report.compare import SUMMARY_COLUMNS, summary_rows
 from opd.report.html import log_ratio_color
 from opd.report.plots import FIGURES
 
@@ -116,7 +117,12 @@ def test_markdown_figures_exist_and_samples_show_log_ratios(runs):
         data = (runs[0] / p).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", p
     samples = [json.loads(line) for line in (runs[0] / "samples.jsonl").read_text().splitlines()]
-    assert {s["step"] for s in samples} == {4, 8} and all(len(s["tokens"]) == len(s["log_ratio"]) for s in samples)
+    assert all(len(s["tokens"]) == len(s["log_ratio"]) for s in samples)
+    # the loop stores held-out greedy samples at every evaluation (0, 4, 8) and the last training
+    # batch once there is one (4, 8), each marked by the verifier
+    by_source = {src: {s["step"] for s in samples if s["source"] == src} for src in ("heldout", "train")}
+    assert by_source == {"heldout": {0, 4, 8}, "train": {4, 8}}
+    assert all(s["score"] is not None for s in samples)
     first = samples[-1]
     assert f"`{first['tokens'][0]}`({first['log_ratio'][0]:+.2f})" in md
     html = (runs[0] / "report.html").read_text()
@@ -147,6 +153,172 @@ def test_several_runs_give_one_comparison(runs, tmp_path):
     assert md.count("| identity |") == 1  # one checklist table, a column per run
     default = write_report(list(runs))[0]
     assert default.parent.parent == runs[0].parent and default.parent.name.startswith("compare-")
+
+
+# ------------------------------------------------------------------------------------ what the reader is told
+def _copy(run: Path, dest: Path, *, config: dict | None = None, train: list[dict] | None = None) -> Path:
+    """A copy of ``run`` with config options changed (``{"rollout.on_policy_fraction": 0}``) and / or
+    the train records replaced."""
+    import yaml
+
+    shutil.copytree(run, dest)
+    if config:
+        data = yaml.safe_load((dest / "config.yaml").read_text())
+        for dotted, value in config.items():
+            section, key = dotted.split(".")
+            data[section][key] = value
+        (dest / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    if train is not None:
+        kept = [line for line in (dest / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] != "train"]
+        (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in kept + [json.dumps(r) for r in train]))
+    return dest
+
+
+def _render(run: Path) -> tuple[str, str]:
+    """The HTML and Markdown pages of ``run`` without figures (the figures are tested above)."""
+    from opd.report.html import render_html
+    from opd.report.markdown import render_markdown
+
+    data = load_run(run)
+    return render_html([data], [], [checklist(data)]), render_markdown([data], [], [checklist(data)])
+
+
+def _rewrite_samples_through_the_loop_call(run: Path) -> list[dict]:
+    """samples.jsonl as the loop writes it at an evaluation (the call the loop makes:
+    ``evaluate(..., samples=monitor.samples)`` then ``monitor.write_samples(step, tokenizer,
+    task=task, heldout=result.samples)``), here on the smoke pair after one training step."""
+    from accelerate import Accelerator
+
+    from opd.components import build_components
+    from opd.config import load_config
+    from opd.evaluate import evaluate
+    from opd.step import train_step
+
+    (run / "samples.jsonl").unlink()
+    cfg = load_config(None, [*SMOKE, "monitor.samples=6"])
+    threads = torch.get_num_threads()
+    parts = build_components(cfg, run, Accelerator(cpu=True))
+    try:
+        train_step(parts, 0)
+        result = evaluate(parts.student, parts.tokenizer, parts.task, parts.task.eval_examples(16), max_new_tokens=6,
+                          teacher=parts.teacher, samples=cfg.monitor.samples)
+        parts.monitor.write_samples(8, parts.tokenizer, task=parts.task, heldout=result.samples)
+    finally:
+        parts.close()
+        torch.set_num_threads(threads)
+    return [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+
+
+def test_samples_are_marked_by_the_verifier_and_say_where_they_come_from(runs, tmp_path):
+    run = _copy(runs[0], tmp_path / "run")
+    rows = _rewrite_samples_through_the_loop_call(run)
+    held = [r for r in rows if r["source"] == "heldout"]
+    train = [r for r in rows if r["source"] == "train"]
+    assert len(held) == len(train) == 6
+    html, md = _render(run)
+    samples_html = __import__("html").unescape(html[html.index("<h2>Sample completions</h2>"):])
+    samples_md = md[md.index("## Sample completions"):]
+    assert "held-out prompts, greedy decoding — step 8" in samples_html
+    assert "training batch, step 8 — student samples at temperature 1.0" in samples_html
+    assert "sampled, not greedy, so their accuracy is not the held-out accuracy" in samples_md
+    for group in (held, train):
+        right = sum(r["score"] == 1.0 for r in group)
+        assert f"{right} of 6 shown are correct by the task's verifier" in samples_html
+    n_right = sum(r["score"] == 1.0 for r in rows)
+    assert samples_html.count('title="correct">✓</span>') == n_right
+    assert samples_html.count('title="wrong">✗</span>') == len(rows) - n_right
+    assert sum(line.startswith("- ✓ ") for line in samples_md.splitlines()) == n_right
+    assert sum(line.startswith("- ✗ ") for line in samples_md.splitlines()) == len(rows) - n_right
+
+
+def test_a_run_that_did_not_finish_says_so(runs, tmp_path):
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert "did not finish" not in (runs[0] / "report.html").read_text()
+    cases = {
+        "interrupted": ({"status": "interrupted", "steps_done": 5, "signal": "SIGINT",
+                         "resume": "opd distill --resume X"}, "interrupted after step 5 of 8 (signal: SIGINT)"),
+        "failed": ({"status": "failed", "steps_done": 3, "error": "could not write the checkpoint: no space left"},
+                   "failed after step 3 of 8: could not write the checkpoint: no space left"),
+        "no updates": ({"status": "no updates"}, "every one of the 8 steps was skipped"),
+        "stopped": ({"status": "stopped", "steps_done": 4}, "stopped after step 4 of 8 (train.stop_after)"),
+    }
+    for status, (fields, sentence) in cases.items():
+        run = _copy(runs[0], tmp_path / status.replace(" ", "_"))
+        (run / "summary.json").write_text(json.dumps({**summary, **fields}))
+        html, md = _render(run)
+        assert f"This run did not finish: {status}." in html and sentence in html, status
+        assert f"> **This run did not finish: {status}.**" in md and sentence in md, status
+        assert f"| {status} |" in md
+    run = _copy(runs[0], tmp_path / "killed")
+    (run / "summary.json").unlink()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "step": 9, "lo')  # killed mid-write
+    html, md = _render(run)
+    assert "This run did not finish: unfinished." in html and "no summary.json" in html
+    assert "dropped a torn last line" in md
+
+
+def test_configuration_warnings_are_shown(runs, tmp_path):
+    html = (runs[0] / "report.html").read_text()
+    assert "<h2>Configuration warnings</h2>" in html
+    run = _copy(runs[0], tmp_path / "warned")
+    (run / "warnings.json").write_text(json.dumps(["route2.gamma has no effect: route 2 is off (route2.coef=0)"]))
+    html, md = _render(run)
+    assert '<div class="warn">route2.gamma has no effect: route 2 is off (route2.coef=0)</div>' in html
+    assert "- route2.gamma has no effect" in md
+    (run / "warnings.json").write_text("[]")
+    assert "None: every option set has an effect" in _render(run)[0]
+    (run / "warnings.json").unlink()
+    assert "Not recorded (no warnings.json" in _render(run)[1]
+
+
+def test_hardware_says_what_ran_and_what_the_config_asked(runs, tmp_path):
+    run = _copy(runs[0], tmp_path / "asked", config={"train.device": "cuda", "train.precision": "fp16"})
+    info = json.loads((run / "run_info.json").read_text())
+    (run / "run_info.json").write_text(json.dumps({**info, "device": "cpu", "precision": "no"}))
+    item = next(i for i in checklist(load_run(run)) if i.name == "hardware")
+    assert "ran on cpu (config asked train.device=cuda)" in item.value
+    assert "no mixed precision (config asked train.precision=fp16)" in item.value
+    (run / "run_info.json").write_text(json.dumps({k: v for k, v in info.items() if k != "precision"}))
+    item = next(i for i in checklist(load_run(run)) if i.name == "hardware")
+    assert "precision not recorded (config asked train.precision=fp16)" in item.value
+
+
+def _lines(run: Path, slug: str) -> dict[str, list[float]]:
+    """The lines of the first panel of figure ``slug``: label → y values."""
+    from matplotlib.figure import Figure
+
+    from opd.report.plots import _draw_panel
+
+    panel = next(f for f in FIGURES if f[0] == slug)[3][0]
+    ax = Figure().subplots()
+    _draw_panel(ax, [load_run(run)], panel)
+    return {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()
+            if not line.get_label().startswith("_")}
+
+
+def test_offpolicy_log_ratio_is_not_shown_as_a_kl(runs, tmp_path):
+    base = [r for r in load_run(runs[0]).train]
+    sft = [{**{k: v for k, v in r.items() if k != "teacher_kl"}, "teacher_kl": "nan",
+            "offpolicy_logratio": -0.25 - 0.01 * r["step"]} for r in base]
+    run = _copy(runs[0], tmp_path / "sft", config={"rollout.on_policy_fraction": 0.0}, train=sft)
+    row = dict(zip(SUMMARY_COLUMNS, summary_rows([load_run(run)])[0], strict=True))
+    assert row["teacher_kl (last 10)"] == "– (no student samples)"
+    assert row["off-policy log π_S − log π_T (last 10)"].endswith("(not a KL)")
+    lines = _lines(run, "teacher_kl")
+    assert "teacher_kl (student samples)" not in lines  # NaN: no line, and never a zero
+    off = lines["log π_S − log π_T on off-policy rows (not a KL)"]
+    assert len(off) == len(base) and max(off) < -0.25  # its own line, with every logged step
+    item = next(i for i in checklist(load_run(run)) if i.name == "teacher_kl")
+    assert item.missing and "no student samples" in item.value and "not a KL" in item.value
+    # logs written before the split: teacher_kl over every row of a run that trained on teacher samples
+    legacy = [{**r, "teacher_kl": -0.3} for r in base]
+    old = _copy(runs[0], tmp_path / "legacy", config={"rollout.on_policy_fraction": 0.0}, train=legacy)
+    assert "incl. off-policy rows" in dict(zip(SUMMARY_COLUMNS, summary_rows([load_run(old)])[0],
+                                               strict=True))["teacher_kl (last 10)"]
+    assert "log π_S − log π_T, all rows incl. off-policy (logged as teacher_kl)" in _lines(old, "teacher_kl")
+    assert "includes the off-policy rows" in next(i for i in checklist(load_run(old)) if i.name == "teacher_kl").value
 
 
 def test_report_errors_say_what_is_wrong(tmp_path):

@@ -27,6 +27,8 @@ def _ignored_knobs(cfg: Config) -> list[Problem]:
     specs = field_specs()
     r1, r2, rt, g = cfg.route1, cfg.route2, cfg.routing, cfg.gates
     changed = {p for p, spec in specs.items() if get_value(cfg, p) != spec.default}
+    served = bool(cfg.teacher.server) or any(str(v).startswith(("http://", "https://"))
+                                             for v in [cfg.teacher.model, *cfg.teacher.routes.values()])
     P = []
     groups = [
         ("route1", not route1_on(cfg) and r1.divergence == "none", "route 1 is off (route1.divergence=none)",
@@ -45,9 +47,21 @@ def _ignored_knobs(cfg: Config) -> list[Problem]:
                 P.append(Problem(f"{', '.join(keys)} {'has' if len(keys) == 1 else 'have'} no effect: {why}",
                                  tuple(keys)))
     knobs = [
-        ("route1.beta", r1.divergence == "jsd", "route1.divergence=jsd"),
-        ("route1.alpha", r1.divergence in ("skl", "srkl"), "route1.divergence=skl or srkl"),
-        ("route1.mu", r1.divergence == "akl", "route1.divergence=akl"),
+        ("route1.beta", "jsd" in (r1.divergence, r1.off_policy_divergence), "route1.divergence=jsd"),
+        ("route1.alpha", bool({"skl", "srkl"} & {r1.divergence, r1.off_policy_divergence}),
+         "route1.divergence=skl or srkl"),
+        ("route1.mu", "akl" in (r1.divergence, r1.off_policy_divergence), "route1.divergence=akl"),
+        ("route1.fkl_entropy_min", r1.fkl_coef > 0, "route1.fkl_coef > 0"),
+        ("route1.off_policy_divergence", cfg.rollout.on_policy_fraction < 1, "rollout.on_policy_fraction < 1"),
+        ("route2.constant_reward", r2.reward in ("constant", "entropy_rank"), "route2.reward=constant or entropy_rank"),
+        ("route2.reward_logprobs", r2.reward not in ("constant", "entropy_rank"), "a log-ratio route2.reward"),
+        ("route2.icepop_low", r2.is_correction == "icepop", "route2.is_correction=icepop"),
+        ("route2.icepop_high", r2.is_correction == "icepop", "route2.is_correction=icepop"),
+        ("route2.dppo_sign", r2.is_correction == "dppo", "route2.is_correction=dppo"),
+        ("route2.off_policy_rows", cfg.rollout.on_policy_fraction < 1, "rollout.on_policy_fraction < 1"),
+        ("gates.drift_gamma", g.position == "drift_share", "gates.position=drift_share"),
+        ("gates.logprob_fraction", g.logprob_gate, "gates.logprob_gate=true"),
+        ("outcome.sign_gate", route2_on(cfg), "route2.coef > 0"),
         ("route2.reward_low", r2.reward == "clipped", "route2.reward=clipped"),
         ("route2.reward_high", r2.reward == "clipped", "route2.reward=clipped"),
         ("route2.box_cox_alpha", r2.reward == "box_cox", "route2.reward=box_cox"),
@@ -71,7 +85,17 @@ def _ignored_knobs(cfg: Config) -> list[Problem]:
         ("rollout.off_policy_source", cfg.rollout.on_policy_fraction < 1, "rollout.on_policy_fraction < 1"),
         ("rollout.teacher_mix", cfg.rollout.on_policy_fraction > 0, "rollout.on_policy_fraction > 0"),
         ("teacher.self_mode", cfg.teacher.model == "self", "teacher.model=self"),
-        ("teacher.context_template", cfg.teacher.use_context, "teacher.use_context=true"),
+        *[(f"rollout.{k}", cfg.rollout.engine == "vllm", "rollout.engine=vllm")
+          for k in ("server", "sync_every", "vllm_memory", "vllm_max_model_len")],
+        *[(f"rollout.{k}", cfg.rollout.server is not None, "rollout.server")
+          for k in ("sync_dir", "server_timeout", "server_retries")],
+        *[(f"teacher.{k}", served, "a teacher server (teacher.server, or URLs in teacher.routes)")
+          for k in ("protocol", "server_dtype", "server_timeout", "server_retries")],
+        ("teacher.context_template", (cfg.teacher.use_context or cfg.teacher.system_prompt is not None)
+         and not _chat(cfg), "teacher.use_context=true (or teacher.system_prompt) on plain prompts (a conversation "
+         "gets its teacher-only context as a system message)"),
+        *[(f"data.{k}", _chat(cfg), "data.format=chat (or data.task=arith_chat)") for k in ("messages_field",
+                                                                                            "train_turns")],
         ("outcome.normalize_std", cfg.outcome.adv_tau > 0, "outcome.adv_tau > 0"),
     ] + [(f"routing.{k}", rt.kind == "cr_opd", "routing.kind=cr_opd") for k in section_keys("routing") if k != "kind"]
     m = cfg.monitor
@@ -112,6 +136,12 @@ def warning_problems(cfg: Config) -> list[Problem]:
         add(f"the rollouts come from μ ≠ π_S ({', '.join(reasons)}) but route2.is_correction=none treats them as "
             "the student's own samples, which biases the update; set route2.is_correction=ratio (or ppo_clip)",
             "route2.is_correction", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.teacher_mix")
+    if r.overlap and on2 and r2.is_correction == "none":
+        add("rollout.overlap samples each batch one step before it is used, but route2.is_correction=none ignores "
+            "that lag; set route2.is_correction=ratio (or ppo_clip)", "rollout.overlap", "route2.is_correction")
+    if r.overlap and on1 and not on2:
+        add("rollout.overlap: route 1 takes the lagged states as they are (no importance ratio corrects a "
+            "distributional loss); the lag is one step", "rollout.overlap", "route1.divergence")
     if on2 and r2.is_correction == "none" and r.updates_per_rollout > 1:
         add(f"rollout.updates_per_rollout={r.updates_per_rollout} reuses each batch after the student moved, but "
             "route2.is_correction=none ignores that staleness; set route2.is_correction=ppo_clip (or ratio, dppo)",
@@ -128,9 +158,16 @@ def warning_problems(cfg: Config) -> list[Problem]:
         add(f"teacher.temperature={t.temperature}: route 2's reward compares the tempered teacher with the "
             "untempered student, so r_t is not 0 even where the models agree; set teacher.temperature=1 unless "
             "intended", "teacher.temperature")
-    if t.temperature != 1 and t.model.startswith(("http://", "https://")):
-        add(f"teacher.temperature={t.temperature} with a teacher server: servers usually return untempered "
-            "log-probs; check that the server applies the temperature", "teacher.temperature", "teacher.model")
+    if r.engine == "vllm" and r.teacher_mix > 0:
+        add(f"rollout.teacher_mix={r.teacher_mix}: teacher-mixed sampling needs both models' next-token "
+            "distributions at every step and runs opd's own decode loop, so rollout.engine=vllm is not used for it",
+            "rollout.engine", "rollout.teacher_mix")
+    if r.engine == "vllm" and r.sync_every > 1 and (not on2 or r2.is_correction == "none"):
+        add(f"rollout.sync_every={r.sync_every}: rollouts come from weights up to {r.sync_every - 1} update(s) old, and "
+            "only route 2's importance ratio π_S/μ (route2.is_correction) corrects that; "
+            + ("route 2 is off" if not on2 else "route2.is_correction=none") + ", so the lag is not corrected; "
+            "set rollout.sync_every=1 or use route 2 with route2.is_correction=ratio",
+            "rollout.sync_every", "route2.is_correction")
     if on2 and r2.reward == "extrapolated" and r2.extrapolation_lambda == 1:
         add("route2.reward=extrapolated with extrapolation_lambda=1 equals reward=log_ratio but still loads a "
             "reference model; use reward=log_ratio, or λ > 1 for ExOPD", "route2.reward",
@@ -152,7 +189,7 @@ def warning_problems(cfg: Config) -> list[Problem]:
         add("teacher.model=self without use_context is the initial student: this only regularises towards the "
             "starting point; set teacher.use_context=true for self-distillation", "teacher.model",
             "teacher.use_context")
-    if cfg.data.context_field is not None and not t.use_context:
+    if cfg.data.context_field is not None and not t.use_context and t.system_prompt is None:
         add(f"data.context_field={cfg.data.context_field!r} is set but teacher.use_context=false, so the "
             "context is never shown; set teacher.use_context=true", "data.context_field", "teacher.use_context")
     m = cfg.monitor
@@ -168,7 +205,32 @@ def warning_problems(cfg: Config) -> list[Problem]:
     if cfg.train.warmup_steps >= cfg.train.steps:
         add(f"train.warmup_steps={cfg.train.warmup_steps} ≥ train.steps={cfg.train.steps}: the learning rate "
             "never reaches its peak", "train.warmup_steps", "train.steps")
-    return P + _ignored_knobs(cfg)
+    return P + _chat_and_tokenizer_warnings(cfg) + _ignored_knobs(cfg)
+
+
+def _chat(cfg: Config) -> bool:
+    return cfg.data.format == "chat" or cfg.data.task == "arith_chat"
+
+
+def _chat_and_tokenizer_warnings(cfg: Config) -> list[Problem]:
+    """data.format=chat, teacher.system_prompt and teacher.tokenizer=own (opd/chat.py, opd/xtok)."""
+    t = cfg.teacher
+    P = []
+    if t.system_prompt is not None and cfg.data.context_field is not None:
+        P.append(Problem(f"teacher.system_prompt is used only for rows without data.context_field="
+                         f"{cfg.data.context_field!r}, and that field must be on every row: the system prompt is never "
+                         "shown; unset one of them", ("teacher.system_prompt", "data.context_field")))
+    if t.tokenizer == "own":
+        if not t.check_tokenizer:
+            P.append(Problem("teacher.check_tokenizer=false has no effect with teacher.tokenizer=own: the comparison "
+                             "runs anyway and reports what opd aligns", ("teacher.check_tokenizer",)))
+        if route1_on(cfg):
+            P.append(Problem("teacher.tokenizer=own: route 1 compares the distributions on the tokens both vocabularies "
+                             "share (the teacher's top-k, where the token boundaries align); the teacher's mass on "
+                             "tokens the student's vocabulary lacks (the ULD term, Feedback.cross_vocab) is not in the "
+                             "loss yet, and states inside a teacher token contribute 0", ("teacher.tokenizer",
+                                                                                         "route1.divergence")))
+    return P
 
 
 def config_warnings(cfg: Config) -> list[str]:

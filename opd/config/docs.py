@@ -28,16 +28,23 @@ def _show(value: Any) -> str:
 
 
 def _wrap(text: str, indent: str) -> str:
-    return textwrap.fill(text, width=100, initial_indent=indent, subsequent_indent=indent)
+    # never split a URL, an arXiv id or an option name at a hyphen
+    return textwrap.fill(text, width=100, initial_indent=indent, subsequent_indent=indent,
+                         break_on_hyphens=False, break_long_words=False)
 
 
 def format_methods() -> str:
-    """The ``opd methods`` listing: per preset its summary, source, notes and the variables it sets."""
-    lines = ["Method presets: `method: NAME` in a config (or `method=NAME` on the command line) applies the",
-             "values below; the file's own values and the overrides still win. Sections follow the pipeline.", ""]
+    """The ``opd methods`` listing: per preset its summary, formula, source, notes and the variables it sets."""
+    lines = [f"Method presets ({len(PRESETS)}): `method: NAME` in a config (or `method=NAME` on the command line)",
+             "applies the values below; the file's own values and the overrides still win. Sections follow the",
+             "pipeline; formulas use the notation of docs/methods.md §1 (r_t = log π_T(y_t) − log π_S(y_t),",
+             "ρ_t = π_S(y_t)/μ(y_t), mean_t = the configured token reduction). Tags: [INFER] = our",
+             "reconstruction where the source does not pin a detail; [MEMORY] = recalled from the paper, not",
+             "re-verified (docs/methods.md §0).", ""]
     for preset in PRESETS.values():
         lines.append(preset.name)
         lines.append(_wrap(preset.summary, "    "))
+        lines.append(_wrap("formula: " + preset.formula, "    "))
         lines.append(_wrap("source: " + preset.citation, "    "))
         if preset.notes:
             lines.append(_wrap("notes: " + preset.notes, "    "))

@@ -37,13 +37,26 @@ class StudentConfig:
                      "student model: a local folder, a hub id, or builtin:<task>/<name> for a shipped checkpoint")
     tokenizer: str | None = opt(None, "tokenizer folder or hub id (default: the model's)")
     dtype: str = opt("float32", "parameter dtype", choices=("float32", "bfloat16", "float16"))
+    lora_rank: int = opt(0, "LoRA rank r (0 = off: full fine-tuning). > 0 trains low-rank adapters through peft "
+                         "(opd/lora.py): W x + (lora_alpha / r)·B A x, base weights frozen; checkpoints hold the "
+                         "adapter, final/ and `opd export` merged weights; a frozen self-teacher is the base with "
+                         "the adapter switched off (no second copy)", low=0)
+    lora_alpha: float = opt(32.0, "LoRA α: the adapter's update is scaled by lora_alpha / lora_rank", low=0.0,
+                            low_open=True)
+    lora_dropout: float = opt(0.0, "LoRA dropout on the adapter's input (training only)", low=0.0, high=1.0,
+                              high_open=True)
+    lora_target_modules: list[str] = opt(["all-linear"], "modules that get an adapter (peft names: a module is "
+                                         "adapted when its name equals or ends with an entry, e.g. [q_proj, v_proj]); "
+                                         "all-linear = every linear layer except the output head")
 
 
 @dataclass
 class DataConfig:
     """Where prompts come from: a built-in task, a JSONL file or a Hugging Face dataset."""
-    task: str = opt("arith", "built-in task name (arith) or 'jsonl' / 'hf' for user prompts",
-                    choices=("arith", "jsonl", "hf"))
+    task: str = opt("arith", "built-in task name (arith, or arith_chat: multi-turn conversations with tool turns; "
+                    "the case studies fork, route, modes, long of opd/tasks/cases.py, each with builtin:<task>/teacher "
+                    "and builtin:<task>/student) or 'jsonl' / 'hf' for user data",
+                    choices=("arith", "arith_chat", "fork", "route", "modes", "long", "jsonl", "hf"))
     path: str | None = opt(None, "JSONL file (task=jsonl) or dataset id / local dataset folder (task=hf)")
     split: str = opt("train", "dataset split used for training prompts (task=hf)")
     eval_path: str | None = opt(None, "held-out JSONL file / dataset for evaluation (default: hold out eval.size prompts)")
@@ -52,12 +65,24 @@ class DataConfig:
     answer_field: str | None = opt("answer", "field holding the reference answer (optional; verifier and SFT baselines)")
     context_field: str | None = opt(None, "field holding teacher-only context (privileged information the student never sees)")
     route_field: str | None = opt(None, "field whose value selects the teacher in teacher.routes (multi-teacher)")
+    format: str = opt("prompt", "record format (task=jsonl/hf): prompt — one prompt text per record (prompt_field); "
+                      "chat — a conversation per record (messages_field: a list of {role, content}), rendered with "
+                      "the student's chat template; the student writes the assistant turns (docs/data_formats.md)",
+                      choices=("prompt", "chat"))
+    messages_field: str = opt("messages", "format=chat: the field holding the list of {role, content} messages "
+                              "(roles system, user, assistant, tool)")
+    train_turns: str = opt("last", "format=chat: the assistant turns the student writes and is trained on — the last "
+                           "of each conversation, or all (each given the conversation before it); system, user and "
+                           "tool turns and the template's own tokens are never trained on", choices=("last", "all"))
     eval_seed: int = opt(0, "seed of the held-out split; fixed across run seeds so that runs are compared on the same "
                          "prompts (the run's `seed` drives the training stream and sampling)")
     verifier: str = opt("auto", "how completions are scored: auto (the task's own), exact_match, contains, none, "
                         "or python:module:function taking (example, completion) -> float")
     digits: int = opt(3, "arith: operand digits", low=1, high=9)
     reverse_operands: bool = opt(True, "arith: write operands least-significant digit first (see opd/tasks/arith.py)")
+    length: int | None = opt(None, "case tasks (fork, route, modes, long): input digits, so the answer has about as "
+                             "many tokens (default 6; long accepts 2-24, the others 2-12); rollout.max_new_tokens "
+                             "must cover the answer and its EOS", low=2, high=24)
 
 
 @dataclass
@@ -80,8 +105,31 @@ class RolloutConfig:
     prefix_tokens: int | None = opt(None, "partial rollouts: generate and train on only the first n completion tokens "
                                     "(Prefix-OPD); such prefixes are not treated as truncated", low=1)
     updates_per_rollout: int = opt(1, "optimizer passes over each rollout batch (> 1 makes samples stale: use route2.is_correction)", low=1)
+    overlap: bool = opt(False, "asynchronous rollouts: sample step k+1's rollouts (and score them) in a background "
+                        "thread while step k trains — one step of policy lag, corrected by route 2's importance "
+                        "ratios (route2.is_correction); the sampler holds its own copy of the weights "
+                        "(opd/overlap.py)")
     engine: str = opt("hf", "who samples the student's rollouts: hf (opd's own KV-cached decode loop over the live "
-                      "student; opd/rollout/engine.py)", choices=("hf",))
+                      "student; opd/rollout/engine.py) or vllm (a vLLM engine in this process, or the vLLM server at "
+                      "rollout.server; the student's weights are pushed to it every rollout.sync_every steps; "
+                      "docs/serving.md)", choices=("hf", "vllm"))
+    server: str | None = opt(None, "engine=vllm: URL of a vLLM server (`vllm serve STUDENT --logprobs-mode "
+                             "processed_logprobs`, started with VLLM_SERVER_DEV_MODE=1 so that it accepts weight "
+                             "reloads) that samples the rollouts; null = a vLLM engine inside the training process")
+    sync_every: int = opt(1, "engine=vllm: push the student's weights to the engine every k optimizer steps; with "
+                          "k > 1 rollouts come from a policy up to k−1 updates old, which route2.is_correction "
+                          "corrects through the recorded behaviour log-probs log μ", low=1)
+    sync_dir: str | None = opt(None, "engine=vllm with rollout.server: a folder both this process and the server can "
+                               "read, where the weights are written for the server to reload (default: a temporary "
+                               "folder on this machine)")
+    vllm_memory: float = opt(0.1, "engine=vllm in-process: vLLM's gpu_memory_utilization, the share of GPU memory "
+                             "(of RAM on CPU) it reserves for weights and KV cache", low=0.0, high=1.0, low_open=True)
+    vllm_max_model_len: int | None = opt(None, "engine=vllm in-process: longest prompt + completion the engine "
+                                         "accepts (null = the model's own limit)", low=1)
+    server_timeout: float = opt(120.0, "seconds one request to the rollout server may take before it is retried",
+                                low=0.0, low_open=True)
+    server_retries: int = opt(3, "retries of a failed request to the rollout server (exponential back-off) before "
+                              "the run stops with a resumable checkpoint", low=0)
 
 
 @dataclass
@@ -101,6 +149,28 @@ class TeacherConfig:
     routes: dict[str, str] = opt({}, "multi-teacher routing: {value of data.route_field: teacher model}; "
                                  "prompts whose value is missing use `model`")
     check_tokenizer: bool = opt(True, "stop before training when teacher and student tokenizers disagree")
+    server: str | None = opt(None, "URL of a teacher server that scores the rollouts instead of an in-process model "
+                             "(teacher.protocol says which API; teacher.routes values may be URLs too; "
+                             "docs/serving.md)")
+    protocol: str = opt("opd", "API of teacher servers: opd (`opd serve-teacher MODEL`: sampled-token, top-k and "
+                        "caller-chosen-id log-probs, temperature applied by the server) or vllm (vLLM's "
+                        "OpenAI-compatible /v1/completions with prompt_logprobs; k up to the server's "
+                        "--max-logprobs)", choices=("opd", "vllm"))
+    server_dtype: str = opt("float32", "protocol=opd: dtype of the log-probs the server sends back (ids are int32)",
+                            choices=("float32", "float16"))
+    server_timeout: float = opt(120.0, "seconds one request to a teacher server may take before it is retried",
+                                low=0.0, low_open=True)
+    server_retries: int = opt(3, "retries of a failed request to a teacher server (exponential back-off) before the "
+                              "run stops with a resumable checkpoint", low=0)
+    tokenizer: str = opt("same", "same: the teacher reads the student's token ids, so the tokenizers must agree "
+                         "(checked before training); own: the teacher keeps its own tokenizer — the student's text is "
+                         "re-tokenized for it, the two tokenizations are aligned by character offsets and its "
+                         "log-probs merged onto the student's tokens (cross-tokenizer OPD; docs/data_formats.md)",
+                         choices=("same", "own"))
+    system_prompt: str | None = opt(None, "a teacher-only system prompt: every example's teacher-only context, which "
+                                    "the student never sees (data.format=chat: a system message in the teacher's "
+                                    "rendering; plain prompts: rendered with context_template). A row's "
+                                    "data.context_field value takes precedence. Implies use_context")
     cache: str = opt("none", "reuse the teacher's signal for sequences it has already scored (same prompt and "
                      "completion ids; opd/teacher_cache.py): none, memory (this run) or disk (teacher.cache_dir, "
                      "reused across runs: Lightning OPD's offline teacher)", choices=("none", "memory", "disk"))
@@ -118,7 +188,7 @@ class SupportConfig:
         "full", "teacher_topk", "student_topk", "union", "sampled", "teacher_topk_sampled"))
     k: int = opt(32, "top-k size of the support", low=1)
     norm: str = opt("renorm", "renormalise both distributions on the support, or keep a tail bucket for the rest",
-                    choices=("renorm", "tail"))
+                    choices=("renorm", "tail", "none"))
     student_temperature: float = opt(1.0, "student temperature inside the loss", low=0.0, low_open=True)
 
 
@@ -126,19 +196,40 @@ class SupportConfig:
 class Route1Config:
     """Route 1: a direct distributional loss at every visited state."""
     divergence: str = opt("rkl", "per-token divergence D(π_T ‖ π_S) on the support (none = route 1 off)",
-                          choices=("none", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl"))
+                          choices=("none", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "k3"))
     coef: float = opt(1.0, "weight of the route-1 term", low=0.0)
     beta: float = opt(0.5, "generalized JSD β (0 = forward KL, 1 = reverse KL; GKD convention)", low=0.0, high=1.0)
     alpha: float = opt(0.1, "skew KL / skew reverse KL α (DistiLLM)", low=0.0, high=1.0)
     mu: float = opt(0.5, "AKL head mass threshold μ (Wu et al. 2404.02657)", low=0.0, high=1.0)
     chunk_size: int = opt(0, "memory-efficient path: tokens per chunk (0 = auto: chunked only when the vocabulary is large)", low=0)
+    off_policy_divergence: str | None = opt(
+        None, "divergence on the off-policy rows (teacher samples / dataset answers; rollout.on_policy_fraction < 1); "
+        "null = route1.divergence on every row. DistiLLM-2 (arXiv 2503.07067): skl on teacher outputs, srkl on "
+        "the student's", choices=("fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "k3"))
+    fkl_coef: float = opt(0.0, "add c·1[H_T > fkl_entropy_min]·FKL on the same support to the divergence, H_T the "
+                          "teacher's entropy there (EOPD arXiv 2603.07079: forward KL where the teacher is uncertain; "
+                          "0 = off)", low=0.0)
+    fkl_entropy_min: float = opt(0.0, "entropy threshold τ (nats) of the added forward-KL term (0 with fkl_coef > 0 "
+                                 "adds it wherever the teacher is not certain)", low=0.0)
+    logprob_floor: float | None = opt(None, "clamp student and teacher log-probs on the support to ≥ this before the "
+                                      "divergence (verl log_prob_min_clamp = -10; the clamp stops the gradient)")
+    clamp_low: float | None = opt(None, "clamp the per-token divergence from below (verl clamps top-k FKL at 0)")
+    clamp_high: float | None = opt(None, "clamp the per-token divergence from above (verl loss_max_clamp = 10)")
 
 
 @dataclass
 class Route2Config:
     """Route 2: policy-gradient-style update from the per-token log-ratio reward."""
     coef: float = opt(0.0, "weight of the route-2 term (0 = off)", low=0.0)
-    reward: str = opt("log_ratio", "per-token reward r_t", choices=("log_ratio", "clipped", "box_cox", "extrapolated"))
+    reward: str = opt("log_ratio", "per-token reward r_t", choices=("log_ratio", "clipped", "box_cox", "extrapolated",
+                                                                   "constant", "entropy_rank"))
+    reward_logprobs: str = opt("current", "student log-probs in the log-ratio reward: the current student's (recomputed "
+                               "in the loss's forward pass) or the sampler's μ (behaviour; tinker builds r_t = log π_T − "
+                               "log μ from the sampling client's log-probs). They agree when μ = π_S (one update per "
+                               "rollout batch, temperature 1, no top-p/top-k)", choices=("current", "behaviour"))
+    constant_reward: float = opt(-1.0, "teacher-free rewards (arXiv 2608.31046): reward=constant is r_t = c (a placebo "
+                                 "baseline); reward=entropy_rank is OPSA's r_t = c·(1 + Ĥ_t)/2, Ĥ_t the student "
+                                 "entropy min–max ranked over the trained tokens")
     reward_low: float | None = opt(None, "clipped reward: lower bound")
     reward_high: float | None = opt(None, "clipped reward: upper bound")
     box_cox_alpha: float = opt(0.5, "PowerOPD Box–Cox α (> 0 bounds the reward below by −1/α)", low=0.0)
@@ -152,17 +243,26 @@ class Route2Config:
                      "zero, or decomposed V = −RKL_t + γ·U with a learned head U",
                      choices=("closed_form", "zero", "decomposed"))
     value_coef: float = opt(0.5, "weight of the value-head regression loss (value=decomposed)", low=0.0)
+    off_policy_rows: bool = opt(False, "apply route 2 also to the off-policy rows (dataset answers / teacher samples) "
+                                "with ρ = 1, as offline OPD on fixed data does (Lightning OPD arXiv 2604.13010)")
     future_only: bool = opt(False, "credit from t+1 on (MiniLLM's long-term term); pair with a route-1 term that "
                             "covers the immediate step (MiniLLM single-step decomposition)")
     length_normalize: bool = opt(False, "MiniLLM length normalisation of the return (mean of remaining rewards)")
     whiten: bool = opt(False, "whiten advantages over the batch's valid tokens")
     adv_clip: float | None = opt(None, "clip advantages to ±adv_clip (rllm uses 5)", low=0.0, low_open=True)
     is_correction: str = opt("ratio", "importance correction for stale samples: ratio (plain IS), ppo_clip, dppo "
-                             "(sign-conditioned trust-region mask), none (on-policy surrogate)",
-                             choices=("none", "ratio", "ppo_clip", "dppo"))
+                             "(sign-conditioned trust-region mask), icepop (drop tokens whose ratio leaves "
+                             "[icepop_low, icepop_high]), none (on-policy surrogate)",
+                             choices=("none", "ratio", "ppo_clip", "dppo", "icepop"))
     clip_low: float = opt(0.2, "PPO clip ε_low / DPPO δ_low", low=0.0)
     clip_high: float = opt(0.2, "PPO clip ε_high / DPPO δ_high", low=0.0)
     ratio_cap: float | None = opt(None, "truncate importance ratios at this value (TIS)", low=0.0, low_open=True)
+    icepop_low: float = opt(0.2, "is_correction=icepop: lowest kept ratio π_S/μ (NeMo-RL MOPD recipe: 0.2)", low=0.0)
+    icepop_high: float = opt(5.0, "is_correction=icepop: highest kept ratio π_S/μ (NeMo-RL MOPD recipe: 5)", low=0.0,
+                             low_open=True)
+    dppo_sign: str = opt("advantage", "is_correction=dppo: whose sign picks the band — the final advantage (A = 0 "
+                         "kept), or the outcome advantage alone with A ≤ 0 on the low band (prime-rl masks before "
+                         "adding the teacher term)", choices=("advantage", "outcome"))
 
 
 @dataclass
@@ -188,12 +288,19 @@ class GatesConfig:
     entropy_low: float | None = opt(None, "TIP Q3: low-entropy threshold (default: the batch median)")
     divergence_high: float | None = opt(None, "TIP Q3: high-divergence threshold (default: the batch median)")
     coverage_gate: bool = opt(False, "keep only tokens whose sample is in the teacher's top-k")
-    position: str = opt("uniform", "position weights", choices=("uniform", "linear_decay", "prefix", "drift"))
+    position: str = opt("uniform", "position weights", choices=("uniform", "linear_decay", "prefix", "drift",
+                                                               "drift_share"))
     prefix_fraction: float = opt(0.3, "position=prefix: keep the first fraction of each completion", low=0.0, high=1.0, low_open=True)
     decay_to: float = opt(0.0, "position=linear_decay: weight of the last token", low=0.0, high=1.0)
     drift_beta: float = opt(1.0, "position=drift: IW-OPD β in exp(−β Σ_{t'<t} d_t') ([INFER])", low=0.0)
-    reduction: str = opt("token_mean", "how per-token losses become one scalar",
-                         choices=("token_mean", "sequence_mean", "constant"))
+    drift_gamma: float = opt(0.5, "position=drift_share: IW-OPD w_t = 1 + γ(1 − Σ_{t'<t}|r_t'| / Σ|r|) (TRL IWOPDTrainer "
+                             "iw_opd_gamma; arXiv 2606.22600)", low=0.0)
+    logprob_gate: bool = opt(False, "keep only the tokens with the lowest student log-prob log π_S(y_t) in the batch "
+                             "(OPSA arXiv 2608.31046)")
+    logprob_fraction: float = opt(0.2, "logprob_gate: fraction of the batch's tokens kept (floor, at least one)",
+                                  low=0.0, high=1.0, low_open=True)
+    reduction: str = opt("token_mean", "how per-token losses become one scalar (sum: no normaliser, as tinker's losses)",
+                         choices=("token_mean", "sequence_mean", "constant", "sum"))
 
 
 @dataclass
@@ -205,6 +312,8 @@ class RegularizationConfig:
     ref_kl_coef: float = opt(0.0, "weight of KL(π_S ‖ π_ref) (StableOPD)", low=0.0)
     ref_kl_estimator: str = opt("k3", "estimator of the reference KL", choices=("k1", "k2", "k3", "full"))
     entropy_coef: float = opt(0.0, "entropy bonus weight (loss −coef·H(π_S))", low=0.0)
+    mismatch_coef: float = opt(0.0, "weight of the train–inference mismatch penalty (log π_S(y_t) − log μ(y_t))² on the "
+                               "student's own samples (prime-rl kl_tau = 1e-3)", low=0.0)
     sft_coef: float = opt(0.0, "weight of a cross-entropy term on the batch's off-policy rows (teacher samples or "
                           "dataset answers, rollout.off_policy_source): SFT / rollout-mixture distillation", low=0.0)
 
@@ -215,6 +324,8 @@ class OutcomeConfig:
     adv_tau: float = opt(0.0, "weight of the group-normalised outcome advantage (0 = off)", low=0.0)
     teacher_tau: float = opt(1.0, "weight of the OPD advantage", low=0.0)
     normalize_std: bool = opt(True, "divide group-centred outcome rewards by the group std (GRPO)")
+    sign_gate: bool = opt(False, "the verifier sets the sign of every token's route-2 reward: rows it scores > 0 keep "
+                          "max(0, r_t), the others min(0, r_t) (OPDVR arXiv 2608.24696)")
 
 
 @dataclass
@@ -251,7 +362,7 @@ class EvalConfig:
 
 @dataclass
 class MonitorConfig:
-    """Live diagnostics and failure detectors (methods.md §3.7–§3.9; docs/diagnostics.md).
+    """Live diagnostics and failure detectors (docs/methods.md §3.7–§3.9; docs/diagnostics.md).
 
     Each detector compares the mean of its metric over the last ``window`` steps with a
     threshold, never before ``warmup_steps`` (the NaN/Inf guard is always on), and reports once per
@@ -303,7 +414,11 @@ class MonitorConfig:
 @dataclass
 class LoggingConfig:
     """Where a run writes."""
-    run_dir: str | None = opt(None, "run folder (default: runs/<method>-<time>)")
+    run_dir: str | None = opt(None, "run folder (default: runs/<method>-<time>; 'default' when no preset is "
+                              "named). A folder that already holds a run is refused: resume it with "
+                              "`opd distill --resume DIR`, or set logging.overwrite=true")
+    overwrite: bool = opt(False, "replace the run already in logging.run_dir (its files are deleted when this run "
+                          "starts); without it opd refuses a folder that holds a run")
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(False, "also write TensorBoard events")
     wandb: bool = opt(False, "also log to Weights & Biases (needs `pip install wandb`)")

@@ -19,6 +19,7 @@ saying what is wrong and how to fix it; :mod:`opd.config.load` adds where each v
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -72,6 +73,9 @@ def check_field(spec: FieldSpec, value: Any) -> str | None:
         hint = suggest(str(value), spec.choices)
         return (f"{p}={value!r} is not one of: {', '.join(spec.choices)}"
                 + (f"; did you mean {hint}?" if hint else ""))
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{p}={value!r} is not a finite number; give a finite value" + (
+            " (or null to turn it off)" if spec.default is None else "")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = spec.low, spec.high
         bad = ((lo is not None and (value < lo or (spec.low_open and value == lo)))
@@ -83,6 +87,9 @@ def check_field(spec: FieldSpec, value: Any) -> str | None:
                 "or python:module:function (a function (example, completion) -> float)")
     if p == "train.betas" and (len(value) != 2 or not all(0.0 <= b < 1.0 for b in value)):
         return f"train.betas={value!r}: AdamW needs two numbers in [0, 1), e.g. [0.9, 0.98]"
+    if p == "student.lora_target_modules" and (not value or not all(v.strip() for v in value)):
+        return (f"student.lora_target_modules={value!r}: name at least one module, e.g. [all-linear] or "
+                "[q_proj, v_proj]")
     return None
 
 
@@ -145,8 +152,15 @@ def _access_needs(cfg: Config) -> list[tuple[str, str, tuple[str, ...]]]:
     kind = cfg.support.kind
     needs = []
     if route1_on(cfg):
-        needs.append((_SUPPORT_NEED[kind], f"route1.divergence={cfg.route1.divergence} on support.kind={kind}",
-                      ("route1.divergence", "support.kind")))
+        r1 = cfg.route1
+        for key, name in (("route1.divergence", r1.divergence), ("route1.off_policy_divergence",
+                                                                  r1.off_policy_divergence)):
+            if name is None or (key == "route1.off_policy_divergence" and cfg.rollout.on_policy_fraction >= 1):
+                continue
+            if name == "k3":  # the sampled-token estimator reads only log π_T(y_t)
+                needs.append(("sampled", f"{key}=k3", (key,)))
+            else:
+                needs.append((_SUPPORT_NEED[kind], f"{key}={name} on support.kind={kind}", (key, "support.kind")))
     if route2_on(cfg) and cfg.routing.kind == "cr_opd":
         needs.append(("topk", "routing.kind=cr_opd (it routes mass to the teacher's top-k alternatives)",
                       ("routing.kind",)))
@@ -211,10 +225,25 @@ def _combination_problems(cfg: Config) -> list[Problem]:
         add(f"support.k={s.k} exceeds teacher.topk={t.topk}: with top-k feedback the teacher returns only its "
             f"{t.topk} best tokens; set teacher.topk={s.k} or support.k={t.topk}", "support.k", "teacher.topk")
     # route 2 and temporal credit
-    if r2.coef > 0 and r.on_policy_fraction == 0:
+    if r2.coef > 0 and r.on_policy_fraction == 0 and not r2.off_policy_rows:
         add("route2.coef > 0 but rollout.on_policy_fraction=0: route 2 is the policy gradient on the student's "
-            "own samples and there are none; raise rollout.on_policy_fraction or set route2.coef=0",
-            "route2.coef", "rollout.on_policy_fraction")
+            "own samples and there are none; raise rollout.on_policy_fraction, set route2.off_policy_rows=true "
+            "(offline OPD on the fixed rows) or set route2.coef=0",
+            "route2.coef", "rollout.on_policy_fraction", "route2.off_policy_rows")
+    if on2 and r2.off_policy_rows and r2.reward_logprobs == "behaviour" and r.on_policy_fraction < 1:
+        add("route2.off_policy_rows=true with route2.reward_logprobs=behaviour: the off-policy rows (dataset "
+            "answers, teacher samples) carry no student sampler log-probs; use route2.reward_logprobs=current",
+            "route2.off_policy_rows", "route2.reward_logprobs")
+    if on2 and r2.is_correction == "icepop" and r2.icepop_low > r2.icepop_high:
+        add(f"route2.icepop_low={r2.icepop_low} > route2.icepop_high={r2.icepop_high}: the kept band is empty; "
+            "swap them", "route2.icepop_low", "route2.icepop_high")
+    if on2 and r2.reward in ("constant", "entropy_rank") and r2.credit != "immediate":
+        add(f"route2.reward={r2.reward} is a teacher-free per-token advantage (arXiv 2608.31046); temporal "
+            f"credit would sum it along the rollout: use route2.credit=immediate", "route2.reward", "route2.credit")
+    r1o = cfg.route1
+    if r1o.clamp_low is not None and r1o.clamp_high is not None and r1o.clamp_low > r1o.clamp_high:
+        add(f"route1.clamp_low={r1o.clamp_low} > route1.clamp_high={r1o.clamp_high}; swap them",
+            "route1.clamp_low", "route1.clamp_high")
     if cfg.routing.kind == "cr_opd" and not on2:
         add("routing.kind=cr_opd reroutes the route-2 update, but route2.coef=0; set route2.coef > 0 "
             "(e.g. 1) or routing.kind=softmax", "routing.kind", "route2.coef")
@@ -246,6 +275,14 @@ def _combination_problems(cfg: Config) -> list[Problem]:
     if reg.ref_kl_coef > 0 and not reg.reference:
         add("regularization.ref_kl_coef > 0 needs a reference policy; set regularization.reference=initial "
             "(or a model path), or ref_kl_coef=0", "regularization.ref_kl_coef", "regularization.reference")
+    if out.sign_gate:
+        if d.verifier == "none":
+            add("outcome.sign_gate=true needs the verifier's verdict on every rollout, but data.verifier=none; "
+                "set data.verifier (auto, exact_match, contains or python:module:function)",
+                "outcome.sign_gate", "data.verifier")
+        if not on2:
+            add("outcome.sign_gate=true gates the route-2 reward, but route2.coef=0; set route2.coef > 0 (e.g. 1) "
+                "or outcome.sign_gate=false", "outcome.sign_gate", "route2.coef")
     if out.adv_tau > 0:
         if d.verifier == "none":
             add(f"outcome.adv_tau={out.adv_tau} mixes in a verifier's outcome advantage, but data.verifier=none; "
@@ -279,9 +316,10 @@ def _combination_problems(cfg: Config) -> list[Problem]:
         what = "the JSONL prompt file" if d.task == "jsonl" else "a dataset id or local dataset folder"
         add(f"data.task={d.task} needs data.path ({what})", "data.task", "data.path")
     # teachers
-    if t.use_context and d.context_field is None and d.task != "arith":
-        add(f"teacher.use_context=true but there is no teacher-only context: data.context_field is unset and "
-            f"data.task={d.task} has none built in; set data.context_field, or teacher.use_context=false",
+    if t.use_context and d.context_field is None and d.task != "arith" and t.system_prompt is None:
+        add(f"teacher.use_context=true but there is no teacher-only context: data.context_field and "
+            f"teacher.system_prompt are unset and data.task={d.task} has none built in; set data.context_field "
+            "(or teacher.system_prompt), or teacher.use_context=false",
             "teacher.use_context", "data.context_field", "data.task")
     if t.use_context and "{context}" not in t.context_template:
         add(f"teacher.context_template={t.context_template!r} has no {{context}} placeholder, so the context "
@@ -311,8 +349,134 @@ def _combination_problems(cfg: Config) -> list[Problem]:
         add("sampling from the teacher (rollout.teacher_mix > 0, or off-policy teacher samples) needs one "
             "in-process teacher, not teacher.routes; remove the routes or sample from the student only",
             "teacher.routes", "rollout.teacher_mix", "rollout.off_policy_source")
+    if (cfg.student.lora_rank > 0 and t.model == "self" and t.self_mode == "frozen"
+            and (r.teacher_mix > 0 or (r.on_policy_fraction < 1 and r.off_policy_source == "teacher"))):
+        add("a LoRA student's frozen self-teacher is the student's own module with the adapter switched off while "
+            "it scores (opd/lora.py), so it cannot also sample rollouts (rollout.teacher_mix > 0 or off-policy "
+            "teacher samples); set rollout.teacher_mix=0 and rollout.off_policy_source=answer, or student.lora_rank=0",
+            "student.lora_rank", "teacher.model", "rollout.teacher_mix", "rollout.off_policy_source")
+    if r.overlap and r.teacher_mix > 0:
+        add("rollout.overlap samples in the background from a snapshot of the student, but rollout.teacher_mix > 0 "
+            "mixes the live student and teacher at every token; set rollout.teacher_mix=0 or rollout.overlap=false",
+            "rollout.overlap", "rollout.teacher_mix")
+    if r.overlap and t.model == "self" and t.self_mode == "live":
+        add("rollout.overlap scores the next batch in the background while the student trains, but "
+            "teacher.self_mode=live makes the training student the teacher; use self_mode=frozen or "
+            "rollout.overlap=false", "rollout.overlap", "teacher.self_mode")
     if cfg.student.model == "self":
         add("student.model=self: only the teacher can be 'self'; name the student model", "student.model")
+    P += _chat_and_tokenizer_problems(cfg)
+    P += _serving_problems(cfg)
+    P += _case_task_problems(cfg)
+    return P
+
+
+_CASE_TASKS = ("fork", "route", "modes", "long")
+
+
+def _case_task_problems(cfg: Config) -> list[Problem]:
+    """The case-study tasks (opd/tasks/cases.py): length range, completion budget, their own checkpoints."""
+    d, P = cfg.data, []
+    if d.task not in _CASE_TASKS:
+        if d.length is not None:
+            P.append(Problem(f"data.length is an option of the case tasks ({', '.join(_CASE_TASKS)}), not of "
+                             f"data.task={d.task}; remove it (arith uses data.digits)", ("data.length",)))
+        return P
+    from opd.tasks.cases import CASE_TASKS
+
+    task_cls = CASE_TASKS[d.task]
+    n = task_cls.default_length if d.length is None else d.length
+    if not task_cls.min_length <= n <= task_cls.max_length:
+        return [Problem(f"data.length={n} is out of range for data.task={d.task}: it must be in "
+                        f"[{task_cls.min_length}, {task_cls.max_length}]", ("data.length",))]
+    need = n + (2 if d.task == "fork" else 1)  # answer tokens (+ fork's path token) + EOS
+    for key, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+                       ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if value is not None and value < need:
+            P.append(Problem(f"{key}={value} cannot hold a data.task={d.task} answer of length {n} with its EOS; set "
+                             f"{key}={need} (or more)", (key, "data.length")))
+    for role, model in (("student", cfg.student.model), ("teacher", cfg.teacher.model)):
+        if isinstance(model, str) and model.startswith("builtin:arith"):
+            P.append(Problem(f"data.task={d.task} with {role}.model={model}: the arith checkpoints do not know this "
+                             f"task's format; use student.model=builtin:{d.task}/student teacher.model=builtin:"
+                             f"{d.task}/teacher (or your own models)", (f"{role}.model", "data.task")))
+    return P
+
+
+def teacher_is_served(cfg: Config) -> bool:
+    """The default teacher is reached over HTTP (``teacher.server``, or a URL as ``teacher.model``)."""
+    return bool(cfg.teacher.server) or cfg.teacher.model.startswith(("http://", "https://"))
+
+
+def _serving_problems(cfg: Config) -> list[Problem]:
+    """rollout.engine=vllm / rollout.server and teacher servers (docs/serving.md)."""
+    r, t = cfg.rollout, cfg.teacher
+    P: list[Problem] = []
+    if r.server and r.engine != "vllm":
+        P.append(Problem(f"rollout.server={r.server!r} is a vLLM server that samples the rollouts, but "
+                         f"rollout.engine={r.engine}; set rollout.engine=vllm (or unset rollout.server)",
+                         ("rollout.server", "rollout.engine")))
+    for key, url in (("rollout.server", r.server), ("teacher.server", t.server)):
+        if url and not url.startswith(("http://", "https://")):
+            P.append(Problem(f"{key}={url!r} is not a URL; write it as http://HOST:PORT", (key,)))
+    if r.engine == "vllm" and cfg.student.lora_rank > 0:
+        P.append(Problem("rollout.engine=vllm pushes the student's full weights to vLLM, which does not take peft "
+                         "LoRA adapters from opd yet; use rollout.engine=hf with student.lora_rank > 0",
+                         ("rollout.engine", "student.lora_rank")))
+    if not teacher_is_served(cfg):
+        return P
+    if t.server and t.model == "self":
+        P.append(Problem("teacher.server replaces the teacher model by a server, but teacher.model=self is the "
+                         "student; unset teacher.server or name the teacher model", ("teacher.server", "teacher.model")))
+    if r.teacher_mix > 0 or (r.on_policy_fraction < 1 and r.off_policy_source == "teacher"):
+        P.append(Problem("sampling from the teacher (rollout.teacher_mix > 0, or off-policy teacher samples) needs an "
+                         "in-process teacher model, but the teacher is a server (teacher.server); set "
+                         "rollout.teacher_mix=0 and rollout.off_policy_source=answer, or load the teacher in process",
+                         ("teacher.server", "rollout.teacher_mix", "rollout.off_policy_source")))
+    if t.tokenizer == "own":
+        P.append(Problem("teacher.tokenizer=own is not available with a teacher server: a served teacher reads the "
+                         "student's token ids; set teacher.tokenizer=same", ("teacher.tokenizer", "teacher.server")))
+    return P
+
+
+#: route-1 supports a teacher with its own tokenizer can feed: its distribution over the student's
+#: vocabulary is the teacher's top-k mapped by token text, defined only where the boundaries align
+_CROSS_TOKENIZER_SUPPORTS = ("teacher_topk",)
+
+
+def _chat_and_tokenizer_problems(cfg: Config) -> list[Problem]:
+    """data.format=chat and teacher.tokenizer=own (opd/chat.py, opd/teachers/cross_tokenizer.py)."""
+    d, t, r = cfg.data, cfg.teacher, cfg.rollout
+    P: list[Problem] = []
+    if d.format == "chat" and d.task == "arith":
+        P.append(Problem("data.format=chat reads conversations from a file, but data.task=arith is the built-in "
+                         "prompt task; use data.task=arith_chat (built-in conversations) or data.task=jsonl / hf with "
+                         "data.path", ("data.format", "data.task")))
+    if t.system_prompt is not None and d.task == "arith":
+        P.append(Problem("teacher.system_prompt cannot be used with data.task=arith: its teacher-only context is the "
+                         "built-in answer hint (teacher.use_context=true shows it); use data.task=arith_chat, jsonl or hf",
+                         ("teacher.system_prompt", "data.task")))
+    if t.tokenizer != "own":
+        return P
+    if t.model == "self":
+        P.append(Problem("teacher.tokenizer=own needs a teacher model with its own tokenizer, but teacher.model=self "
+                         "is the student (same tokenizer); set teacher.tokenizer=same", ("teacher.tokenizer",
+                                                                                          "teacher.model")))
+    if r.teacher_mix > 0 or (r.on_policy_fraction < 1 and r.off_policy_source == "teacher"):
+        P.append(Problem("teacher.tokenizer=own: a teacher with its own tokenizer scores the student's text but cannot "
+                         "sample tokens in the student's vocabulary (rollout.teacher_mix > 0 or off-policy teacher "
+                         "samples); set rollout.teacher_mix=0 and rollout.off_policy_source=answer",
+                         ("teacher.tokenizer", "rollout.teacher_mix", "rollout.off_policy_source")))
+    if t.cache != "none":
+        P.append(Problem("teacher.cache does not keep the cross-tokenizer alignment (Feedback.cross_vocab) yet; set "
+                         "teacher.cache=none with teacher.tokenizer=own", ("teacher.cache", "teacher.tokenizer")))
+    if support_used(cfg) and cfg.support.kind not in _CROSS_TOKENIZER_SUPPORTS:
+        P.append(Problem(f"teacher.tokenizer=own: support.kind={cfg.support.kind} needs the teacher's probability of "
+                         "every student token at every state, but across tokenizers it exists only where the token "
+                         "boundaries align and only on the tokens both vocabularies share; use support.kind="
+                         "teacher_topk (exact on the shared tokens, 0 where the states do not align), or route 2 "
+                         "(route2.coef=1 route1.divergence=none: the merged log-prob of every student token)",
+                         ("support.kind", "teacher.tokenizer")))
     return P
 
 

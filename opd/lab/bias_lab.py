@@ -26,7 +26,7 @@ the lab reports ``E[g] = Σ_y π(y) g(y)``, its relative L2 error against ``∇J
 proper target, and the variance ``E‖g − E g‖²``. Group baselines are evaluated on the ``V^{H·G}``
 joint draws of ``G`` independent samples with the group-averaged loss ``(1/G) Σ_i L(y^i)``.
 
-Bias boundaries: methods.md §3.2–3.3 (derivations [INFER]); Liu, Jiang & Fu,
+Bias boundaries: docs/methods.md §3.2–3.3 (derivations [INFER]); Liu, Jiang & Fu,
 https://yuqianfu.notion.site/policy-gradient-bias-and-variance-of-opd ; survey arXiv 2606.22793.
 """
 

@@ -13,7 +13,7 @@ value (``V`` there is ignored, whatever it contains, ``nan`` included). A sequen
 last valid token, with ``V(s_{T+1}) = 0`` after it. Returns never cross rows. Consequently
 inserting or appending masked columns leaves every result on valid tokens unchanged.
 
-Bias boundaries (methods.md §3.2, derivations [INFER] there; unbiased set from Liu, Jiang & Fu,
+Bias boundaries (docs/methods.md §3.2, derivations [INFER] there; unbiased set from Liu, Jiang & Fu,
 https://yuqianfu.notion.site/policy-gradient-bias-and-variance-of-opd): on-policy,
 ``return_to_go`` and ``return_to_go − b(s_t)`` for any state-only ``b`` (including the
 leave-one-out group mean) are unbiased for the sequence reverse-KL gradient; ``immediate``,
@@ -77,7 +77,7 @@ def discounted_returns(rewards_BT: Tensor, mask_BT: Tensor, gamma: float) -> Ten
     no masked column inside). ``γ = 0`` is the immediate
     reward ``r_t`` (Thinking Machines / tinker default ``kl_discount_factor = 0``), ``γ = 1`` the
     undiscounted log-ratio-to-go of MiniLLM (arXiv 2306.08543) and the unbiased E-rtg of
-    methods.md §3.2; 0 < γ < 1 is tinker's ``kl_discount_factor`` (biased for the sequence KL).
+    docs/methods.md §3.2; 0 < γ < 1 is tinker's ``kl_discount_factor`` (biased for the sequence KL).
 
     Args:
         rewards_BT: ``[B, T]`` per-token rewards (detached here).
@@ -102,7 +102,7 @@ def length_normalized_returns(rewards_BT: Tensor, mask_BT: Tensor) -> Tensor:
     MiniLLM's length normalisation (Gu et al., arXiv 2306.08543) counters the short-response
     bias of the reverse-KL return; MiniLLM normalises the *future* part ``R_{t+1}``, we normalise
     the whole return-to-go as the API plan states. It is a reweighting (biased for the sequence
-    KL gradient), not a variance-reduction device (methods.md §3.2).
+    KL gradient), not a variance-reduction device (docs/methods.md §3.2).
     """
     r, m = _prepare("rewards_BT", rewards_BT, mask_BT)
     rtg = _reverse_scan(r, m, 1.0)
@@ -114,7 +114,7 @@ def batch_mean_baseline(returns_BT: Tensor, mask_BT: Tensor) -> Tensor:
     """``b_t`` = mean of ``returns[:, t]`` over the rows valid at column ``t`` (0 if none; 0 when masked).
 
     Includes the row itself, so ``G_t − b_t`` is **biased** for the policy gradient: with ``n``
-    independent rows the expectation is scaled by ``1 − 1/n`` (methods.md §3.2 "action-dependent
+    independent rows the expectation is scaled by ``1 − 1/n`` (docs/methods.md §3.2 "action-dependent
     baseline"). Useful as a cheap centring; prefer :func:`group_mean_baseline` with
     ``leave_one_out=True`` when unbiasedness matters.
     """
@@ -169,7 +169,7 @@ def gae_advantages(rewards_BT: Tensor, values_BT: Tensor, mask_BT: Tensor, *, ga
 
     (``t + 1``, ``t + l`` step over valid tokens.) GAE: Schulman et al., arXiv 1506.02438;
     its use on OPD log-ratio returns is the survey's "value-based hypothesis" GAE-OPD (Zhang,
-    arXiv 2606.22793), whose explicit form here is [INFER] (methods.md §3.3). Corners:
+    arXiv 2606.22793), whose explicit form here is [INFER] (docs/methods.md §3.3). Corners:
     γ = 0, V ≡ 0 → immediate; γ = 0, V = −RKL_t → vOPD (arXiv 2605.07865); λ = 1 → discounted
     return minus V (unbiased for any state-only V when γ = 1); λ < 1 is unbiased only with the
     exact value ``V = V^π_γ``.
@@ -203,7 +203,7 @@ def gae_advantages(rewards_BT: Tensor, values_BT: Tensor, mask_BT: Tensor, *, ga
 def value_loss(values_pred_BT: Tensor, value_targets_BT: Tensor) -> Tensor:
     """Per-token critic loss ``½ (V_φ(s_t) − sg[target_t])²`` (reduce with :mod:`opd.math.reduce`).
 
-    The GAE-OPD critic (methods.md §3.3 [INFER]); gradient ``V_φ − target`` w.r.t. the prediction.
+    The GAE-OPD critic (docs/methods.md §3.3 [INFER]); gradient ``V_φ − target`` w.r.t. the prediction.
     """
     check_same_shape(values_pred_BT=values_pred_BT, value_targets_BT=value_targets_BT)
     return 0.5 * (values_pred_BT - value_targets_BT.detach()) ** 2
@@ -220,7 +220,7 @@ def closed_form_value(rkl_BT: Tensor) -> Tensor:
 
 
 def decomposed_value(rkl_BT: Tensor, continuation_BT: Tensor, gamma: float) -> Tensor:
-    """Decomposed GAE-OPD value ``V(s_t) = −sg[RKL_t] + γ U_φ(s_t)``  [INFER] (methods.md §3.3).
+    """Decomposed GAE-OPD value ``V(s_t) = −sg[RKL_t] + γ U_φ(s_t)``  [INFER] (docs/methods.md §3.3).
 
     From ``V^π_γ(s_t) = −RKL_t + γ E_{y_t~π}[V^π_γ(s_{t+1})]``: the immediate part is closed form,
     only the continuation ``U_φ(s_t) ≈ E[V(s_{t+1}) | s_t]`` is learned. The gradient flows into

@@ -1,4 +1,4 @@
-"""Per-token divergences between a student and a teacher distribution (route R1, methods.md §3.1).
+"""Per-token divergences between a student and a teacher distribution (route R1, docs/methods.md §3.1).
 
 Both distributions are given as log-probs over the last dim (the full vocabulary or a support
 built by :mod:`opd.math.support`), with an optional ``valid`` mask over that dim (False entries
@@ -9,7 +9,7 @@ are ignored: padding, union duplicates). ``S = student_logp`` (differentiable), 
 gradient; a genuinely infinite divergence (``p > 0`` against ``q = 0``) is returned as ``+inf``.
 A NaN in a valid entry propagates to that token's value (it is never read as zero probability).
 
-Formulas (methods.md §1, §4.1; performance.md §5.4):
+Formulas (docs/methods.md §1, §4.1):
 
 * ``fkl``   ``Σ p_T (log p_T − log p_S)``                          KL(T‖S), mass-covering
 * ``rkl``   ``Σ p_S (log p_S − log p_T)``                          KL(S‖T), mode-seeking
@@ -23,12 +23,23 @@ Formulas (methods.md §1, §4.1; performance.md §5.4):
 
 Logit gradients (identities checked in the tests): ``∂FKL/∂z = p_S − p_T`` and
 ``∂RKL/∂z_j = p_S(j)(ℓ(j) − RKL)`` with ``ℓ = log p_S − log p_T`` (times ``1/τ`` with a temperature).
+
+:class:`DivergenceShaping` turns any of them into a shaped per-token loss (applied in this order):
+
+* ``logprob_floor = f``: both log-probs are clamped to ``≥ f`` on the valid entries first (verl's
+  ``log_prob_min_clamp``; the clamp stops the gradient below ``f``);
+* ``fkl_coef = c``, ``fkl_entropy_min = τ``: ``D + c · 1[H_T > τ] · FKL`` on the same support, with
+  ``H_T = −Σ p_T log p_T`` the teacher's entropy on the support (EOPD, Jin et al., arXiv 2603.07079,
+  adds forward KL where the teacher's entropy is high; the hard gate and τ are **[INFER]**);
+* ``clamp_low`` / ``clamp_high``: the per-token value is clamped (verl clamps top-k FKL at 0 from
+  below and every distillation loss at ``±loss_max_clamp``; a clamped token has no gradient).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal, get_args
 
@@ -99,7 +110,7 @@ def total_variation(student_logp: Tensor, teacher_logp: Tensor, valid: Tensor | 
 
 def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float = 0.5,
                 valid: Tensor | None = None) -> Tensor:
-    """Adaptive KL (Wu et al., arXiv 2404.02657; methods.md §4.1).
+    """Adaptive KL (Wu et al., arXiv 2404.02657; docs/methods.md §4.1).
 
     Sort the entries by teacher probability (descending). The head ``H`` holds the entries whose
     inclusive cumulative teacher mass is ``≤ μ``, and always the teacher's top-1. With the student
@@ -139,21 +150,79 @@ _FUNCTIONS: dict[str, Callable[..., Tensor]] = {
 DIVERGENCES: dict[str, Callable[..., Tensor]] = _FUNCTIONS
 
 
-def resolve_divergence(name: str, *, beta: float = 0.5, alpha: float = 0.1,
-                       mu: float = 0.5) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
-    """Validate ``name`` and the knobs once; return ``fn(student_logp, teacher_logp, valid)``."""
+@dataclass(frozen=True)
+class DivergenceShaping:
+    """Optional shaping of a per-token divergence (module docstring): a log-prob floor, an added
+    teacher-entropy-gated forward-KL term and a clamp of the per-token value. The default is no
+    shaping (:attr:`plain`)."""
+
+    fkl_coef: float = 0.0
+    fkl_entropy_min: float = 0.0
+    logprob_floor: float | None = None
+    clamp_low: float | None = None
+    clamp_high: float | None = None
+
+    def __post_init__(self) -> None:
+        check_range("fkl_coef", self.fkl_coef, 0.0)
+        if self.clamp_low is not None and self.clamp_high is not None and self.clamp_low > self.clamp_high:
+            raise ValueError(f"clamp_low={self.clamp_low} must be <= clamp_high={self.clamp_high}")
+
+    @property
+    def plain(self) -> bool:
+        """True when nothing is shaped (the divergence is returned as is)."""
+        return (self.fkl_coef == 0.0 and self.logprob_floor is None and self.clamp_low is None
+                and self.clamp_high is None)
+
+
+def support_entropy(logp: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``H = −Σ_v p(v) log p(v)`` over the valid entries of the last dim (``0·log 0 = 0``), detached."""
+    with torch.no_grad():
+        x = logp.detach()
+        keep = x != float("-inf") if valid is None else (x != float("-inf")) & valid.bool()
+        safe = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return -torch.where(keep, safe.exp() * safe, torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1)
+
+
+def _shaped(fn: Callable[..., Tensor], shaping: DivergenceShaping, student_logp: Tensor, teacher_logp: Tensor,
+            valid: Tensor | None = None) -> Tensor:
+    s, t = student_logp, teacher_logp.detach()
+    if shaping.logprob_floor is not None:
+        floor = shaping.logprob_floor
+        keep_s = s != float("-inf") if valid is None else (s != float("-inf")) & valid.bool()
+        keep_t = t != float("-inf") if valid is None else (t != float("-inf")) & valid.bool()
+        s = torch.where(keep_s, s.clamp(min=floor), s)
+        t = torch.where(keep_t, t.clamp(min=floor), t)
+    d = fn(s, t, valid)
+    if shaping.fkl_coef > 0:
+        gate = support_entropy(t, valid) > shaping.fkl_entropy_min
+        fkl = forward_kl(s, t, valid)
+        zero = torch.zeros((), dtype=fkl.dtype, device=fkl.device)
+        d = d + shaping.fkl_coef * torch.where(gate, fkl, zero)  # where: an ungated inf/NaN never leaks
+    if shaping.clamp_low is not None or shaping.clamp_high is not None:
+        d = d.clamp(min=shaping.clamp_low, max=shaping.clamp_high)
+    return d
+
+
+def resolve_divergence(name: str, *, beta: float = 0.5, alpha: float = 0.1, mu: float = 0.5,
+                       shaping: DivergenceShaping | None = None) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    """Validate ``name`` and the knobs once; return ``fn(student_logp, teacher_logp, valid)``
+    (shaped by ``shaping`` when given, see :class:`DivergenceShaping`)."""
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCE_NAMES)}")
     check_range("beta", beta, 0.0, 1.0)
     check_range("alpha", alpha, 0.0, 1.0)
     check_range("mu", mu, 0.0, 1.0)
-    return partial(DIVERGENCES[name], beta=beta, alpha=alpha, mu=mu)
+    fn = partial(DIVERGENCES[name], beta=beta, alpha=alpha, mu=mu)
+    if shaping is None or shaping.plain:
+        return fn
+    return partial(_shaped, fn, shaping)
 
 
 def divergence(name: str, student_logp: Tensor, teacher_logp: Tensor, valid: Tensor | None = None, *,
-               beta: float = 0.5, alpha: float = 0.1, mu: float = 0.5) -> Tensor:
+               beta: float = 0.5, alpha: float = 0.1, mu: float = 0.5,
+               shaping: DivergenceShaping | None = None) -> Tensor:
     """Per-token divergence ``name`` (one of :data:`DIVERGENCE_NAMES`); knobs are used where relevant."""
-    return resolve_divergence(name, beta=beta, alpha=alpha, mu=mu)(student_logp, teacher_logp, valid)
+    return resolve_divergence(name, beta=beta, alpha=alpha, mu=mu, shaping=shaping)(student_logp, teacher_logp, valid)
 
 
 # ----------------------------------------------------------------------------- internals

@@ -3,8 +3,8 @@
 A full-vocabulary loss on ``N = B·T`` tokens naively materialises several ``[N, V]`` fp32 tensors
 (logits, log-softmaxes, mixtures, and what autograd keeps for backward). Here the student's
 lm_head ``z = h Wᵀ + b`` is applied to chunks of ``chunk_size`` tokens, and the gradient of each
-chunk is computed inside the forward pass (the grad-in-forward design of Liger's chunked losses,
-performance.md §1.2, §1.7; written here from the chain rule, not copied):
+chunk is computed inside the forward pass (the grad-in-forward design of Liger-Kernel's chunked
+losses, https://github.com/linkedin/Liger-Kernel; written here from the chain rule, not copied):
 
     loss = Σ_n w_n · D_n,         D_n = divergence(student support dist, teacher support dist)
     for each chunk c:   z_c = h_c Wᵀ + b   (fp32, a leaf),   dz_c = ∂(Σ_{n∈c} w_n D_n)/∂z_c
@@ -17,7 +17,7 @@ implementation of any divergence. The teacher is given as hidden states + lm_hea
 (projected chunk by chunk, no grad), as logits (sliced per chunk), or as top-k log-probs.
 
 The matmuls run in fp32 (inputs are upcast per chunk), which avoids the bf16 logit rounding that
-makes fused-JSD gradients 4–23 % off (Liger issue #1432, performance.md §1.3).
+makes fused-JSD gradients 4–23 % off (Liger-Kernel issue #1432, https://github.com/linkedin/Liger-Kernel/issues/1432).
 
 :func:`dense_linear_divergence` is the same computation with the logits materialised (the reference
 and the small-vocabulary path); :func:`fused_linear_token_logprobs` gives ``log π(y_n | h_n)`` with a
@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from opd.math._checks import check_ndim
-from opd.math.divergences import resolve_divergence
+from opd.math.divergences import DivergenceShaping, resolve_divergence
 from opd.math.reduce import masked_sum
 from opd.math.support import SupportSpec, support_from_logprobs, tempered_log_softmax
 
@@ -67,6 +67,7 @@ def fused_linear_divergence(
     beta: float = 0.5,
     alpha: float = 0.1,
     mu: float = 0.5,
+    shaping: DivergenceShaping | None = None,
     teacher_hidden_NH: Tensor | None = None,
     teacher_weight_VH: Tensor | None = None,
     teacher_logits_NV: Tensor | None = None,
@@ -80,7 +81,8 @@ def fused_linear_divergence(
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Chunked ``loss = Σ_n weights_N[n] · D_n`` without ever holding ``[N, V]`` logits.
 
-    ``D_n`` is ``divergence`` (see :mod:`opd.math.divergences`; knobs ``beta``, ``alpha``, ``mu``)
+    ``D_n`` is ``divergence`` (see :mod:`opd.math.divergences`; knobs ``beta``, ``alpha``, ``mu``,
+    optionally shaped by ``shaping``, :class:`~opd.math.divergences.DivergenceShaping`)
     between the student's and the teacher's distributions on the support ``spec`` of token ``n``,
     with the student's logits ``h_n Wᵀ + b``. ``weights_N`` are detached per-token weights (mask ×
     gates × reducer weights from :func:`opd.math.reduce.reduction_weights`); rows with weight 0
@@ -97,7 +99,7 @@ def fused_linear_divergence(
     ``chunk_size`` is the number of tokens per chunk; ``None`` picks :func:`auto_chunk_size` ``(V)``
     (about ``CHUNK_ELEMENTS`` logits per chunk, and at least ``MIN_CHUNK_TOKENS`` tokens).
     """
-    args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu,
+    args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu, shaping,
                  teacher_hidden_NH, teacher_weight_VH, teacher_logits_NV, teacher_topk_ids_NK,
                  teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn)
     h, W, b = student_hidden_NH, student_weight_VH, student_bias_V
@@ -121,6 +123,7 @@ def dense_linear_divergence(
     beta: float = 0.5,
     alpha: float = 0.1,
     mu: float = 0.5,
+    shaping: DivergenceShaping | None = None,
     teacher_hidden_NH: Tensor | None = None,
     teacher_weight_VH: Tensor | None = None,
     teacher_logits_NV: Tensor | None = None,
@@ -137,7 +140,7 @@ def dense_linear_divergence(
     The reference for the chunked path and the right choice for small vocabularies (``chunk_size``
     is accepted for signature compatibility and ignored).
     """
-    args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu,
+    args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu, shaping,
                  teacher_hidden_NH, teacher_weight_VH, teacher_logits_NV, teacher_topk_ids_NK,
                  teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn)
     rows, spec = slice(0, student_hidden_NH.shape[0]), args.spec
@@ -184,7 +187,7 @@ def fused_linear_token_logprobs(
 class _Args:
     """Checked arguments of the linear-divergence functions (one place for the shape rules)."""
 
-    def __init__(self, h, W, weights, spec, divergence, beta, alpha, mu, th, tW, t_logits, topk_ids,
+    def __init__(self, h, W, weights, spec, divergence, beta, alpha, mu, shaping, th, tW, t_logits, topk_ids,
                  topk_logprobs, sampled, b, tb, chunk_size, extra_fn):
         _check_head("student_hidden_NH", h, "student_weight_VH", W, "student_bias_V", b)
         N, V = h.shape[0], W.shape[0]
@@ -220,11 +223,13 @@ class _Args:
         if spec.kind in ("sampled", "teacher_topk_sampled") and sampled is None:
             raise ValueError(f"support kind {spec.kind!r} needs the sampled tokens: pass sampled_ids_N")
         chunk_size = _check_chunk(chunk_size, V)
-        self.div_fn = resolve_divergence(divergence, beta=beta, alpha=alpha, mu=mu)
+        self.div_fn = resolve_divergence(divergence, beta=beta, alpha=alpha, mu=mu, shaping=shaping)
         # full-support RKL / FKL (also as JSD at β = 1 / 0): closed-form logit gradient per chunk
+        # (only for the plain divergence: a shaped one goes through autograd)
         rkl = divergence == "rkl" or (divergence == "jsd" and beta == 1.0)
         fkl = divergence == "fkl" or (divergence == "jsd" and beta == 0.0)
-        self.closed_form = ("rkl" if rkl else "fkl" if fkl else None) if spec.kind == "full" else None
+        plain = shaping is None or shaping.plain
+        self.closed_form = ("rkl" if rkl else "fkl" if fkl else None) if (spec.kind == "full" and plain) else None
         self.h, self.W, self.b = h, W, b
         self.weights = weights.detach().float()
         self.spec, self.chunk_size, self.extra_fn = spec, chunk_size, extra_fn
@@ -328,7 +333,9 @@ def _teacher_chunk(args: _Args, rows: slice) -> Tensor | None:
                 t_logp += args.tb.detach().float()
             _log_softmax_(t_logp, spec.teacher_temperature)
     elif args.t_logits is not None:
-        t_logp = tempered_log_softmax(args.t_logits[rows].detach(), spec.teacher_temperature)
+        # the chunk's math runs in fp32 like the student's chunk: a float64 (or half) teacher is cast
+        # here, so the in-place closed-form gradient never mixes dtypes (it would fail in ``dz @ W``)
+        t_logp = tempered_log_softmax(args.t_logits[rows].detach().float(), spec.teacher_temperature)
     return t_logp
 
 

@@ -1,6 +1,6 @@
 """Gates (0/1 token masks) and token weights, multiplied into the reducer weights by the caller.
 
-Taxonomy: methods.md §3.6 (**[INFER]** organisation of published gates). Every function is
+Taxonomy: docs/methods.md §3.6 (**[INFER]** organisation of published gates). Every function is
 detached (gates select tokens, they are not trained through) and returns a tensor of the token
 shape ``[B, T]`` (any ``[...]`` where noted); masked positions are ``False`` / ``0``.
 """
@@ -23,11 +23,12 @@ __all__ = [
     "top_fraction_mask",
     "entropy_gate",
     "teacher_coverage_gate",
+    "bottom_fraction_mask",
     "position_weights",
 ]
 
 EntropyGateMode = Literal["q1", "q3", "q1_or_q3"]
-PositionWeightKind = Literal["uniform", "linear_decay", "prefix", "drift"]
+PositionWeightKind = Literal["uniform", "linear_decay", "prefix", "drift", "drift_share"]
 ENTROPY_GATE_MODES: tuple[str, ...] = get_args(EntropyGateMode)
 POSITION_WEIGHT_KINDS: tuple[str, ...] = get_args(PositionWeightKind)
 
@@ -106,8 +107,31 @@ def entropy_gate(
     return q3 if mode == "q3" else (q1 | q3)
 
 
+@torch.no_grad()
+def bottom_fraction_mask(values_BT: Tensor, mask_BT: Tensor, fraction: float) -> Tensor:
+    """Tokens whose value is among the lowest ``fraction`` of the valid tokens (whole batch).
+
+    ``n = max(1, floor(fraction · N))`` of the ``N`` valid tokens are kept (none when ``N = 0``),
+    chosen by a stable ascending sort over the valid tokens in row-major order, so ties keep the
+    earlier token and exactly ``n`` are kept. With ``values_BT = log π_S(y_t)`` this is OPSA's token
+    selection (Ding & Zhang, arXiv 2608.31046: the lowest-log-probability 20 % of the sampled
+    tokens, selected across the batch). ``fraction ∈ (0, 1]``.
+    """
+    check_same_shape(values_BT=values_BT, mask_BT=mask_BT)
+    check_range("fraction", fraction, 0.0, 1.0, low_open=True)
+    keep = mask_BT.bool()
+    flat_keep = keep.reshape(-1)
+    idx = torch.nonzero(flat_keep, as_tuple=False).flatten()
+    out = torch.zeros_like(flat_keep)
+    if idx.numel():
+        n = min(idx.numel(), max(1, math.floor(fraction * idx.numel() + 1e-9)))
+        order = torch.argsort(values_BT.detach().reshape(-1)[idx], stable=True)
+        out[idx[order[:n]]] = True
+    return out.reshape(keep.shape)
+
+
 def teacher_coverage_gate(sampled_ids_BT: Tensor, teacher_topk_ids_BTK: Tensor) -> Tensor:
-    """``keep = y_t ∈ TopK_T(s_t)`` (methods.md §3.6; teacher-supported sampled tokens).
+    """``keep = y_t ∈ TopK_T(s_t)`` (docs/methods.md §3.6; teacher-supported sampled tokens).
 
     ``teacher_topk_ids_BTK`` is ``[..., K]`` over ``sampled_ids_BT`` ``[...]``; negative ids are
     padding and never match.
@@ -129,6 +153,8 @@ def position_weights(
     decay_to: float = 0.0,
     drift_BT: Tensor | None = None,
     beta: float = 1.0,
+    gamma: float = 0.5,
+    eps: float = 1e-8,
 ) -> Tensor:
     """Per-token position weights (position bias / IW-OPD, Xie et al., arXiv 2606.22600).
 
@@ -143,9 +169,15 @@ def position_weights(
     * ``drift``:         ``w_t = exp(−β Σ_{t'<t, valid} max(d_{t'}, 0))`` with ``d = drift_BT`` a
       per-token discrepancy (e.g. a k3 or full-vocabulary KL) — IW-OPD accumulated-drift weights
       **[INFER form]**; the clamp keeps ``w ∈ (0, 1]``.
+    * ``drift_share``:   ``w_t = 1 + γ · (1 − D_{<t} / max(D, ε))`` with ``D_{<t} = Σ_{t'<t} |d_{t'}|`` and
+      ``D = Σ_{t'} |d_{t'}|`` over the row's valid tokens — IW-OPD's importance weights as implemented in
+      TRL's ``IWOPDTrainer`` (Algorithm 1 of arXiv 2606.22600; ``iw_opd_gamma = γ``, ``iw_opd_epsilon
+      = ε``), with ``d_t`` the sampled log-ratio. ``w ∈ [1, 1 + γ]``: the first token gets ``1 + γ``,
+      tokens after most of the row's discrepancy get close to 1.
 
-    Knobs: ``prefix_fraction ∈ (0, 1]``, ``decay_to ∈ [0, 1]``, ``beta ≥ 0``. Returns float32
-    ``[B, T]`` (the dtype of ``drift_BT`` for ``drift``), 0 on masked tokens.
+    Knobs: ``prefix_fraction ∈ (0, 1]``, ``decay_to ∈ [0, 1]``, ``beta ≥ 0``, ``gamma ≥ 0``,
+    ``eps > 0``. Returns float32 ``[B, T]`` (the dtype of ``drift_BT`` for ``drift`` and
+    ``drift_share``), 0 on masked tokens.
     """
     check_ndim("mask_BT", mask_BT, 2)
     if kind not in POSITION_WEIGHT_KINDS:
@@ -154,13 +186,23 @@ def position_weights(
     check_range("prefix_fraction", prefix_fraction, 0.0, 1.0, low_open=True)
     check_range("decay_to", decay_to, 0.0, 1.0)
     check_range("beta", beta, 0.0)
+    check_range("gamma", gamma, 0.0)
+    check_range("eps", eps, 0.0, low_open=True)
     valid = mask_BT.bool()
-    dtype = drift_BT.dtype if (kind == "drift" and drift_BT is not None
+    dtype = drift_BT.dtype if (kind in ("drift", "drift_share") and drift_BT is not None
                                and drift_BT.is_floating_point()) else torch.float32
     m = valid.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=m.device)
     if kind == "uniform":
         return m
+    if kind == "drift_share":
+        if drift_BT is None:
+            raise ValueError("position_weights(kind='drift_share') needs drift_BT")
+        check_same_shape(mask_BT=mask_BT, drift_BT=drift_BT)
+        a = torch.where(valid, drift_BT.detach().to(dtype).abs(), zero)
+        before = torch.cumsum(a, dim=1) - a
+        total = a.sum(dim=1, keepdim=True).clamp(min=eps)
+        return torch.where(valid, 1.0 + gamma * (1.0 - before / total), zero)
     if kind == "drift":
         if drift_BT is None:
             raise ValueError("position_weights(kind='drift') needs drift_BT")

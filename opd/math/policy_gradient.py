@@ -1,6 +1,6 @@
 """Route R2: sampled-token policy-gradient surrogates, trust regions and advantage shaping.
 
-Reward convention (methods.md §1): the advantage ``A_t`` is higher-is-better and always treated
+Reward convention (docs/methods.md §1): the advantage ``A_t`` is higher-is-better and always treated
 as a constant (``sg[A]``). The surrogate loss of a token is
 
     L_t = −ρ_t · sg[A_t],        ρ_t = π_θ(y_t|s_t) / μ(y_t|s_t),
@@ -11,7 +11,7 @@ ratio is ``exp(log π − sg log π) = 1`` in value, so ``L_t = −A_t`` and ``�
 Sources: REINFORCE / PPO (Schulman et al. 2017, arXiv 1707.06347); truncated importance
 sampling for train–inference mismatch (Ionides 2008; Yao et al. 2025,
 https://fengyao.notion.site/off-policy-rl); prime-rl DPPO sign-conditioned trust region
-(https://github.com/PrimeIntellect-ai/prime-rl, methods.md §4.2); GRPO group-normalised outcome
+(https://github.com/PrimeIntellect-ai/prime-rl, docs/methods.md §4.2); GRPO group-normalised outcome
 advantages (Shao et al., arXiv 2402.03300); ``teacher_tau``/``adv_tau`` mixing (prime-rl; MiMo
 MOPD arXiv 2601.02780).
 
@@ -30,6 +30,7 @@ __all__ = [
     "importance_ratio",
     "pg_loss",
     "dppo_mask",
+    "ratio_band_mask",
     "whiten_advantages",
     "clip_advantages",
     "outcome_advantages",
@@ -146,16 +147,20 @@ def dppo_mask(
     *,
     delta_low: float,
     delta_high: float,
+    zero_as_negative: bool = False,
 ) -> Tensor:
-    """prime-rl DPPO sign-conditioned trust region (methods.md §4.2, prime-rl ``loss.py``).
+    """prime-rl DPPO sign-conditioned trust region (prime-rl ``src/prime_rl/trainer/rl/loss.py``,
+    https://github.com/PrimeIntellect-ai/prime-rl; DPPO arXiv 2602.04879).
 
     A token is dropped (``keep = False``) when the update would push it further out of the
     probability band around the sampler:
 
         drop_t = (A_t > 0 ∧ π_θ(y_t) − μ(y_t) > δ_high) ∨ (A_t < 0 ∧ π_θ(y_t) − μ(y_t) < −δ_low)
 
-    with probabilities (not ratios) and everything detached. ``A_t = 0`` is always kept.
-    ``delta_low, delta_high ∈ [0, 1]``. Returns ``keep_BT`` (bool) of the common shape.
+    with probabilities (not ratios) and everything detached. ``A_t = 0`` is kept, unless
+    ``zero_as_negative`` — then ``A_t ≤ 0`` uses the low band, exactly prime-rl's
+    ``where(A > 0, high_violation, low_violation)``. ``delta_low, delta_high ∈ [0, 1]``. Returns
+    ``keep_BT`` (bool) of the common shape.
     """
     check_same_shape(logprobs_BT=logprobs_BT, behaviour_logprobs_BT=behaviour_logprobs_BT,
                      advantages_BT=advantages_BT)
@@ -164,8 +169,26 @@ def dppo_mask(
     with torch.no_grad():
         diff = torch.exp(logprobs_BT.detach()) - torch.exp(behaviour_logprobs_BT.detach())
         adv = advantages_BT.detach()
-        drop = ((adv > 0) & (diff > delta_high)) | ((adv < 0) & (diff < -delta_low))
+        negative = adv <= 0 if zero_as_negative else adv < 0
+        drop = ((adv > 0) & (diff > delta_high)) | (negative & (diff < -delta_low))
     return ~drop
+
+
+def ratio_band_mask(logprobs_BT: Tensor, behaviour_logprobs_BT: Tensor, *, low: float, high: float) -> Tensor:
+    """ICE-POP truncated importance sampling as a mask: ``keep_t = low ≤ π_θ(y_t)/μ(y_t) ≤ high``.
+
+    NeMo-RL's ``truncated_importance_sampling_type: icepop`` zeroes the tokens whose importance
+    weight falls outside ``[low, high]`` (its MOPD recipe uses ``[0.2, 5]``;
+    https://github.com/NVIDIA-NeMo/RL, ``nemo_rl/algorithms/loss/loss_functions.py``), where
+    truncation (TIS) would clamp the weight instead. Detached; ``0 ≤ low ≤ high``. Returns bool.
+    """
+    check_same_shape(logprobs_BT=logprobs_BT, behaviour_logprobs_BT=behaviour_logprobs_BT)
+    check_range("low", low, 0.0)
+    if high < low:
+        raise ValueError(f"ratio_band_mask needs low <= high, got low={low}, high={high}")
+    with torch.no_grad():
+        ratio = torch.exp(logprobs_BT.detach() - behaviour_logprobs_BT.detach())
+        return (ratio >= low) & (ratio <= high)
 
 
 def whiten_advantages(advantages_BT: Tensor, mask_BT: Tensor, eps: float = 1e-6) -> Tensor:
@@ -225,7 +248,7 @@ def outcome_advantages(rewards_B: Tensor, group_index_B: Tensor, *,
 def mix_advantages(opd_BT: Tensor, outcome_B: Tensor, mask_BT: Tensor, *,
                    teacher_tau: float = 1.0, adv_tau: float = 0.0) -> Tensor:
     """Hybrid advantage ``A_t = teacher_tau · A_t^OPD + adv_tau · A^outcome`` (prime-rl;
-    MiMo MOPD arXiv 2601.02780 with ``α = adv_tau``; methods.md §3.1 "Hybrid").
+    MiMo MOPD arXiv 2601.02780 with ``α = adv_tau``; docs/methods.md §3.1 "Hybrid").
 
     The outcome advantage of row ``b`` is broadcast over its tokens. Masked positions are 0.
     Pure OPD: ``teacher_tau = 1, adv_tau = 0``; pure RL: ``teacher_tau = 0, adv_tau = 1``.

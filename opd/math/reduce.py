@@ -15,6 +15,9 @@ With mask ``m_BT`` (1 = the token counts), sequence lengths ``L_b = Σ_t m_bt`` 
 * ``sequence_mean``  ``w_bt = m_bt / (max(L_b, 1) · max(S, 1))``     (mean over tokens, then sequences)
 * ``constant``       ``w_bt = m_bt / (C · max(S, 1))``               (Dr. GRPO-style constant normaliser C,
                                                                      e.g. the maximum completion length)
+* ``sum``            ``w_bt = m_bt``                                  (no normaliser: tinker's built-in losses
+                                                                     sum over tokens and sequences,
+                                                                     https://tinker-docs.thinkingmachines.ai/tinker/losses)
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import Tensor
 
 from opd.math._checks import check_ndim, check_same_shape
 
-Reduction = Literal["token_mean", "sequence_mean", "constant"]
+Reduction = Literal["token_mean", "sequence_mean", "constant", "sum"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
@@ -42,7 +45,7 @@ def reduction_weights(
 
     Args:
         mask_BT: ``[B, T]`` bool or 0/1 mask (a float mask is used as given, so soft gates work).
-        reduction: ``token_mean``, ``sequence_mean`` or ``constant``.
+        reduction: ``token_mean``, ``sequence_mean``, ``constant`` or ``sum``.
         constant_normalizer: ``C`` for ``constant`` (required there, must be > 0).
         num_tokens: overrides ``Σ m`` for ``token_mean`` (the global count under data parallelism).
         num_sequences: overrides ``S`` for ``sequence_mean`` and ``constant``.
@@ -62,6 +65,8 @@ def reduction_weights(
         return m / tokens
     if reduction == "sequence_mean":
         return m / (lengths_B.clamp(min=1.0)[:, None] * seqs)
+    if reduction == "sum":
+        return m
     if constant_normalizer is None or constant_normalizer <= 0:
         raise ValueError(
             f"reduction='constant' needs constant_normalizer > 0 (e.g. the maximum completion "

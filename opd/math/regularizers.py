@@ -1,6 +1,6 @@
 """Regularizers: KL to a reference policy, entropy, and a cross-entropy (SFT / pretraining) term.
 
-methods.md §3.6 (regularization) and §4.1 (k1/k2/k3). The reference policy (initial model,
+docs/methods.md §3.6 (regularization, and the k1/k2/k3 estimators). The reference policy (initial model,
 sampler ``μ``, ...) is always detached; gradients flow through the student only. Per-token
 outputs; reduction through :mod:`opd.math.reduce`.
 """
@@ -34,7 +34,7 @@ def _zero(t: Tensor) -> Tensor:
 def sampled_kl(student_logprobs_BT: Tensor, reference_logprobs_BT: Tensor, *,
                estimator: KLEstimator, mask_BT: Tensor | None = None) -> Tensor:
     """Sampled-token estimators of ``KL(π_θ ‖ π_ref)`` for ``y_t ~ π_θ`` (Schulman 2020,
-    http://joschu.net/blog/kl-approx.html; methods.md §4.1, performance.md §5.5).
+    http://joschu.net/blog/kl-approx.html; docs/methods.md §3.6).
 
     With ``δ = log π_ref(y) − log π_θ(y)`` (``log r``):
 
@@ -52,7 +52,7 @@ def sampled_kl(student_logprobs_BT: Tensor, reference_logprobs_BT: Tensor, *,
     * ``E[∇k3] = E[(1 − π_ref/π_θ) ∇log π_θ] = ∇KL(π_ref‖π_θ)`` — the **forward**-KL gradient,
       not the reverse one (Tang & Munos, arXiv 2506.09477).
 
-    Token-level estimators also miss the effect of ``y_t`` on later states (methods.md §3.2).
+    Token-level estimators also miss the effect of ``y_t`` on later states (docs/methods.md §3.2).
     ``mask_BT``: masked tokens give exactly 0 with no gradient (``-inf`` padding is safe).
     """
     check_same_shape(student_logprobs_BT=student_logprobs_BT,

@@ -5,12 +5,14 @@ Every function here maps the log-probabilities of the *sampled* tokens to a per-
 
     r_t = log π_T(y_t | s_t^T) − log π_S(y_t | s_t)          (the log-ratio reward)
 
-and its published variants (clipped, Box–Cox/PowerOPD, G-OPD/ExOPD extrapolation).
+and its published variants (clipped, Box–Cox/PowerOPD, G-OPD/ExOPD extrapolation), two
+teacher-free rewards (a constant, and OPSA's entropy-ranked negative reward) that serve as placebo
+baselines, and OPDVR's verifier sign gate (:func:`outcome_sign_gate`).
 
 Rewards are **fully detached**: the student log-probabilities are stop-gradient inside
 (``r_t = log π_T − sg[log π_S]``; teacher and reference tensors are detached too). The
 stop-gradient is unbiased for the reverse KL because ``E_{y~π}[∇ log π(y)] = 0``
-(methods.md §3.2); the gradient reaches the student only through the policy-gradient loss
+(docs/methods.md §3.2); the gradient reaches the student only through the policy-gradient loss
 ``−sg[A_t] log π_S(y_t)`` built from these rewards.
 
 Shapes: any leading shape ``[...]`` (written ``_BT`` for the common case). With ``mask_BT``
@@ -28,8 +30,12 @@ from torch import Tensor
 
 from opd.math._checks import check_range, check_same_shape
 
-RewardKind = Literal["log_ratio", "clipped", "box_cox", "extrapolated"]
+RewardKind = Literal["log_ratio", "clipped", "box_cox", "extrapolated", "constant", "entropy_rank"]
 REWARD_KINDS: tuple[str, ...] = get_args(RewardKind)
+#: rewards built from the teacher–student log-ratio (0 where teacher == student)
+LOG_RATIO_REWARDS: tuple[str, ...] = ("log_ratio", "clipped", "box_cox", "extrapolated")
+#: rewards that ignore the teacher (placebo baselines)
+TEACHER_FREE_REWARDS: tuple[str, ...] = ("constant", "entropy_rank")
 
 
 def _float(t: Tensor) -> Tensor:
@@ -61,7 +67,7 @@ def log_ratio_reward(student_logprobs_BT: Tensor, teacher_logprobs_BT: Tensor, *
     ``−r_t = ℓ_t`` is the k1 estimate of the per-token reverse KL; its conditional mean
     under the student is ``−RKL_t``. This is the "negative reverse KL as advantage" reward of
     Thinking Machines' on-policy distillation (https://thinkingmachines.ai/blog/on-policy-distillation/)
-    and of MiniLLM's return (arXiv 2306.08543); methods.md §1, §3.2.
+    and of MiniLLM's return (arXiv 2306.08543); docs/methods.md §1, §3.2.
 
     Args:
         student_logprobs_BT: log π_S of the sampled tokens ``[...]`` (detached here).
@@ -107,7 +113,7 @@ def box_cox_reward(student_logprobs_BT: Tensor, teacher_logprobs_BT: Tensor, *, 
 
     α → 0 recovers the log-ratio reward (α = 0 is handled exactly, not by a limit); for α > 0
     the reward is bounded below by ``−1/α`` (reached when ``π_T(y_t) = 0``).
-    PowerOPD, Zhao et al., arXiv 2606.17199; the explicit form is [INFER] (methods.md §4.4).
+    PowerOPD, Zhao et al., arXiv 2606.17199; the explicit form is [INFER] (docs/methods.md §4.4).
 
     Args:
         alpha: α ≥ 0.
@@ -128,7 +134,7 @@ def extrapolated_reward(student_logprobs_BT: Tensor, teacher_logprobs_BT: Tensor
             = λ (log π_T − log π_S) + (1 − λ)(log π_ref − log π_S)
 
     The per-token expansion of J_G(θ) = E[λ log(π_T(y)/π_ref(y)) − KL(π_θ ‖ π_ref)] (Yang et al.,
-    arXiv 2602.12125; the expansion is [INFER], methods.md §4.7). λ = 1 is the plain log-ratio
+    arXiv 2602.12125; the expansion is [INFER], docs/methods.md §4.7). λ = 1 is the plain log-ratio
     reward (``reference_logprobs_BT`` is then not used and may be ``None``); 0 < λ < 1
     interpolates teacher and reference; λ > 1 is ExOPD (reward extrapolation). A term whose
     coefficient is exactly 0 is skipped, so a ``-inf`` log-prob there yields no ``nan``.
@@ -149,20 +155,81 @@ def extrapolated_reward(student_logprobs_BT: Tensor, teacher_logprobs_BT: Tensor
     return _apply_mask(r, mask_BT)
 
 
+def constant_reward(mask_BT: Tensor, value: float) -> Tensor:
+    """The teacher-free placebo ``r_t = c`` on every masked-in token (0 elsewhere), float32.
+
+    Ding & Zhang (arXiv 2608.31046) find that a single fixed *negative* advantage on the student's
+    lowest-log-probability tokens matches teacher-provided OPD advantages (and a fixed positive one
+    collapses the responses): the control that tells how much of a run is distillation.
+    """
+    m = mask_BT.bool()
+    return torch.where(m, torch.full(m.shape, float(value), dtype=torch.float32, device=m.device),
+                       torch.zeros((), dtype=torch.float32, device=m.device))
+
+
+def entropy_rank_reward(entropy_BT: Tensor, mask_BT: Tensor, value: float = -1.0) -> Tensor:
+    """OPSA's entropy-adaptive teacher-free reward (Ding & Zhang, arXiv 2608.31046).
+
+        r_t = c · (1 + Ĥ_t) / 2,     Ĥ_t = (H_t − min H) / (max H − min H) ∈ [0, 1]
+
+    with the min and max taken over the masked-in tokens (the tokens that are trained) and
+    ``Ĥ = 1`` everywhere when that range is ≤ 1e-12 (as the authors' code does). With ``c = −1``
+    this is the paper's ``A = −½ − (H − H_min)/(2(H_max − H_min)) ∈ [−1, −½]``: the most uncertain
+    selected tokens are pushed down hardest. Detached, 0 on masked positions, at least float32.
+    """
+    check_same_shape(entropy_BT=entropy_BT, mask_BT=mask_BT)
+    m = mask_BT.bool()
+    h = _float(entropy_BT)
+    zero = torch.zeros((), dtype=h.dtype, device=h.device)
+    if not bool(m.any()):
+        return torch.zeros_like(h)
+    sel = h[m]
+    lo, hi = sel.min(), sel.max()
+    rank = torch.where(hi - lo > 1e-12, (h - lo) / (hi - lo).clamp(min=1e-12), torch.ones_like(h))
+    return torch.where(m, float(value) * (1.0 + rank) / 2.0, zero)
+
+
+def outcome_sign_gate(reward_BT: Tensor, correct_B: Tensor, mask_BT: Tensor | None = None) -> Tensor:
+    """OPDVR's verifier sign gate on a per-token reward (Lin et al., arXiv 2608.24696).
+
+        r̃_t = max(0, r_t)   on rows the verifier judges correct,
+        r̃_t = min(0, r_t)   on rows it judges incorrect
+
+    (the paper writes the second as ``−max(0, log π_S/π_T)``: the same value). The verifier sets the
+    direction of every token's update, the teacher only its size; tokens whose teacher signal
+    disagrees with the verdict get 0. ``correct_B`` is ``[B]`` bool. Detached.
+    """
+    if correct_B.dim() != 1 or correct_B.shape[0] != reward_BT.shape[0]:
+        raise ValueError(f"correct_B has shape {tuple(correct_B.shape)}; expected ({reward_BT.shape[0]},), "
+                         f"one verdict per row of reward_BT {tuple(reward_BT.shape)}")
+    r = reward_BT.detach()
+    gated = torch.where(correct_B.bool().to(r.device)[:, None], r.clamp(min=0.0), r.clamp(max=0.0))
+    return _apply_mask(gated, mask_BT)
+
+
 def per_token_reward(kind: RewardKind, student_logprobs_BT: Tensor, teacher_logprobs_BT: Tensor,
                      *, reference_logprobs_BT: Tensor | None = None, low: float | None = None,
                      high: float | None = None, alpha: float = 0.0, lam: float = 1.0,
+                     value: float = -1.0, entropy_BT: Tensor | None = None,
                      mask_BT: Tensor | None = None) -> Tensor:
-    """Dispatch to the reward named ``kind`` (``log_ratio``, ``clipped``, ``box_cox``, ``extrapolated``).
+    """Dispatch to the reward named ``kind`` (one of :data:`REWARD_KINDS`).
 
     Only the knobs of the chosen kind are used (``low``/``high`` for clipped, ``alpha`` for
-    box_cox, ``lam`` and ``reference_logprobs_BT`` for extrapolated).
+    box_cox, ``lam`` and ``reference_logprobs_BT`` for extrapolated, ``value`` for constant and
+    entropy_rank, ``entropy_BT`` — the student's entropy — for entropy_rank). The teacher-free
+    kinds ignore both log-probs; they need ``mask_BT`` (the tokens that are trained).
     """
     fn = _REWARDS.get(kind)
     if fn is None:
         raise ValueError(f"unknown reward kind {kind!r}; choose one of {', '.join(REWARD_KINDS)}")
+    if kind in ("constant", "entropy_rank"):
+        if mask_BT is None:
+            raise ValueError(f"reward kind {kind!r} needs mask_BT (the tokens that are trained)")
+        if kind == "entropy_rank" and entropy_BT is None:
+            raise ValueError("reward kind 'entropy_rank' needs entropy_BT (the student's per-token entropy)")
+        check_same_shape(student_logprobs_BT=student_logprobs_BT, mask_BT=mask_BT)
     return fn(student_logprobs_BT, teacher_logprobs_BT, reference_logprobs_BT=reference_logprobs_BT,
-              low=low, high=high, alpha=alpha, lam=lam, mask_BT=mask_BT)
+              low=low, high=high, alpha=alpha, lam=lam, value=value, entropy_BT=entropy_BT, mask_BT=mask_BT)
 
 
 _REWARDS: dict[str, Callable[..., Tensor]] = {
@@ -172,4 +239,6 @@ _REWARDS: dict[str, Callable[..., Tensor]] = {
     "box_cox": lambda s, t, *, alpha, mask_BT, **_: box_cox_reward(s, t, alpha=alpha, mask_BT=mask_BT),
     "extrapolated": lambda s, t, *, reference_logprobs_BT, lam, mask_BT, **_: extrapolated_reward(
         s, t, reference_logprobs_BT, lam=lam, mask_BT=mask_BT),
+    "constant": lambda s, t, *, value, mask_BT, **_: constant_reward(mask_BT, value),
+    "entropy_rank": lambda s, t, *, value, entropy_BT, mask_BT, **_: entropy_rank_reward(entropy_BT, mask_BT, value),
 }

@@ -1,12 +1,12 @@
 """Vocabulary routing: where probability mass goes when a sampled token is pushed down.
 
-Identities (methods.md §1, §3.4). With logits ``z``, ``π = softmax(z)`` and the sampled-token PG
+Identities (docs/methods.md §1, §3.4). With logits ``z``, ``π = softmax(z)`` and the sampled-token PG
 loss ``−A log π(y)``, the logit gradient is ``−A (e_y − π)``; a descent step with ``A < 0``
 lowers ``z_y`` and raises every other logit *in proportion to the student's own probability*:
 the freed mass is routed by the student prior ("softmax" routing).
 
 **CR-OPD** (Counterfactual Routed OPD; survey arXiv 2606.22793 names it, the formulas here are
-our reconstruction, methods.md §3.4, **[INFER]**) replaces that implicit target, on tokens with
+our reconstruction, docs/methods.md §3.4, **[INFER]**) replaces that implicit target, on tokens with
 negative feedback, by an explicit distribution over alternatives that are teacher-supported and
 student-reachable:
 
@@ -73,7 +73,7 @@ def softmax_routing_loss(student_logp_NV: Tensor, sampled_ids_N: Tensor, advanta
                          *, mask_N: Tensor | None = None) -> Tensor:
     """Plain sampled-token PG, ``L_t = −sg[A_t] · log π_θ(y_t)`` (student-prior routing).
 
-    Logit gradient ``−A_t (e_{y_t} − π_θ)`` (methods.md §1 identity 3). Shapes: ``[..., V]``,
+    Logit gradient ``−A_t (e_{y_t} − π_θ)`` (docs/methods.md §1 identity 3). Shapes: ``[..., V]``,
     ``[...]``, ``[...]``. Masked tokens (``mask_N`` False) give exactly 0 with no gradient.
     """
     keep = _token_mask(mask_N, sampled_ids_N)
@@ -161,7 +161,7 @@ def cr_opd_target(
     kappa: float = 1.0,
     eta: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """CR-OPD routing target ``ρ̃`` and candidate set ``C`` on the vocabulary (methods.md §3.4,
+    """CR-OPD routing target ``ρ̃`` and candidate set ``C`` on the vocabulary (docs/methods.md §3.4,
     **[INFER]**). Dense ``[..., V]`` view for diagnostics and tests; :func:`cr_opd_loss` never
     materialises it.
 
@@ -207,7 +207,7 @@ def cr_opd_loss(
     eta: float = 1.0,
     mask_N: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Counterfactual Routed OPD loss per token (methods.md §3.4, **[INFER]**).
+    """Counterfactual Routed OPD loss per token (docs/methods.md §3.4, **[INFER]**).
 
     Routed tokens (``A_t < −τ_A`` and ``C_t ≠ ∅``) use
 
@@ -270,7 +270,7 @@ def cr_opd_loss(
 
 def aopd_loss(sampled_logprobs_N: Tensor, advantages_N: Tensor, local_divergence_N: Tensor,
               *, mask_N: Tensor | None = None) -> Tensor:
-    """Asymmetric OPD (Jia et al., arXiv 2605.06387; methods.md §4.5, **[INFER form]**).
+    """Asymmetric OPD (Jia et al., arXiv 2605.06387; docs/methods.md §4.5, **[INFER form]**).
 
         L_t = 1[A_t > 0] · (−A_t log π_θ(y_t)) + 1[A_t ≤ 0] · D_t
 

@@ -1,11 +1,11 @@
 """Support construction: which tokens a distributional (route R1) loss compares, and how.
 
-A support ``S_t ⊆ V`` is chosen per token (methods.md §1, §3.4 "Top-K truncated losses"):
+A support ``S_t ⊆ V`` is chosen per token (docs/methods.md §1, §3.4 "Top-K truncated losses"):
 
 * ``full``                  the whole vocabulary (GKD, arXiv 2306.13649; DistiLLM, 2402.03898);
 * ``teacher_topk``          the teacher's top-k (Fu et al. 2603.25562 "top-K local support matching");
 * ``student_topk``          the student's top-k (teacher log-probs at student-chosen ids);
-* ``union``                 teacher top-k ∪ student top-k (verl-style; performance.md §2.1);
+* ``union``                 teacher top-k ∪ student top-k (verl-style);
 * ``sampled``               ``{y_t}`` only;
 * ``teacher_topk_sampled``  teacher top-k ∪ ``{y_t}``.
 

@@ -1,10 +1,10 @@
 """A run that explains itself: live diagnostics, failure detectors and stabilization recipes.
 
 * :mod:`opd.monitor.live` — per-step ``diag/*`` metrics from the objective's token statistics and
-  the rollouts (methods.md §3.7), the NaN/Inf check, sample completions with per-token log-ratios;
-* :mod:`opd.monitor.detectors` — the failure detectors (methods.md §3.8) and :class:`Monitor`,
+  the rollouts (docs/methods.md §3.7), the NaN/Inf check, sample completions with per-token log-ratios;
+* :mod:`opd.monitor.detectors` — the failure detectors (docs/methods.md §3.8) and :class:`Monitor`,
   which reports each once per run to ``<run>/events.jsonl`` and acts (warn / stop / apply);
-* :mod:`opd.monitor.recipes` — the stabilization recipe of each detector (methods.md §3.9).
+* :mod:`opd.monitor.recipes` — the stabilization recipe of each detector (docs/methods.md §3.9).
 
 docs/diagnostics.md documents every metric, rule, threshold and recipe.
 """

@@ -1,4 +1,4 @@
-"""Failure detectors (methods.md §3.8) and the run monitor that reports them once, with a recipe.
+"""Failure detectors (docs/methods.md §3.8) and the run monitor that reports them once, with a recipe.
 
 Each detector is a documented rule over the step metrics of a run (the loop's own keys and the
 ``diag/*`` keys of :mod:`opd.monitor.live`). Notation: ``W`` = ``monitor.window``; ``recent(x)`` is
@@ -423,14 +423,36 @@ class Monitor:
                 f.write(json.dumps({"time": round(time.time(), 3), **ev.to_json()}) + "\n")
 
     # ------------------------------------------------------------------------------ samples
-    def write_samples(self, step: int, tokenizer: Any) -> int:
-        """Append up to ``monitor.samples`` completions of the last training batch, with per-token
-        ``ℓ_t``, to ``<run>/samples.jsonl``; returns how many were written."""
-        if self._last_batch is None or self.events_path is None or self.cfg.monitor.samples == 0:
+    def write_samples(self, step: int, tokenizer: Any, *, task: Any = None,
+                      heldout: Sequence[Mapping[str, Any]] = ()) -> int:
+        """Append the samples of the evaluation at ``step`` to ``<run>/samples.jsonl``; returns how
+        many were written (at most ``monitor.samples`` of each kind).
+
+        * ``heldout``: the evaluation's own greedy completions (:attr:`opd.evaluate.EvalResult.samples`,
+          already scored by the verifier), written with ``source: "heldout"``;
+        * the last training batch (the batch of update ``step``), with per-token ``ℓ_t`` and, when
+          ``task`` is given, the verifier's ``score`` of each completion, written with
+          ``source: "train"``, ``policy`` (who wrote it: ``student``, ``mixture`` for teacher-mixed
+          sampling, ``teacher`` or ``dataset`` for off-policy rows) and the sampler's
+          ``temperature`` / ``top_p`` / ``top_k`` (none for dataset answers).
+        """
+        n = self.cfg.monitor.samples
+        if self.events_path is None or n == 0:
             return 0
-        rollouts, stats = self._last_batch
-        records = batch_samples(rollouts, stats, tokenizer, self.cfg.monitor.samples)
-        with (Path(self.run_dir) / "samples.jsonl").open("a") as f:
-            for r in records:
-                f.write(json.dumps({"step": step, "source": "train batch", **r}) + "\n")
-        return len(records)
+        rows = [{"step": step, **dict(r), "source": "heldout", "decoding": "greedy"} for r in list(heldout)[:n]]
+        if self._last_batch is not None:
+            r = self.cfg.rollout
+            rollouts, stats = self._last_batch
+            for record in batch_samples(rollouts, stats, tokenizer, n, task=task):
+                policy = ("mixture" if r.teacher_mix > 0 else "student") if record["on_policy"] else (
+                    "teacher" if r.off_policy_source == "teacher" else "dataset")
+                sampler = {} if policy == "dataset" else {"temperature": r.temperature, "top_p": r.top_p,
+                                                          "top_k": r.top_k}
+                if policy == "mixture":
+                    sampler["teacher_mix"] = r.teacher_mix
+                rows.append({"step": step, "source": "train", "policy": policy, **sampler, **record})
+        if rows:
+            with (Path(self.run_dir) / "samples.jsonl").open("a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+        return len(rows)

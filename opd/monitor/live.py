@@ -4,7 +4,7 @@ Nothing here runs a model. The per-token inputs are the objective's ``token_stat
 ``[B, T]`` tensors from the same student forward that produced the loss, and the teacher's single
 scoring pass; :class:`opd.objective.ObjectiveOutput`), concatenated over micro-batches by
 :func:`opd.step.accumulate_gradients`; the per-sequence inputs are the step's rollouts. The
-reductions are those of :mod:`opd.math.diagnostics` (methods.md §3.7, **[INFER]** metric set):
+reductions are those of :mod:`opd.math.diagnostics` (docs/methods.md §3.7, **[INFER]** metric set):
 
 * :func:`token_metrics` — masked means of every ``diag/*`` token statistic (teacher_kl
   ``ℓ_t = log π_S(y_t) − log π_T(y_t)``, full or top-k RKL/FKL, top-k overlap ratio and mass,
@@ -192,14 +192,18 @@ def nonfinite_evidence(*, loss_terms: Mapping[str, float], stats: Mapping[str, T
     return out
 
 
-def batch_samples(rollouts: Rollouts, stats: Mapping[str, Tensor], tokenizer: Any, n: int) -> list[dict[str, Any]]:
+def batch_samples(rollouts: Rollouts, stats: Mapping[str, Tensor], tokenizer: Any, n: int,
+                  task: Any = None) -> list[dict[str, Any]]:
     """Up to ``n`` completions of the batch with per-token ``ℓ_t = log π_S(y_t) − log π_T(y_t)``.
 
     ``ℓ_t`` is the objective's ``teacher_kl`` statistic (the loss's own forward and the teacher's
     scoring pass, no extra model call). Rows are taken in batch order, on-policy rows with at least
-    one counted token first. Each record: ``prompt`` (text), ``tokens`` (completion tokens as
-    strings), ``token_ids``, ``log_ratio`` (``ℓ_t`` per token), ``student_entropy`` (when known),
-    ``truncated``, ``on_policy`` and ``answer`` (the example's reference answer, or None).
+    one counted token first. Each record: ``prompt`` (text), ``completion`` (the text a verifier
+    reads: special tokens kept), ``tokens`` (completion tokens as strings), ``token_ids``,
+    ``log_ratio`` (``ℓ_t`` per token), ``student_entropy`` (when known), ``truncated``,
+    ``on_policy``, ``answer`` (the example's reference answer, or None) and ``score``: the
+    verifier's score of the completion (``task.verify``; None without a ``task`` or when the task
+    has no verifier).
     """
     if n <= 0 or "teacher_kl" not in stats:
         return []
@@ -213,16 +217,26 @@ def batch_samples(rollouts: Rollouts, stats: Mapping[str, Tensor], tokenizer: An
         if not bool(row.any()):
             continue
         ids = rollouts.completion_ids_BT[b][row].tolist()
+        # the verifier reads the whole completion (a masked tail, e.g. under rollout.truncated=mask,
+        # is still what the model wrote)
+        all_ids = rollouts.completion_ids_BT[b][rollouts.completion_mask_BT[b].bool()].tolist()
+        completion = tokenizer.decode(all_ids, skip_special_tokens=False)
         prompt_ids = rollouts.prompt_ids_BP[b][rollouts.prompt_mask_BP[b].bool()].tolist()
         ex = rollouts.examples[b] if rollouts.examples else None
+        score = None
+        if task is not None and ex is not None:
+            value = float(task.verify(ex, completion))
+            score = None if math.isnan(value) else value
         record: dict[str, Any] = {
             "prompt": ex.prompt if ex is not None else tokenizer.decode(prompt_ids, skip_special_tokens=False),
+            "completion": completion,
             "tokens": [str(t) for t in tokenizer.convert_ids_to_tokens(ids)],
             "token_ids": ids,
             "log_ratio": [round(float(v), 5) for v in stats["teacher_kl"][b][row]],
             "truncated": bool(rollouts.truncated_B[b]),
             "on_policy": bool(rollouts.on_policy_B[b]),
             "answer": None if ex is None else ex.answer,
+            "score": score,
         }
         if "student_entropy" in stats:
             record["student_entropy"] = [round(float(v), 5) for v in stats["student_entropy"][b][row]]

@@ -1,4 +1,4 @@
-"""Stabilization recipes (methods.md §3.9): what to do when a failure detector fires.
+"""Stabilization recipes (docs/methods.md §3.9): what to do when a failure detector fires.
 
 A recipe is advice (``text``, with its source) plus, where the fix is a configuration change, the
 dotted overrides that ``monitor.<detector>_action=apply`` applies mid-run
@@ -88,6 +88,8 @@ def _reward_sign(cfg: Config) -> Recipe:
         overrides.append("route2.coef=0")
         if cfg.routing.kind == "cr_opd":  # routing reroutes route 2, which is now off
             overrides.append("routing.kind=softmax")
+        if cfg.outcome.adv_tau > 0 or cfg.outcome.sign_gate:  # verifier hybrids enter through route 2
+            overrides += ["outcome.adv_tau=0", "outcome.sign_gate=false"]
     if cfg.teacher.access == "sampled":
         overrides.append("teacher.access=topk")
     return Recipe(text, tuple(overrides))

@@ -1,5 +1,5 @@
-"""The reporting checklist (methods.md §3.10, **[INFER]**: mapped onto the survey's design variables),
-filled from a run's resolved config, its logs and ``run_info.json``.
+"""The reporting checklist (the survey's reporting checklist, arXiv 2606.22793, **[INFER]**: mapped
+onto its design variables), filled from a run's resolved config, its logs and ``run_info.json``.
 
 Every item is always present; an item the run cannot answer is flagged ``missing`` with the
 reason, so two reports can be compared line by line. Compute: the teacher's forward FLOPs are
@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from opd.report.compare import legacy_teacher_kl
 from opd.report.load import RunData, series
 
 __all__ = ["CHECKLIST", "Item", "checklist"]
@@ -68,7 +69,8 @@ def _fmt(x: float) -> str:
 
 
 def _curve(run: RunData, key: str, what: str) -> tuple[str, bool]:
-    xs, ys = series(run.train, key)
+    pairs = [(x, y) for x, y in zip(*series(run.train, key), strict=True) if math.isfinite(y)]
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
     if not ys:
         return f"not logged ({what})", True
     return f"logged every {max(1, int(round((xs[-1] - xs[0]) / max(len(xs) - 1, 1))))} step(s); " \
@@ -187,7 +189,7 @@ def _answers(run: RunData) -> dict[str, tuple[str, bool]]:  # noqa: C901 — one
                                   "truncation")
     a["repetition"] = _curve(run, "diag/repetition_rate", "repetition rate")
     a["entropy"] = _curve(run, "diag/student_entropy", "student entropy")
-    a["teacher_kl"] = _curve(run, "teacher_kl", "teacher_kl")
+    a["teacher_kl"] = _teacher_kl(run)
     a["calibration"] = ("not measured (no ECE / confidence-vs-accuracy curve; CaOPD 2604.16830)", True)
     tokens = sum(y for y in series(run.train, "tokens")[1] if math.isfinite(y))
     every = c("train.log_every") or 1
@@ -206,15 +208,7 @@ def _answers(run: RunData) -> dict[str, tuple[str, bool]]:  # noqa: C901 — one
         secs = times[-1] - times[0] if len(times) > 1 else None
     a["wall time"] = ((f"{secs:.1f} s" + (" (summary.json)" if run.summary else " (first to last logged step)"))
                       if secs is not None else "unknown (no summary.json)", secs is None)
-    dev = info.get("device")
-    if dev:
-        world = info.get("world_size", 1)
-        gpu = str(dev).startswith("cuda")
-        hours = f"; {world * (secs or 0) / 3600:.3f} GPU-hours" if gpu else "; 0 GPU-hours"
-        a["hardware"] = (f"{dev} × {world} ({info.get('device_name') or 'unknown'}), torch "
-                         f"{info.get('versions', {}).get('torch')}, {info.get('torch_threads')} threads{hours}", False)
-    else:
-        a["hardware"] = ("unknown (no run_info.json)", True)
+    a["hardware"] = _hardware(run, info, secs)
     max_new = c("eval.max_new_tokens") or c("rollout.max_new_tokens")
     a["decoding"] = (f"greedy, up to {max_new} new tokens", max_new is None)
     n = next((r.get("eval/n") for r in reversed(run.evals) if r.get("eval/n") is not None), None)
@@ -230,6 +224,48 @@ def _answers(run: RunData) -> dict[str, tuple[str, bool]]:  # noqa: C901 — one
     a["seeds"] = (f"seed {c('seed')} (prompts, sampling and initialisation); one seed — rerun with other seeds "
                   "for error bars", c("seed") is None)
     return a
+
+
+def _teacher_kl(run: RunData) -> tuple[str, bool]:
+    """teacher_kl is ``mean log π_S − log π_T`` on the student's own samples; off-policy rows give
+    ``offpolicy_logratio`` (not a KL). Older logs mixed the two under ``teacher_kl``."""
+    off = _curve(run, "offpolicy_logratio", "")
+    if not run.has("teacher_kl"):
+        if not off[1]:
+            return ("no student samples in training (on-policy fraction 0), so no teacher_kl; off-policy rows: "
+                    f"log π_S − log π_T (not a KL) {off[0]}", True)
+        return _curve(run, "teacher_kl", "teacher_kl")
+    value, missing = _curve(run, "teacher_kl", "teacher_kl")
+    if legacy_teacher_kl(run):
+        value += (f"; includes the off-policy rows (on-policy fraction {run.cfg('rollout.on_policy_fraction')}), "
+                  "where it is log π_S − log π_T on teacher samples / dataset answers, not a KL")
+    elif not off[1]:
+        value += f"; off-policy rows: log π_S − log π_T (not a KL) {off[0]}"
+    return value, missing
+
+
+def _hardware(run: RunData, info: dict[str, Any], secs: float | None) -> tuple[str, bool]:
+    """What ran (``run_info.json``: device, precision), and what the config asked when it differs."""
+    dev = info.get("device")
+    if not dev:
+        return "unknown (no run_info.json)", True
+    world = info.get("world_size", 1)
+    gpu = str(dev).startswith("cuda")
+    hours = f"; {world * (secs or 0) / 3600:.3f} GPU-hours" if gpu else "; 0 GPU-hours"
+    asked_dev, asked_prec = run.cfg("train.device"), run.cfg("train.precision")
+    dev_note = f" (config asked train.device={asked_dev})" if asked_dev not in (None, "auto") and \
+        not str(dev).startswith(asked_dev) else ""
+    prec = info.get("precision")
+    if prec is None:
+        precision = f"precision not recorded (config asked train.precision={asked_prec})"
+    else:
+        precision = ("no mixed precision" if prec == "no" else f"mixed precision {prec}") + (
+            "" if prec == asked_prec or asked_prec is None else
+            f" (config asked train.precision={asked_prec})")
+    dtypes = f"student {run.cfg('student.dtype')}, teacher {run.cfg('teacher.dtype')}"
+    return (f"ran on {dev}{dev_note} × {world} ({info.get('device_name') or 'unknown'}), {precision}, weights "
+            f"{dtypes}, torch {info.get('versions', {}).get('torch')}, {info.get('torch_threads')} threads{hours}",
+            False)
 
 
 def checklist(run: RunData) -> list[Item]:

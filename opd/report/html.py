@@ -11,8 +11,9 @@ from typing import Any
 
 from opd.report.checklist import Item
 from opd.report.compare import SUMMARY_COLUMNS, config_differences, summary_rows
-from opd.report.load import RunData
+from opd.report.load import FINISHED, RunData, run_status
 from opd.report.plots import Plot
+from opd.report.samples import mark, sample_groups
 
 __all__ = ["log_ratio_color", "render_html"]
 
@@ -34,6 +35,10 @@ figure img{display:block;max-width:100%}figcaption{font-size:.75em;color:#555;ma
 .sample{background:#fff;border:1px solid #e1e1e1;padding:5px 9px;margin:5px 0;font-size:.85em}
 .tok{font-family:ui-monospace,Menlo,Consolas,monospace;padding:1px 3px;margin:0 1px;border-radius:3px;
 display:inline-block}.legend span{padding:1px 6px;border-radius:3px;margin-right:4px;font-size:.8em}
+.mark{display:inline-block;min-width:1.4em;font-weight:700}.mark.right{color:#1b7f3b}.mark.wrong{color:#b3261e}
+.mark.none{color:#888}
+.status{background:#fdecea;border-left:4px solid #b3261e;padding:8px 12px;margin:10px 0;font-size:.95em}
+.warn{background:#fff4e5;border-left:4px solid #e8710a;padding:4px 10px;margin:4px 0;font-size:.85em}
 """
 
 
@@ -73,26 +78,52 @@ def _events(run: RunData) -> str:
     return "".join(out)
 
 
+def _tokens(s: dict[str, Any]) -> str:
+    ratios = s.get("log_ratio")
+    if not ratios:
+        return "".join(f'<span class="tok">{_e(t)}</span>' for t in s.get("tokens", []))
+    return "".join(f'<span class="tok" style="background:{log_ratio_color(float(v))}" title="ℓ = {float(v):+.3f}">'
+                   f"{_e(t)}</span>" for t, v in zip(s.get("tokens", []), ratios, strict=False))
+
+
 def _samples(run: RunData, limit: int = 8) -> str:
     if not run.samples:
-        return '<p class="sub">No samples saved (monitor.samples=0, or no evaluation after a training step).</p>'
-    steps = sorted({int(s["step"]) for s in run.samples})
-    out = ['<p class="legend sub">Token background: <span style="background:rgba(214,39,40,.6)">ℓ &gt; 0</span> '
-           'student more confident than the teacher (the teacher disagrees) · <span style="background:'
-           'rgba(31,119,180,.6)">ℓ &lt; 0</span> teacher more confident · hover a token for '
-           'ℓ_t = log π_S − log π_T (nats).</p>']
-    for step in (steps[0], steps[-1]) if len(steps) > 1 else steps:
-        out.append(f"<h3 class='sub'>training batch at step {step}</h3>")
-        for s in [x for x in run.samples if int(x["step"]) == step][:limit]:
-            toks = "".join(
-                f'<span class="tok" style="background:{log_ratio_color(float(v))}" title="ℓ = {float(v):+.3f}">'
-                f"{_e(t)}</span>" for t, v in zip(s.get("tokens", []), s.get("log_ratio", []), strict=False))
-            total = sum(float(v) for v in s.get("log_ratio", []))
-            tail = (f' · answer {_e(s["answer"])}' if s.get("answer") is not None else "") + \
-                   (" · truncated" if s.get("truncated") else "")
-            out.append(f'<div class="sample"><code>{_e(s.get("prompt"))}</code> → {toks} '
-                       f'<span class="sub">Σℓ = {total:+.2f}{tail}</span></div>')
+        return '<p class="sub">No samples saved (monitor.samples=0, or no evaluation ran).</p>'
+    out = ['<p class="legend sub">Mark: <b style="color:#1b7f3b">✓</b> correct / <b style="color:#b3261e">✗</b> '
+           "wrong by the task's verifier (· not verified). Token background: "
+           '<span style="background:rgba(214,39,40,.6)">ℓ &gt; 0</span> student more confident than the teacher '
+           '(the teacher disagrees) · <span style="background:rgba(31,119,180,.6)">ℓ &lt; 0</span> teacher more '
+           "confident · hover a token for ℓ_t = log π_S − log π_T (nats).</p>"]
+    for group in sample_groups(run, limit):
+        out.append(f"<h3 class='sub'>{_e(group.title)}</h3><p class='sub'>{_e(group.note)}</p>")
+        for s in group.samples:
+            symbol, word = mark(s.get("score"))
+            cls = {"correct": "right", "wrong": "wrong", "not verified": "none"}.get(word, "")
+            ratios = s.get("log_ratio") or []
+            tail = (f" · Σℓ = {sum(float(v) for v in ratios):+.2f}" if ratios else "") + \
+                (f' · answer {_e(s["answer"])}' if s.get("answer") is not None else "") + \
+                (" · truncated" if s.get("truncated") else "")
+            out.append(f'<div class="sample"><span class="mark {cls}" title="{_e(word)}">{_e(symbol)}</span> '
+                       f'<code>{_e(s.get("prompt"))}</code> → {_tokens(s)} <span class="sub">{tail.lstrip(" ·")}'
+                       "</span></div>")
     return "".join(out)
+
+
+def _status(run: RunData, single: bool) -> str:
+    status, why = run_status(run)
+    if status in FINISHED:
+        return ""
+    who = "This run" if single else f"Run {_e(run.name)}"
+    return (f'<div class="status"><b>{who} did not finish: {_e(status)}.</b> {_e(why)}. Its curves and "accuracy '
+            'after" stop at its last logged step.</div>')
+
+
+def _warnings(run: RunData) -> str:
+    if run.warnings is None:
+        return "<p class='sub'>Not recorded (no warnings.json in the run folder).</p>"
+    if not run.warnings:
+        return "<p class='sub'>None: every option set has an effect in this configuration.</p>"
+    return "".join(f'<div class="warn">{_e(w)}</div>' for w in run.warnings)
 
 
 def _checklist_single(items: list[Item]) -> str:
@@ -127,7 +158,14 @@ def render_html(runs: Sequence[RunData], plots: Sequence[Plot], items: Sequence[
              f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{_CSS}</style></head>"
              f"<body><main><h1>{_e(title)}</h1><p class='sub'>generated {time.strftime('%Y-%m-%d %H:%M:%S')} · "
              + " · ".join(_e(r.path) for r in runs) + "</p>"]
+    parts += [_status(run, single) for run in runs]
     parts.append("<h2>Summary</h2>" + _table(SUMMARY_COLUMNS, summary_rows(runs)))
+    for run in runs:
+        parts += [f"<p class='sub'>{_e(run.name)}: {_e(note)}</p>" for note in run.notes]
+    parts.append("<h2>Configuration warnings</h2><p class='sub'>printed when the run started (options with no "
+                 "effect in this configuration, and similar)</p>")
+    for run in runs:
+        parts.append(("" if single else f"<h3 class='sub'>{_e(run.name)}</h3>") + _warnings(run))
     if not single:
         diffs = config_differences(runs)
         parts.append("<h2>Configuration differences</h2>" + (
@@ -144,8 +182,8 @@ def render_html(runs: Sequence[RunData], plots: Sequence[Plot], items: Sequence[
         data = base64.b64encode(p.png).decode("ascii")
         parts.append(f"<figure id='fig-{_e(p.slug)}'><img alt='{_e(p.title)}' src='data:image/png;base64,{data}'>"
                      f"<figcaption><b>{_e(p.title)}</b>: {_e(p.caption)}</figcaption></figure>")
-    parts.append("<h2>Reporting checklist</h2><p class='sub'>methods.md §3.10, filled from the resolved config, the "
-                 "logs and run_info.json.</p>")
+    parts.append("<h2>Reporting checklist</h2><p class='sub'>The survey's reporting checklist (arXiv 2606.22793), "
+                 "filled from the resolved config, the logs and run_info.json (what actually ran).</p>")
     parts.append(_checklist_single(items[0]) if single else _checklist_multi(runs, items))
     parts.append("<h2>Sample completions</h2>")
     for run in runs:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from opd.report.checklist import Item
 from opd.report.compare import SUMMARY_COLUMNS, config_differences, summary_rows
-from opd.report.load import RunData
+from opd.report.load import FINISHED, RunData, run_status
+from opd.report.samples import mark, sample_groups
 
 __all__ = ["render_markdown"]
 
@@ -40,15 +41,37 @@ def _events(run: RunData) -> list[str]:
 
 def _samples(run: RunData, limit: int) -> list[str]:
     if not run.samples:
-        return ["No samples saved.", ""]
-    last = max(int(s["step"]) for s in run.samples)
-    out = [f"Training batch at step {last}; each token is followed by ℓ_t = log π_S − log π_T in nats "
-           "(> 0: the student is more confident than the teacher).", ""]
-    for s in [x for x in run.samples if int(x["step"]) == last][:limit]:
-        toks = " ".join(f"`{t}`({float(v):+.2f})" for t, v in zip(s.get("tokens", []), s.get("log_ratio", []),
-                                                                 strict=False))
-        out.append(f"- `{s.get('prompt')}` → {toks}" + (f" — answer `{s['answer']}`" if s.get("answer") else ""))
-    return [*out, ""]
+        return ["No samples saved (monitor.samples=0, or no evaluation ran).", ""]
+    out = ["✓ correct / ✗ wrong by the task's verifier (· not verified). The number after a token is its "
+           "ℓ_t = log π_S − log π_T in nats (> 0: the student is more confident than the teacher).", ""]
+    for group in sample_groups(run, limit):
+        out += [f"**{group.title}** — {group.note}", ""]
+        for s in group.samples:
+            ratios = s.get("log_ratio")
+            toks = " ".join(f"`{t}`({float(v):+.2f})" for t, v in zip(s.get("tokens", []), ratios, strict=False)) \
+                if ratios else " ".join(f"`{t}`" for t in s.get("tokens", []))
+            tail = (f" — answer `{s['answer']}`" if s.get("answer") is not None else "") + \
+                (" — truncated" if s.get("truncated") else "")
+            out.append(f"- {mark(s.get('score'))[0]} `{s.get('prompt')}` → {toks}{tail}")
+        out.append("")
+    return out
+
+
+def _status(run: RunData, single: bool) -> list[str]:
+    status, why = run_status(run)
+    if status in FINISHED:
+        return []
+    who = "This run" if single else f"Run `{run.name}`"
+    return [f"> **{who} did not finish: {status}.** {why}. Its curves and \"accuracy after\" stop at its last "
+            "logged step.", ""]
+
+
+def _warnings(run: RunData) -> list[str]:
+    if run.warnings is None:
+        return ["Not recorded (no warnings.json in the run folder).", ""]
+    if not run.warnings:
+        return ["None: every option set has an effect in this configuration.", ""]
+    return [*(f"- {w}" for w in run.warnings), ""]
 
 
 def render_markdown(runs: Sequence[RunData], figures: Sequence[tuple[str, str, str]],
@@ -56,8 +79,15 @@ def render_markdown(runs: Sequence[RunData], figures: Sequence[tuple[str, str, s
     """The report as Markdown; ``figures`` are ``(title, caption, relative PNG path)``."""
     single = len(runs) == 1
     lines = [f"# opd report — {runs[0].name}" if single else f"# opd comparison — {len(runs)} runs", "",
-             "Run folder(s): " + ", ".join(f"`{r.path}`" for r in runs), "", "## Summary", "",
-             *_table(SUMMARY_COLUMNS, summary_rows(runs))]
+             "Run folder(s): " + ", ".join(f"`{r.path}`" for r in runs), ""]
+    for run in runs:
+        lines += _status(run, single)
+    lines += ["## Summary", "", *_table(SUMMARY_COLUMNS, summary_rows(runs))]
+    notes = [f"*{run.name}: {note}*" for run in runs for note in run.notes]
+    lines += [*notes, ""] if notes else []
+    lines += ["## Configuration warnings", "", "Printed when the run started.", ""]
+    for run in runs:
+        lines += ([] if single else [f"### {run.name}", ""]) + _warnings(run)
     if not single:
         diffs = config_differences(runs)
         lines += ["## Configuration differences", "",
@@ -69,8 +99,9 @@ def render_markdown(runs: Sequence[RunData], figures: Sequence[tuple[str, str, s
     lines += ["## Curves", ""]
     for title, caption, path in figures:
         lines += [f"![{title}]({path})", "", f"*{title}*: {caption}", ""]
-    lines += ["## Reporting checklist", "", "methods.md §3.10, filled from the resolved config, the logs and "
-              "run_info.json; **MISSING** marks what the run cannot answer.", ""]
+    lines += ["## Reporting checklist", "", "The survey's reporting checklist (arXiv 2606.22793), filled from the "
+              "resolved config, the logs and run_info.json (what actually ran); **MISSING** marks what the run "
+              "cannot answer.", ""]
     if single:
         lines += _table(["section", "item", "this run"],
                         [[it.section, it.name, ("**MISSING** " if it.missing else "") + it.value] for it in items[0]])

@@ -1,12 +1,16 @@
 """The report's figures: matplotlib (Agg canvas, no pyplot state), rendered to PNG bytes.
 
-One figure per question a reader of an OPD run asks (methods.md §3.7 and §3.10 item 9): is the
-loss going down, is the student approaching the teacher (teacher_kl, exact RKL/FKL), is it getting
+One figure per question a reader of an OPD run asks (the survey's diagnostics and reporting
+checklist, arXiv 2606.22793): is the loss going down, is the student approaching the teacher
+(teacher_kl on the student's own samples, exact RKL/FKL), is it getting
 better (evaluation accuracy), is it blowing up (length, truncation, repetition, EOS), is it
 collapsing (entropy), is the teacher's signal actionable (top-k overlap and coverage), where in the
 completion the disagreement sits (early / middle / late thirds), and are rewards and gradients
 well behaved. Several runs overlay one line per run. Detector events are drawn as dotted
-vertical lines. A figure whose series no run logged is left out (the checklist says so).
+vertical lines. A figure whose series no run logged is left out (the checklist says so); a step
+without a value (NaN, e.g. teacher_kl of a batch with no student sample) is a gap, never a zero.
+``offpolicy_logratio`` — ``log π_S − log π_T`` on teacher samples or dataset answers — is drawn
+beside teacher_kl under its own name: it is not a KL and is usually negative.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from opd.report.compare import legacy_teacher_kl
 from opd.report.load import RunData, series
 
 __all__ = ["FIGURES", "Plot", "make_plots"]
@@ -26,10 +31,12 @@ FIGURES: list[tuple[str, str, str, list[Panel]]] = [
     ("loss", "Loss", "the minimised objective and its terms (per optimizer step)",
      [("loss", [("loss", "total"), ("loss/route1", "route 1"), ("loss/route2", "route 2"), ("loss/ref_kl", "ref KL"),
                 ("loss/entropy_bonus", "entropy bonus"), ("loss/sft", "SFT"), ("loss/value", "value head")], False)]),
-    ("teacher_kl", "Teacher KL", "teacher_kl = mean ℓ_t = log π_S(y_t) − log π_T(y_t) on sampled tokens; "
-     "RKL / FKL exact (full access) or on the teacher's top-k",
-     [("nats / token", [("teacher_kl", "teacher_kl (sampled)"), ("diag/rkl", "RKL(S‖T)"), ("diag/fkl", "FKL(T‖S)")],
-       False)]),
+    ("teacher_kl", "Teacher KL", "teacher_kl = mean ℓ_t = log π_S(y_t) − log π_T(y_t) on the student's own "
+     "samples (a sampled estimate of RKL); RKL / FKL exact (full access) or on the teacher's top-k; off-policy "
+     "rows (teacher samples, dataset answers) give log π_S − log π_T, which is not a KL and is drawn apart",
+     [("nats / token", [("teacher_kl", "teacher_kl (student samples)"), ("diag/rkl", "RKL(S‖T)"),
+                        ("diag/fkl", "FKL(T‖S)"),
+                        ("offpolicy_logratio", "log π_S − log π_T on off-policy rows (not a KL)")], False)]),
     ("eval", "Evaluation", "greedy held-out accuracy and the student's RKL to the teacher on its own completions",
      [("accuracy", [("eval/accuracy", "student")], False), ("RKL(S‖T)", [("eval/teacher_rkl", "student")], False)]),
     ("length", "Length, truncation, repetition", "student rollouts: mean length; fraction truncated at the length "
@@ -46,8 +53,8 @@ FIGURES: list[tuple[str, str, str, list[Panel]]] = [
                     ("diag/sampled_in_teacher_topk", "y_t ∈ TopK_T"),
                     ("diag/teacher_offsupport_frac", "off-support")], False)]),
     ("position", "Per-position diagnostics", "early / middle / late thirds of each completion (position bias, "
-     "2606.22600)",
-     [("teacher_kl", [("diag/teacher_kl_early", "early"), ("diag/teacher_kl_middle", "middle"),
+     "2606.22600); ℓ_t = log π_S − log π_T over the batch's rows",
+     [("ℓ_t", [("diag/teacher_kl_early", "early"), ("diag/teacher_kl_middle", "middle"),
                       ("diag/teacher_kl_late", "late")], False),
       ("RKL(S‖T)", [("diag/rkl_early", "early"), ("diag/rkl_middle", "middle"), ("diag/rkl_late", "late")], False),
       ("student entropy", [("diag/student_entropy_early", "early"), ("diag/student_entropy_middle", "middle"),
@@ -102,6 +109,8 @@ def _draw_panel(ax, runs: Sequence[RunData], panel: Panel) -> bool:
                 continue
             xs, ys = [x for x, _ in finite], [y for _, y in finite]
             color = _COLORS[(r_i if multi else k_i) % len(_COLORS)]
+            if key == "teacher_kl" and legacy_teacher_kl(run):  # older logs: teacher_kl over every row
+                label = "log π_S − log π_T, all rows incl. off-policy (logged as teacher_kl)"
             name = f"{run.name}" if multi else label
             if key.startswith("eval/") or len(xs) < 8:
                 ax.plot(xs, ys, marker="o", ms=3, lw=1.5, color=color, label=name)

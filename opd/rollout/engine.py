@@ -8,6 +8,8 @@ module (``hf``) has nothing to do there.
 
 * ``hf`` — :class:`HFEngine`: opd's own batched, KV-cached decode loop over any ``transformers``
   causal LM (:func:`opd.rollout.generate.generate_rollouts`).
+* ``vllm`` — :mod:`opd.rollout.vllm_engine`: a ``vllm.LLM`` in the training process, or a vLLM
+  server (``rollout.server``), with the student's weights pushed every ``rollout.sync_every`` steps.
 
 :func:`build_engine` picks the engine named by ``rollout.engine``; adding an engine is a module
 with a class that satisfies :class:`RolloutEngine` and one entry in :func:`build_engine`.
@@ -15,10 +17,12 @@ with a class that satisfies :class:`RolloutEngine` and one entry in :func:`build
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -75,12 +79,19 @@ class RolloutEngine(Protocol):
 
 
 class HFEngine:
-    """opd's own decode loop on the live student module (no copy, nothing to sync)."""
+    """opd's own decode loop over a ``transformers`` causal LM.
+
+    By default it samples the live student module (no copy, nothing to sync). With ``own_copy`` it
+    samples a private copy of the weights, refreshed by :meth:`sync_weights` — what rollout–update
+    overlap needs (:mod:`opd.overlap`): training can then change the student while this engine
+    samples. The copy costs one more set of student weights in memory.
+    """
 
     name = "hf"
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase):
-        self.model = model
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, own_copy: bool = False):
+        self.own_copy = own_copy
+        self.model = _frozen_copy(model) if own_copy else model
         self.tokenizer = tokenizer
 
     def generate(self, examples: Sequence[Example], sampling: Sampling, *, group_offset: int = 0) -> Rollouts:
@@ -90,16 +101,47 @@ class HFEngine:
                                  top_k=s.top_k, greedy=s.greedy, prefix_tokens=s.prefix_tokens,
                                  group_offset=group_offset)
 
+    @torch.no_grad()
     def sync_weights(self, model: nn.Module) -> None:
-        self.model = model  # the live module: the next call already samples the updated weights
+        if not self.own_copy:
+            self.model = model  # the live module: the next call already samples the updated weights
+            return
+        for mine, theirs in zip(self.model.parameters(), model.parameters(), strict=True):
+            mine.copy_(theirs)
 
     def close(self) -> None:
         return None
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(model).eval()
+    clone.requires_grad_(False)
+    return clone
 
 
 def build_engine(cfg, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> RolloutEngine:
     """The engine named by ``cfg.rollout.engine`` sampling from ``model`` (the unwrapped student)."""
     name = cfg.rollout.engine
     if name == "hf":
-        return HFEngine(model, tokenizer)
-    raise ValueError(f"unknown rollout.engine={name!r}; choose hf")
+        return HFEngine(model, tokenizer, own_copy=cfg.rollout.overlap)
+    if name == "vllm":
+        return _vllm_engine(cfg, model, tokenizer)
+    raise ValueError(f"unknown rollout.engine={name!r}; choose hf or vllm")
+
+
+def _vllm_engine(cfg, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> RolloutEngine:
+    """``rollout.engine=vllm``: the server at ``rollout.server``, else a colocated ``vllm.LLM`` loaded
+    from the student's checkpoint (the loop pushes the live weights before the first rollout)."""
+    from opd.rollout.vllm_engine import VLLMEngine, VLLMServerEngine
+
+    r = cfg.rollout
+    if r.server:
+        from opd.serve.client import ServiceClient
+
+        client = ServiceClient(r.server, role="rollout server", timeout=r.server_timeout, retries=r.server_retries)
+        return VLLMServerEngine(client, tokenizer, sync_every=r.sync_every, sync_dir=r.sync_dir)
+    from opd.build import resolve_model_path
+
+    return VLLMEngine(resolve_model_path(cfg.student.model), tokenizer, sync_every=r.sync_every,
+                      memory=r.vllm_memory, max_model_len=r.vllm_max_model_len, dtype=cfg.student.dtype,
+                      seed=cfg.seed)

@@ -16,7 +16,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Example", "Task"]
+__all__ = ["Example", "RenderedPrompt", "Task"]
+
+
+class RenderedPrompt(str):
+    """A prompt text already rendered with its special tokens (a chat template's output).
+
+    It is an ordinary ``str``; the type only tells :func:`opd.rollout.encode_prompts` to encode it
+    with ``add_special_tokens=False``, so that a template that writes its own BOS does not get a
+    second one from the tokenizer (the ids are exactly ``apply_chat_template(..., tokenize=True)``'s).
+    """
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -30,12 +41,23 @@ class Example:
             the teacher (the teacher's text is ``teacher_context + prompt``), e.g. the answer
             as a hint for a self-teacher; ``None`` when there is none.
         fields: anything else (e.g. ``"domain"`` for multi-teacher routing, the operands).
+        messages: chat examples (``data.format=chat``): the conversation before the assistant turn
+            the student writes, as ``{"role", "content"}`` dicts; ``prompt`` is its rendering with
+            the student's chat template (a :class:`RenderedPrompt`). ``None`` for plain prompts.
+        teacher_prompt: the whole text the teacher reads instead of ``context + prompt`` when it
+            uses the teacher-only context, e.g. the conversation rendered with a teacher-only
+            system prompt (``teacher_context``) that the student never sees. ``None``: the teacher's
+            text is built from ``teacher_context`` and ``prompt`` (:func:`opd.teachers.teacher_prompt_texts`).
+        origin: where the example came from (``"prompts.jsonl:18"``), named by error messages.
     """
 
     prompt: str
     answer: str | None = None
     teacher_context: str | None = None
     fields: Mapping[str, Any] = field(default_factory=dict)
+    messages: tuple[Mapping[str, Any], ...] | None = None
+    teacher_prompt: str | None = None
+    origin: str | None = None  # where the example came from, for error messages ("prompts.jsonl:18")
 
 
 @runtime_checkable

@@ -1,26 +1,27 @@
-"""One optimizer step's gradients on a fixed global batch, single- or multi-process.
+"""One optimizer step's gradients on a fixed global batch, single- or multi-process, through
+accelerate's objects (the prepared PolicyModule, ``no_sync`` between micro-batches,
+``accelerator.backward``).
 
 Run directly for the single-process reference, or under
-``accelerate launch --num_processes 2 --cpu tests/helpers/ddp_step.py OUT`` for data parallelism:
-every process builds the same global rollout batch (same seed), keeps its own contiguous shard,
-normalises with the global token counts and averages gradients over processes — exactly what
-``opd.train.train_step`` does. Rank 0 saves ``{name: grad}`` to ``OUT``.
+``accelerate launch --multi_gpu --num_processes 2 tests/helpers/ddp_step.py OUT`` (gloo on a
+machine without GPUs) for data parallelism: every process builds the same global rollout batch
+(same seed), keeps its own contiguous shard, normalises with the global token counts — exactly
+what ``opd.step.train_step`` does. Rank 0 saves ``{name: grad}`` to ``OUT``.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from opd.build import build_student, build_task, build_teacher, special_token_ids
 from opd.collect import collect_rollouts
+from opd.components import build_components
 from opd.config.load import load_config
-from opd.config.validate import required_teacher_access
-from opd.objective import Objective
-from opd.rollout.engine import HFEngine
-from opd.step import StepBatch, accumulate_gradients, sync_gradients, token_counts
+from opd.step import StepBatch, accumulate_gradients, token_counts
 
 OVERRIDES = [
     "student.model=builtin:arith/smoke_student", "teacher.model=builtin:arith/smoke_teacher",
@@ -35,28 +36,23 @@ def main(out: str) -> None:
     accelerator = Accelerator(cpu=True)
     world, rank = accelerator.num_processes, accelerator.process_index
     cfg = load_config(None, OVERRIDES)
-    student, tokenizer = build_student(cfg, "cpu")
-    task = build_task(cfg, eos_token=tokenizer.eos_token)
-    teacher = build_teacher(cfg, student, tokenizer, "cpu")
-    objective = Objective.from_config(cfg, eos_id=tokenizer.eos_token_id, special_ids=special_token_ids(tokenizer))
-    examples = task.train_examples(0, cfg.rollout.prompts_per_step, cfg.seed)
+    parts = build_components(cfg, Path(tempfile.mkdtemp(prefix=f"opd-ddp-{rank}-")), accelerator)
+    examples = parts.task.train_examples(0, cfg.rollout.prompts_per_step, cfg.seed)
     torch.manual_seed(1234)  # the same global batch on every process
     with torch.no_grad():
-        rollouts = collect_rollouts(cfg, examples, HFEngine(student, tokenizer), tokenizer)
-        feedback = teacher.score(rollouts, access=required_teacher_access(cfg), topk=cfg.teacher.topk)
+        rollouts = collect_rollouts(cfg, examples, parts.engine, parts.tokenizer)
+        feedback = parts.teacher.score(rollouts, access=parts.access, topk=cfg.teacher.topk)
     per_rank = rollouts.batch_size // world
     rows = list(range(rank * per_rank, (rank + 1) * per_rank))
     local, local_fb = rollouts.select(rows), feedback.select(rows)
     batch = StepBatch(rollouts=local, feedback=local_fb, reference=None, outcome_rewards_B=None,
-                      counts=token_counts(objective, local, world))
-    params = [p for p in student.parameters() if p.requires_grad]
-    student.train()
-    accumulate_gradients(student, objective, batch, micro_batch_size=cfg.train.micro_batch_size,
-                         group_size=cfg.rollout.samples_per_prompt, chunked=False)
-    sync_gradients(params, world)
+                      counts=token_counts(parts.objective, local, world))
+    parts.model.train()
+    accumulate_gradients(parts.model, parts.objective, batch, micro_batch_size=cfg.train.micro_batch_size,
+                         group_size=cfg.rollout.samples_per_prompt, chunked=False, accelerator=accelerator)
     if rank == 0:
-        grads = {n: p.grad.detach().clone() for n, p in student.named_parameters()}
-        torch.save({"world_size": world, "grads": grads}, out)
+        grads = {n: p.grad.detach().clone() for n, p in parts.student.named_parameters()}
+        torch.save({"world_size": world, "grads": grads, "wrapper": type(parts.model).__name__}, out)
     accelerator.wait_for_everyone()
 
 

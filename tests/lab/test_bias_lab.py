@@ -1,6 +1,6 @@
 """The bias boundaries of the temporal-credit estimators, checked exactly (no sampling).
 
-Every assertion below is a theorem (methods.md §3.2–3.3): unbiasedness of return-to-go and of
+Every assertion below is a theorem (docs/methods.md §3.2–3.3): unbiasedness of return-to-go and of
 every state-only baseline, GAE(γ=1, λ=1) for any V, GAE with the exact value for every λ,
 leave-one-out; the (1 − 1/G) shrinkage of a baseline that includes the sample; what k-estimators
 used as losses follow; and variance *identities* (estimators with identical per-sample gradients,

@@ -321,3 +321,30 @@ def test_errors_name_shapes_and_ranges():
         divergence("skl", s, s, alpha=-0.1)
     with pytest.raises(ValueError, match="mu must be"):
         adaptive_kl(s, s, mu=2.0)
+
+
+# ----------------------------------------------------------------------------- shaping
+
+
+def test_shaping_floor_entropy_gated_fkl_and_clamp_match_the_hand_formula():
+    from opd.math.divergences import DivergenceShaping
+
+    g = torch.Generator().manual_seed(5)
+    s = torch.log_softmax(torch.randn(6, 9, generator=g, dtype=torch.float64) * 3, -1).requires_grad_(True)
+    scale = torch.tensor([0.3, 6.0, 0.3, 6.0, 1.0, 8.0], dtype=torch.float64)[:, None]
+    t = torch.log_softmax(torch.randn(6, 9, generator=g, dtype=torch.float64) * scale, -1)
+    shaping = DivergenceShaping(fkl_coef=0.7, fkl_entropy_min=1.0, logprob_floor=-6.0, clamp_low=0.05,
+                                clamp_high=2.0)
+    got = divergence("rkl", s, t, shaping=shaping)
+    sf, tf = s.clamp(min=-6.0), t.clamp(min=-6.0)
+    h_t = -(tf.exp() * tf).sum(-1)
+    ref = (sf.exp() * (sf - tf)).sum(-1) + 0.7 * (h_t > 1.0) * (tf.exp() * (tf - sf)).sum(-1)
+    ref = ref.clamp(0.05, 2.0)
+    assert ((h_t > 1.0) != (h_t > 1.0)[0]).any()  # the gate is on for some rows, off for others
+    torch.testing.assert_close(got, ref)
+    (g1,) = torch.autograd.grad(got.sum(), s)
+    (g2,) = torch.autograd.grad(ref.sum(), s)
+    torch.testing.assert_close(g1, g2)
+    assert DivergenceShaping().plain and not shaping.plain
+    with pytest.raises(ValueError, match="clamp_low"):
+        DivergenceShaping(clamp_low=1.0, clamp_high=0.0)

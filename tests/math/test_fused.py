@@ -272,3 +272,22 @@ def test_closed_form_chunks_equal_autograd_chunks(name, beta, monkeypatch):
             torch.testing.assert_close(a, b_, equal_nan=True, **TOL)
         if bool(torch.isfinite(fast[0])):
             assert_same(fast, run(dense_linear_divergence, h, W, b, w, **kw))
+
+
+# ----------------------------------------------------------------------------- mixed dtypes
+
+
+@pytest.mark.parametrize("name, beta", [*[(d, 0.5) for d in DIVERGENCE_NAMES], ("jsd", 0.0), ("jsd", 1.0)])
+@pytest.mark.parametrize("teacher_dtype", [torch.float64, torch.bfloat16])
+def test_teacher_logits_of_another_dtype_than_the_fp32_head(name, beta, teacher_dtype):
+    """A float64 (or bfloat16) teacher next to a float32 LM head: the chunked path, including the
+    closed-form RKL/FKL gradient (rkl, fkl, jsd at β ∈ {0, 1}), equals the dense path run on the same
+    teacher values in float32, in loss and gradients."""
+    h, W, b, th, tW, tb, w, y = make(3)
+    t_logits = (th @ tW.T + tb).to(teacher_dtype)
+    spec = SupportSpec(kind="full")
+    kw = dict(spec=spec, divergence=name, beta=beta, sampled_ids_N=y)
+    got = run(fused_linear_divergence, h, W, b, w, teacher_logits_NV=t_logits, **kw)
+    ref = run(dense_linear_divergence, h, W, b, w, teacher_logits_NV=t_logits.float(), **kw)
+    assert got[0].dtype == torch.float32 and h.grad.dtype == h.dtype
+    assert_same(got, ref)

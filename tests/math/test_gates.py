@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from opd.math.gates import (
+    bottom_fraction_mask,
     entropy_gate,
     position_weights,
     special_token_mask,
@@ -163,3 +164,44 @@ def test_position_weights_all_masked_and_errors():
         entropy_gate(torch.zeros(2), torch.zeros(2), torch.ones(2), mode="q1", keep_fraction=1.5)
     with pytest.raises(ValueError, match=r"\(3, 7, 4\).*\(3, 6\)"):
         teacher_coverage_gate(torch.zeros(3, 6, dtype=torch.long), torch.zeros(3, 7, 4))
+
+
+# ----------------------------------------------------------------------------- OPSA / IW-OPD
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 1.0, 1e-3])
+def test_bottom_fraction_mask_matches_a_stable_sort_loop(fraction):
+    g = torch.Generator().manual_seed(1)
+    values = torch.randint(0, 6, (B, T), generator=g).float()  # many ties: the stable order decides
+    mask = torch.rand(B, T, generator=g) > 0.3
+    got = bottom_fraction_mask(values, mask, fraction)
+    valid = [(float(values[i, j]), i * T + j, i, j) for i in range(B) for j in range(T) if mask[i, j]]
+    n = min(len(valid), max(1, math.floor(fraction * len(valid) + 1e-9)))
+    ref = torch.zeros(B, T, dtype=torch.bool)
+    for _, _, i, j in sorted(valid)[:n]:
+        ref[i, j] = True
+    assert torch.equal(got, ref)
+    assert int(got.sum()) == n and not (got & ~mask).any()
+
+
+def test_bottom_fraction_mask_of_nothing_is_empty():
+    assert not bottom_fraction_mask(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bool), 0.5).any()
+
+
+def test_drift_share_weights_match_the_iw_opd_loop():
+    """w_t = 1 + γ (1 − Σ_{t'<t} |d| / max(Σ |d|, ε)) over each row's valid tokens (TRL IWOPDTrainer)."""
+    g = torch.Generator().manual_seed(2)
+    d = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[2] = False  # an empty row
+    got = position_weights(mask, kind="drift_share", drift_BT=d, gamma=0.7)
+    ref = torch.zeros(B, T, dtype=torch.float64)
+    for i in range(B):
+        tot = sum(abs(float(d[i, j])) for j in range(T) if mask[i, j])
+        before = 0.0
+        for j in range(T):
+            if mask[i, j]:
+                ref[i, j] = 1 + 0.7 * (1 - before / max(tot, 1e-8))
+                before += abs(float(d[i, j]))
+    torch.testing.assert_close(got, ref)
+    assert got[0][mask[0]].max() <= 1.7 + 1e-12 and got[mask].min() >= 1.0

@@ -279,3 +279,23 @@ def test_errors_name_shapes_and_ranges():
         mix_advantages(torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3), adv_tau=-1.0)
     with pytest.raises(ValueError, match="one entry per row"):
         mix_advantages(torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3))
+
+
+def test_ratio_band_mask_is_icepop():
+    from opd.math.policy_gradient import ratio_band_mask
+
+    lp = torch.log(torch.tensor([[0.1, 0.5, 0.9, 0.5]]))
+    mu = torch.log(torch.tensor([[0.6, 0.05, 0.9, 0.1]]))  # ratios 1/6, 10, 1, 5
+    assert ratio_band_mask(lp, mu, low=0.2, high=5.0).tolist() == [[False, False, True, True]]
+    with pytest.raises(ValueError, match="low <= high"):
+        ratio_band_mask(lp, mu, low=2.0, high=1.0)
+
+
+def test_dppo_zero_advantage_on_the_low_band_as_prime_rl():
+    """prime-rl: ``where(A > 0, high_violation, low_violation)`` — A = 0 is checked on the low band."""
+    lp = torch.log(torch.tensor([[0.2, 0.9, 0.2]]))
+    mu = torch.log(torch.tensor([[0.9, 0.2, 0.9]]))  # π − μ = −0.7, +0.7, −0.7
+    adv = torch.tensor([[0.0, 0.0, 1.0]])
+    assert dppo_mask(lp, mu, adv, delta_low=0.2, delta_high=0.2).tolist() == [[True, True, True]]
+    assert dppo_mask(lp, mu, adv, delta_low=0.2, delta_high=0.2, zero_as_negative=True).tolist() == [
+        [False, True, True]]

@@ -20,10 +20,12 @@ def naive_reduce(values, mask, reduction, constant=None):
         return total / count
     if reduction == "sequence_mean":
         return sum(sum(r) / len(r) for r in rows) / len(rows)
+    if reduction == "sum":
+        return total
     return total / (constant * len(rows))
 
 
-@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "constant"])
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "constant", "sum"])
 def test_reduce_matches_loop_and_gradient(reduction):
     values = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(3, 7) > 0.4
@@ -36,7 +38,7 @@ def test_reduce_matches_loop_and_gradient(reduction):
     torch.testing.assert_close(g_got, g_ref)
 
 
-@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "constant"])
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "constant", "sum"])
 def test_all_masked_is_zero_and_nan_safe(reduction):
     values = torch.full((2, 5), float("nan"), requires_grad=True)
     mask = torch.zeros(2, 5, dtype=torch.bool)
@@ -46,7 +48,7 @@ def test_all_masked_is_zero_and_nan_safe(reduction):
     assert torch.equal(values.grad, torch.zeros(2, 5))
 
 
-@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "constant"])
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean", "constant", "sum"])
 def test_padding_invariance(reduction):
     values = torch.randn(3, 4)
     mask = torch.rand(3, 4) > 0.3

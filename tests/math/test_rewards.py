@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from opd.math.rewards import (
+    LOG_RATIO_REWARDS,
     REWARD_KINDS,
     box_cox_reward,
     clipped_reward,
@@ -76,7 +77,7 @@ def test_all_masked_and_inf_padding_give_zero_without_nan():
     mask = torch.zeros(3, 4, dtype=torch.bool)
     for kind in REWARD_KINDS:
         r = per_token_reward(kind, s, t, reference_logprobs_BT=s, alpha=0.5, lam=2.0,
-                             low=-1.0, high=1.0, mask_BT=mask)
+                             low=-1.0, high=1.0, entropy_BT=torch.rand(3, 4), mask_BT=mask)
         assert torch.equal(r, torch.zeros(3, 4)), kind
 
 
@@ -85,11 +86,13 @@ def test_padding_invariance(kind):
     s, t, ref = logprobs(3, 7), logprobs(3, 7), logprobs(3, 7)
     mask = torch.rand(3, 7) > 0.3
     kw = dict(low=-0.5, high=0.7, alpha=0.3, lam=1.7)
-    a = per_token_reward(kind, s, t, reference_logprobs_BT=ref, mask_BT=mask, **kw)
+    ent = torch.rand(3, 7)
+    a = per_token_reward(kind, s, t, reference_logprobs_BT=ref, mask_BT=mask, entropy_BT=ent, **kw)
     s_p, m_p = padded(s, mask)
     t_p, _ = padded(t, mask)
     ref_p, _ = padded(ref, mask)
-    b = per_token_reward(kind, s_p, t_p, reference_logprobs_BT=ref_p, mask_BT=m_p, **kw)
+    ent_p, _ = padded(ent, mask)
+    b = per_token_reward(kind, s_p, t_p, reference_logprobs_BT=ref_p, mask_BT=m_p, entropy_BT=ent_p, **kw)
     assert not torch.isnan(b).any()
     torch.testing.assert_close(b[:, :7], a)
     assert torch.equal(b[:, 7:], torch.zeros(3, 4, dtype=b.dtype))
@@ -97,7 +100,7 @@ def test_padding_invariance(kind):
 
 def test_teacher_equals_student_gives_zero_reward():
     s = logprobs(3, 7)
-    for kind in REWARD_KINDS:
+    for kind in LOG_RATIO_REWARDS:
         r = per_token_reward(kind, s, s.clone(), reference_logprobs_BT=s.clone(), alpha=0.4, lam=1.3)
         torch.testing.assert_close(r, torch.zeros_like(r), msg=kind)
 
@@ -215,3 +218,38 @@ def test_policy_gradient_through_reward_is_minus_reward_times_score():
     (-(r * logp[2:3]).sum()).backward()
     expected = -r.item() * (torch.nn.functional.one_hot(torch.tensor(2), 5).double() - logp.exp())
     torch.testing.assert_close(z.grad, expected.detach())
+
+
+# ---------------------------------------------------------------- teacher-free rewards, OPDVR gate
+
+
+def test_entropy_rank_reward_matches_the_opsa_loop():
+    from opd.math.rewards import entropy_rank_reward
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.rand(3, 6, generator=g) * 3
+    m = torch.rand(3, 6, generator=g) > 0.4
+    got = entropy_rank_reward(h, m, value=-1.0)
+    lo, hi = float(h[m].min()), float(h[m].max())
+    ref = torch.zeros(3, 6)
+    for i in range(3):
+        for j in range(6):
+            if m[i, j]:
+                ref[i, j] = -0.5 + (-1.0 - (-0.5)) * (float(h[i, j]) - lo) / (hi - lo)  # OPSA's a_max + (a_min − a_max)·rank
+    torch.testing.assert_close(got, ref)
+    # a constant entropy ranks every selected token 1 (as the authors' code): the strongest push
+    flat = entropy_rank_reward(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), value=-1.0)
+    assert torch.equal(flat, torch.full((2, 3), -1.0))
+
+
+def test_constant_reward_and_outcome_sign_gate():
+    from opd.math.rewards import constant_reward, outcome_sign_gate
+
+    m = torch.tensor([[True, True, False], [True, False, False]])
+    assert torch.equal(constant_reward(m, -0.7), torch.tensor([[-0.7, -0.7, 0.0], [-0.7, 0.0, 0.0]]))
+    r = torch.tensor([[1.5, -2.0, 3.0], [-1.0, 4.0, 0.5]])
+    got = outcome_sign_gate(r, torch.tensor([True, False]), m)
+    # correct row: max(0, r); incorrect row: −max(0, −r) = min(0, r); masked entries 0
+    assert torch.equal(got, torch.tensor([[1.5, 0.0, 0.0], [-1.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="one verdict per row"):
+        outcome_sign_gate(r, torch.tensor([True, False, True]))

@@ -1,0 +1,188 @@
+"""Route 1: a distributional loss ``Σ_t w_t D(π_T ‖ π_S)(s_t)`` at every visited state (docs/methods.md §3.1).
+
+``D`` is ``route1.divergence`` on the support (``opd.math.support``), shaped by the route-1 options
+(:class:`~opd.math.divergences.DivergenceShaping`: an added teacher-entropy-gated forward KL, a
+log-prob floor, a clamp), or ``k3``: the sampled-token estimator ``π_T(y_t)/π_S(y_t) − 1 −
+log(π_T(y_t)/π_S(y_t))`` of ``KL(π_S ‖ π_T)`` used as a loss — its expected gradient is the
+*forward*-KL gradient (Tang & Munos, arXiv 2506.09477). With ``route1.off_policy_divergence`` the
+off-policy rows (teacher samples, dataset answers) get their own divergence (DistiLLM-2).
+
+Only the ``N`` valid tokens are packed and evaluated: padding positions (whose teacher signal is a
+placeholder) never enter a distribution, so they cannot produce inf/NaN in the loss or its
+gradient, and no work is spent on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from opd.math.diagnostics import diagnostics_extra_fn
+from opd.math.divergences import DivergenceShaping, reverse_kl
+from opd.math.divergences import divergence as divergence_fn
+from opd.math.fused import fused_linear_divergence
+from opd.math.reduce import masked_sum
+from opd.math.regularizers import sampled_kl
+from opd.math.support import build_support, support_from_logprobs
+from opd.types import Feedback, Rollouts
+
+if TYPE_CHECKING:
+    from opd.objective.core import Objective, StudentOutputs
+
+
+@dataclass
+class Route1Result:
+    """Per-token divergence (detached), per-token RKL on the support (closed-form values), the
+    weighted loss, diagnostics from the chunked pass and — on request — ``log π_S(y_t)`` (detached)."""
+
+    divergence_BT: Tensor
+    rkl_BT: Tensor | None
+    loss: Tensor
+    diag: dict[str, Tensor] = field(default_factory=dict)
+    sampled_logp_BT: Tensor | None = None
+
+
+def shaping_of(obj: "Objective") -> DivergenceShaping:
+    r1 = obj.cfg.route1
+    return DivergenceShaping(fkl_coef=r1.fkl_coef, fkl_entropy_min=r1.fkl_entropy_min,
+                             logprob_floor=r1.logprob_floor, clamp_low=r1.clamp_low, clamp_high=r1.clamp_high)
+
+
+def k3_estimator(student_logp_BT: Tensor, teacher_logp_BT: Tensor, shaping: DivergenceShaping,
+                 mask_BT: Tensor) -> Tensor:
+    """Per-token k3 ``e^δ − 1 − δ``, ``δ = log π_T(y_t) − log π_S(y_t)`` (Schulman,
+    http://joschu.net/blog/kl-approx.html; verl's ``low_var_kl``), differentiable through the student,
+    with the shaping's log-prob floor and clamp (its forward-KL term needs a distribution: not used)."""
+    s, t = student_logp_BT, teacher_logp_BT.detach()
+    if shaping.logprob_floor is not None:
+        s, t = s.clamp(min=shaping.logprob_floor), t.clamp(min=shaping.logprob_floor)
+    k3 = sampled_kl(s, t, estimator="k3", mask_BT=mask_BT)
+    if shaping.clamp_low is not None or shaping.clamp_high is not None:
+        k3 = k3.clamp(min=shaping.clamp_low, max=shaping.clamp_high)
+    return k3
+
+
+def route1_term(obj: "Objective", student: "StudentOutputs", feedback: Feedback, rollouts: Rollouts,
+                ids_BT: Tensor, weight_BT: Tensor, mask_BT: Tensor, *, sampled_logp_BT: Tensor | None,
+                want_sampled: bool = False) -> Route1Result:
+    """The route-1 term, row groups by divergence (see the module docstring); with route 1 off it only
+    computes the RKL the closed-form value needs."""
+    r1 = obj.cfg.route1
+    if obj.route1_on:
+        off = r1.off_policy_divergence
+        if off is None or off == r1.divergence:
+            groups = [(r1.divergence, mask_BT)]
+        else:
+            on_BT = rollouts.on_policy_B.to(mask_BT.device)[:, None] & mask_BT
+            groups = [(r1.divergence, on_BT), (off, mask_BT & ~on_BT)]
+        weights_on = True
+    else:
+        groups, weights_on = [("rkl", mask_BT)], False
+    shaping = shaping_of(obj)
+    want_rkl = obj.needs_closed_form_value
+    d_BT = torch.zeros(mask_BT.shape, dtype=torch.float32, device=mask_BT.device)
+    loss = torch.zeros((), dtype=torch.float32, device=mask_BT.device)
+    rkl_BT: Tensor | None = None
+    diag: dict[str, Tensor] = {}
+    sampled: Tensor | None = None
+    for i, (name, rows_BT) in enumerate(groups):
+        if not bool(rows_BT.any()):
+            continue
+        w_BT = weight_BT * rows_BT if weights_on else torch.zeros_like(weight_BT)
+        if name == "k3":
+            if sampled_logp_BT is None:
+                raise ValueError("route1.divergence=k3 needs log π_S(y_t) with gradient")
+            k3_BT = k3_estimator(sampled_logp_BT, feedback.sampled_logprobs_BT.float(), shaping, rows_BT)
+            d_BT = d_BT + torch.where(rows_BT, k3_BT.detach().float(), torch.zeros((), device=d_BT.device))
+            loss = loss + masked_sum(k3_BT, w_BT)
+            continue
+        # the RKL for a closed-form value comes from the first (on-policy) group
+        part = _support_pass(obj, name, student, feedback, ids_BT, w_BT, rows_BT, shaping=shaping,
+                             want_rkl=want_rkl and i == 0, want_sampled=want_sampled)
+        d_BT = d_BT + part.divergence_BT
+        loss = loss + part.loss
+        if part.rkl_BT is not None:
+            rkl_BT = part.rkl_BT
+        for key, value in part.diag.items():
+            diag[key] = diag[key] + value if key in diag else value
+        if part.sampled_logp_BT is not None:
+            sampled = part.sampled_logp_BT if sampled is None else sampled + part.sampled_logp_BT
+    if want_rkl and rkl_BT is None:  # e.g. route1.divergence=k3 with a closed-form value: RKL on its own
+        rkl_BT = _support_pass(obj, "rkl", student, feedback, ids_BT, torch.zeros_like(weight_BT), mask_BT,
+                               shaping=None, want_rkl=True, want_sampled=False).rkl_BT
+    if want_sampled and sampled is None:
+        raise ValueError("the chunked path expected log π_S(y_t) from a route-1 support pass")
+    return Route1Result(d_BT, rkl_BT, loss, diag, sampled)
+
+
+def _support_pass(obj: "Objective", name: str, student: "StudentOutputs", feedback: Feedback, ids_BT: Tensor,
+                  weight_BT: Tensor, mask_BT: Tensor, *, shaping: DivergenceShaping | None, want_rkl: bool,
+                  want_sampled: bool) -> Route1Result:
+    """Divergence ``name`` on the support for the tokens of ``mask_BT`` (dense or chunked path)."""
+    r1 = obj.cfg.route1
+    spec = obj.support_spec()
+    weight_N = weight_BT[mask_BT]
+    ids_N = ids_BT[mask_BT]
+
+    def pack(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[mask_BT]
+
+    def unpack(x_N: Tensor) -> Tensor:
+        out = torch.zeros(mask_BT.shape, dtype=x_N.dtype, device=x_N.device)
+        out[mask_BT] = x_N
+        return out
+
+    plain = shaping is None or shaping.plain
+    if student.logits_BTV is not None:
+        sup = build_support(
+            pack(student.logits_BTV), spec, sampled_ids=ids_N, teacher_logits=pack(feedback.logits_BTV),
+            teacher_topk_ids=pack(feedback.topk_ids_BTK), teacher_topk_logprobs=pack(feedback.topk_logprobs_BTK),
+        )
+        d_N = divergence_fn(name, sup.student_logp, sup.teacher_logp, sup.valid,
+                            beta=r1.beta, alpha=r1.alpha, mu=r1.mu, shaping=shaping)
+        rkl_BT = None
+        if want_rkl:
+            rkl_BT = unpack(d_N.detach() if (name == "rkl" and plain)
+                            else reverse_kl(sup.student_logp.detach(), sup.teacher_logp, sup.valid))
+        return Route1Result(unpack(d_N.detach()), rkl_BT, masked_sum(d_N, weight_N))
+
+    topk_ids_N, topk_lp_N = pack(feedback.topk_ids_BTK), pack(feedback.topk_logprobs_BTK)
+    diag_fn = None
+    if obj.diagnostics:
+        diag_fn = diagnostics_extra_fn(
+            ids_N, teacher_topk_ids_NK=topk_ids_N, teacher_topk_logprobs_NK=topk_lp_N,
+            teacher_sampled_logprobs_N=pack(feedback.sampled_logprobs_BT), k=obj.cfg.teacher.topk,
+        )
+    rkl_extra = want_rkl and not (name == "rkl" and plain)
+
+    def extra_fn(s_logp: Tensor, t_logp: Tensor | None, rows: slice) -> dict[str, Tensor]:
+        out = {} if diag_fn is None else {f"diag/{k}": v for k, v in diag_fn(s_logp, t_logp, rows).items()}
+        if want_sampled:
+            out["sampled_logp"] = s_logp.gather(-1, ids_N[rows, None].to(s_logp.device).long()).squeeze(-1)
+        if rkl_extra:  # RKL on the configured support, from the same chunk
+            sup = support_from_logprobs(
+                s_logp, spec, sampled_ids=ids_N[rows], teacher_logp=t_logp,
+                teacher_topk_ids=None if topk_ids_N is None else topk_ids_N[rows],
+                teacher_topk_logprobs=None if topk_lp_N is None else topk_lp_N[rows],
+            )
+            out["rkl"] = reverse_kl(sup.student_logp, sup.teacher_logp, sup.valid)
+        return out
+
+    loss, d_N, extras = fused_linear_divergence(
+        pack(student.hidden_BTH), student.head_weight_VH, weight_N,
+        spec=spec, divergence=name, beta=r1.beta, alpha=r1.alpha, mu=r1.mu, shaping=shaping,
+        teacher_hidden_NH=pack(feedback.hidden_BTH), teacher_weight_VH=feedback.head_weight_VH,
+        teacher_bias_V=feedback.head_bias_V, teacher_logits_NV=pack(feedback.logits_BTV),
+        teacher_topk_ids_NK=topk_ids_N, teacher_topk_logprobs_NK=topk_lp_N,
+        sampled_ids_N=ids_N, student_bias_V=student.head_bias_V,
+        chunk_size=obj.chunk_size,
+        extra_fn=extra_fn if (diag_fn is not None or rkl_extra or want_sampled) else None,
+    )
+    rkl_N = d_N if (want_rkl and not rkl_extra) else extras.pop("rkl", None)
+    sampled_N = extras.pop("sampled_logp", None)
+    diag = {k: unpack(v) for k, v in extras.items()}
+    return Route1Result(unpack(d_N), None if rkl_N is None else unpack(rkl_N), loss, diag,
+                        None if sampled_N is None else unpack(sampled_N))
