@@ -16,7 +16,7 @@ positions invalid (prompt/padding). Every variant projects both heads inside the
   (grad-in-forward, ``O(chunk·V)`` memory).
 * **trl** — ``logits = h Wᵀ`` (and the teacher's under ``no_grad``), then TRL's
   ``GKDTrainer.generalized_jsd_loss(s[None], t[None], labels=labels[None], beta=β)`` and
-  ``backward`` (performance.md §4.4: labels passed, so both reduce as sum / #valid tokens). TRL
+  ``backward`` (labels passed, so both reduce as sum / #valid tokens). TRL
   implements the β-family only: ``fkl`` = β 0, ``rkl`` = β 1, ``jsd`` = β 0.5.
 * **trl_chunked** — for reference, TRL's own memory-efficient kernel
   (``trl.kernels.chunked_divergence.ChunkedDivergenceFunction``, what its DistillationTrainer runs:
@@ -49,8 +49,8 @@ TRL_BETA = {"fkl": 0.0, "rkl": 1.0, "jsd": 0.5}
 GRID = [(n, v, h) for v in (32000, 128000) for h in (256, 1024) for n in (1024, 4096)]
 ACCEPT_CELL = (4096, 32000, 256)
 DATA = common.ROOT / "bench" / "data" / "loss_kernels.json"
-#: Bytes per [N, V] element a dense / TRL run may peak at (fp32 × ~14 live [N, V] tensors, the
-#: upper end of performance.md §1.1); replaced by the largest measured value once one is known.
+#: Bytes per [N, V] element a dense / TRL run may peak at (fp32 × ~14 live [N, V] tensors, a
+#: pessimistic estimate); replaced by the largest measured value once one is known.
 DENSE_BYTES_PER_ELEMENT = 4 * 14
 
 

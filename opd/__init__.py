@@ -5,7 +5,7 @@ Distillation" (Zhang, arXiv 2606.22793): a method is a point in the space of des
 (state compatibility, support construction, temporal credit, vocabulary routing, gates and
 weights, regularization), never a trainer class.
 
-Layers (see docs/architecture.md):
+Layers (the README's "Layout" section):
 
 * ``opd.math``   pure tensor functions, no models and no I/O;
 * ``opd.lab``    exact-enumeration studies of the estimators (the bias lab);

@@ -26,6 +26,8 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from opd.sharding import gathered
+
 if TYPE_CHECKING:
     from opd.components import Components
     from opd.step import StepBatch
@@ -56,7 +58,8 @@ class Prefetcher:
             batch, lag = prepare_batch(parts, step), 0
         self._pending = None
         if step + 1 < parts.cfg.train.steps:
-            parts.engine.sync_weights(parts.student)  # snapshot θ_step before this step trains
+            with gathered(parts.accelerator, parts.model):  # snapshot θ_step before this step trains
+                parts.engine.sync_weights(parts.student)
             self._pending = (step + 1, self._pool.submit(prepare_batch, parts, step + 1, sync=False))
         return batch, lag
 

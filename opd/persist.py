@@ -30,7 +30,7 @@ _SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def is_sharded(parts: Components) -> bool:
-    """Whether the prepared model's parameters are sharded across processes."""
+    """Whether accelerate shards the prepared model's parameters across processes."""
     return parts.accelerator.distributed_type in _SHARDED
 
 

@@ -26,6 +26,7 @@ from opd.errors import RunFault
 from opd.evaluate import verify_rollouts
 from opd.objective import Objective, ObjectiveOutput, StudentOutputs, TokenCounts
 from opd.rollout import completion_forward, lm_head_of
+from opd.sharding import gathered
 from opd.types import Feedback, Rollouts
 
 if TYPE_CHECKING:
@@ -169,14 +170,17 @@ def prepare_batch(parts: "Components", step: int, *, sync: bool = True) -> StepB
     """
     cfg, r = parts.cfg, parts.cfg.rollout
     world, rank = parts.world, parts.rank
-    if sync:
-        parts.engine.sync_weights(parts.student)
     examples = parts.task.train_examples(step, r.prompts_per_step, cfg.seed)
     per_rank = math.ceil(len(examples) / world)
     local = examples[rank * per_rank:(rank + 1) * per_rank]
-    torch.manual_seed(step_seed(cfg.seed, step) + rank)
+    # a sharded student is gathered while it is read outside the prepared forward (main thread only;
+    # the background sampler of rollout.overlap reads its own copy, refreshed by the prefetcher)
+    full = gathered(parts.accelerator, parts.model) if sync else nullcontext()
     # train.precision applies to sampling and scoring as to the update (autocast is thread-local)
-    with torch.no_grad(), parts.accelerator.autocast():
+    with full, torch.no_grad(), parts.accelerator.autocast():
+        if sync:
+            parts.engine.sync_weights(parts.student)
+        torch.manual_seed(step_seed(cfg.seed, step) + rank)
         rollouts = collect_rollouts(cfg, local, parts.engine, parts.tokenizer, student=parts.student,
                                     teacher_model=parts.teacher_model, group_offset=rank * per_rank)
         feedback = parts.teacher.score(rollouts, access=parts.access, topk=cfg.teacher.topk)

@@ -9,7 +9,7 @@ Two pieces:
   the tempered logits ``[N, V]`` (small vocabularies) or the teacher's final hidden states
   ``[N, H]`` with the (tempered) head kept once per store — ``H ≪ V`` values per token that
   rebuild the whole distribution (``logits = h Wᵀ + b``). Full fp32 logits cost ``4·V`` B per token
-  (128 KB at V = 32,000); top-64 in int32 + fp16 costs 388 B (performance.md §2.2).
+  (128 KB at V = 32,000); top-64 in int32 + fp16 costs 64·(4 + 2) + 4 = 388 B.
 * **Caching** (:class:`CachedTeacher`): any :class:`~opd.teachers.Teacher` wrapped with a
   :class:`FeedbackStore` (in memory) or :class:`DiskFeedbackStore` (a folder of safetensors
   shards that outlives the run). A sequence is keyed by the exact token ids the teacher reads —

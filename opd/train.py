@@ -46,6 +46,7 @@ from opd.persist import last_checkpoint_step, restore, save_final, save_step
 from opd.preflight import check_context_lengths, check_environment
 from opd.report.run_info import run_info
 from opd.rundir import acquire_run_folder, check_run_folder
+from opd.sharding import gathered
 from opd.step import sync_flag, train_step
 from opd.teachers import teacher_prompt_texts
 
@@ -313,7 +314,8 @@ def _eval_tokens(parts: Components) -> int:
 
 def _evaluate(parts: Components, step: int) -> EvalResult:
     """Held-out evaluation of the student (logged; the monitor keeps sample completions)."""
-    with parts.accelerator.autocast():  # train.precision applies to evaluation too
+    # train.precision applies to evaluation too; a sharded student is gathered while it decodes
+    with gathered(parts.accelerator, parts.model), parts.accelerator.autocast():
         result = evaluate(parts.student, parts.tokenizer, parts.task, _eval_examples(parts),
                           max_new_tokens=_eval_tokens(parts), batch_size=parts.cfg.eval.batch_size,
                           teacher=parts.teacher, samples=parts.cfg.monitor.samples if parts.main else 0)

@@ -1,6 +1,6 @@
 """The configuration schema: one section per design variable of the survey, in pipeline order.
 
-A config file reads as the method's formula (docs/architecture.md, DESIGN §1):
+A config file reads as the method's formula (docs/methods.md §3.1):
 
     rollout (state compatibility) → teacher (feedback) → support → route1 (distributional loss)
     → route2 (log-ratio reward + temporal credit) → routing → gates → regularization → outcome
