@@ -5,7 +5,8 @@ forward gathers what it needs. Sampling rollouts with opd's own decode loop, eva
 weights into a sampler and saving call the student *outside* that forward, so they run inside
 :func:`gathered`, which materialises the full parameters for the duration of the block (FSDP2:
 ``unshard()`` / ``reshard()`` on every sharded module; ZeRO-3: ``deepspeed.zero.GatheredParameters``)
-and is a no-op for unsharded runs. Every process must enter it together (it is a collective).
+and is a no-op for unsharded runs. Every process must enter it together (gathering is a
+collective); inside it, each process may run any number of forwards (decoding), or none.
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ def gathered(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[None]
         state._lazy_init()
         for m in fsdp2:
             m.unshard()
+            # keep them gathered through every forward of the block: decoding runs a data-dependent
+            # number of forwards per process, which must not be collectives
+            m.set_reshard_after_forward(False)
         try:
             yield
         finally:
             for m in fsdp2:
+                m.set_reshard_after_forward(True)
                 m.reshard()
         return
     if accelerator.distributed_type == DistributedType.DEEPSPEED:

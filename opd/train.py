@@ -156,8 +156,9 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
         progress = _Progress()
         if resume is not None:
             progress.start = progress.done = restore(parts, run_dir, echo)
+        if progress.start == 0:
+            progress.before = _evaluate(parts, 0)  # every process takes part (sharded students), main evaluates
         if parts.main and progress.start == 0:
-            progress.before = _evaluate(parts, 0)
             progress.last_accuracy = progress.before.accuracy
             teacher_model = parts.teacher_model
             if cfg.eval.teacher and teacher_model is not None and cfg.teacher.model != "self":
@@ -201,9 +202,10 @@ def _loop(parts: Components, progress: _Progress, stop: StopRequest) -> None:
         for step in bar:
             if not _one_step(parts, progress, stop, step, bar):
                 break
-        if progress.fault is None and (progress.stopped is None or progress.stopped == "monitor") and parts.main:
-            progress.after = _evaluate(parts, progress.done)  # the bar shows the final accuracy, not the last periodic
-            bar.set_postfix(acc=f"{progress.after.accuracy:.3f}", refresh=True)
+        if progress.fault is None and (progress.stopped is None or progress.stopped == "monitor"):
+            progress.after = _evaluate(parts, progress.done)
+            if progress.after is not None:  # the bar shows the final accuracy, not the last periodic one
+                bar.set_postfix(acc=f"{progress.after.accuracy:.3f}", refresh=True)
     except OSError as err:  # a write failed (disk full, read-only): stop with what and where
         progress.fault = err
     finally:
@@ -230,8 +232,10 @@ def _one_step(parts: Components, progress: _Progress, stop: StopRequest, step: i
     if parts.world > 1:
         _follow_main_monitor(parts.monitor, events, parts.main, parts.apply_recipe)
     cfg = parts.cfg  # a recipe may have replaced it
-    if parts.main and cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
-        progress.last_accuracy = _evaluate(parts, done).accuracy
+    if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
+        result = _evaluate(parts, done)
+        if result is not None:
+            progress.last_accuracy = result.accuracy
     shown = {"loss": f"{metrics['loss']:.4f}"}
     if "teacher_kl" in metrics:
         shown["teacher_kl"] = f"{metrics['teacher_kl']:.4f}"
@@ -312,16 +316,19 @@ def _eval_tokens(parts: Components) -> int:
     return parts.cfg.eval.max_new_tokens or parts.cfg.rollout.max_new_tokens
 
 
-def _evaluate(parts: Components, step: int) -> EvalResult:
-    """Held-out evaluation of the student (logged; the monitor keeps sample completions)."""
-    # train.precision applies to evaluation too; a sharded student is gathered while it decodes
+def _evaluate(parts: Components, step: int) -> EvalResult | None:
+    """Held-out evaluation of the student on the main process (logged; the monitor keeps sample
+    completions); None on the others. Every process calls it: a sharded student is gathered first."""
+    # train.precision applies to evaluation too
     with gathered(parts.accelerator, parts.model), parts.accelerator.autocast():
+        if not parts.main:
+            return None
         result = evaluate(parts.student, parts.tokenizer, parts.task, _eval_examples(parts),
                           max_new_tokens=_eval_tokens(parts), batch_size=parts.cfg.eval.batch_size,
-                          teacher=parts.teacher, samples=parts.cfg.monitor.samples if parts.main else 0)
+                          teacher=parts.teacher, samples=parts.cfg.monitor.samples)
     parts.log.write("eval", step, result.as_metrics("eval"))
-    if parts.main:  # held-out greedy samples and the last training batch, each marked by the verifier
-        parts.monitor.write_samples(step, parts.tokenizer, task=parts.task, heldout=result.samples)
+    # held-out greedy samples and the last training batch, each marked by the verifier
+    parts.monitor.write_samples(step, parts.tokenizer, task=parts.task, heldout=result.samples)
     return result
 
 

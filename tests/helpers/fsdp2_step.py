@@ -59,6 +59,12 @@ def main(out: str, chunked: bool) -> None:
     with gathered(accelerator, parts.model), torch.no_grad():  # opd's decode loop reads the full weights
         rollouts = collect_rollouts(cfg, examples, parts.engine, parts.tokenizer)
         feedback = parts.teacher.score(rollouts, access=parts.access, topk=cfg.teacher.topk)
+    # decoding inside the gathered block runs no collective: each process samples a batch of its own
+    # (different lengths, different numbers of forwards) without hanging
+    with gathered(accelerator, parts.model), torch.no_grad():
+        torch.manual_seed(rank)
+        own = parts.task.train_examples(rank + 1, 3 + 2 * rank, cfg.seed)
+        collect_rollouts(cfg, own, parts.engine, parts.tokenizer)
     per_rank = rollouts.batch_size // world
     rows = list(range(rank * per_rank, (rank + 1) * per_rank))
     local, local_fb = rollouts.select(rows), feedback.select(rows)
