@@ -20,6 +20,7 @@ import os
 import sys
 
 from opd.commands import load_commands
+from opd.errors import RunFault
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:  # bad config / input / paths: say what and how, no traceback
+    except (ValueError, OSError, RunFault) as err:  # bad input, paths, servers: say what and how, no traceback
         if os.environ.get("OPD_TRACEBACK") == "1":
             raise
         print(f"opd {args.command}: error: {err}", file=sys.stderr)

@@ -115,7 +115,8 @@ def distill(cfg: Config, *, resume: str | Path | None = None) -> RunSummary:
     parts, progress = _set_up(cfg, resume)
     try:
         with StopRequest(echo=tqdm.write if parts.main else None) as stop:
-            _loop(parts, progress, stop)
+            if progress.fault is None:
+                _loop(parts, progress, stop)
         return _finish(parts, progress, stop)
     finally:
         parts.close()
@@ -135,7 +136,9 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
     check_environment(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.precision)
+    # on a machine without GPUs accelerate needs cpu=True to see a multi-process launch (gloo) at all
+    cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.precision)
     echo = tqdm.write if accelerator.is_main_process else None
     parts = build_components(cfg, run_dir, accelerator, echo=echo)
     try:
@@ -157,7 +160,11 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
         if resume is not None:
             progress.start = progress.done = restore(parts, run_dir, echo)
         if progress.start == 0:
-            progress.before = _evaluate(parts, 0)  # every process takes part (sharded students), main evaluates
+            try:
+                progress.before = _evaluate(parts, 0)  # every process takes part (sharded students), main evaluates
+            except RunFault as err:  # e.g. a served teacher that is down: keep the run, resumable from step 0
+                progress.fault = err
+                return parts, progress
         if parts.main and progress.start == 0:
             progress.last_accuracy = progress.before.accuracy
             teacher_model = parts.teacher_model
@@ -206,7 +213,7 @@ def _loop(parts: Components, progress: _Progress, stop: StopRequest) -> None:
             progress.after = _evaluate(parts, progress.done)
             if progress.after is not None:  # the bar shows the final accuracy, not the last periodic one
                 bar.set_postfix(acc=f"{progress.after.accuracy:.3f}", refresh=True)
-    except OSError as err:  # a write failed (disk full, read-only): stop with what and where
+    except (OSError, RunFault) as err:  # a failed write (disk full) or a fault in an evaluation (a server)
         progress.fault = err
     finally:
         bar.close()
