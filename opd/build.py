@@ -17,8 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from opd.config.schema import Config
 from opd.lora import LoraSettings, apply_lora
 from opd.models import load_model, load_tokenizer
-from opd.tasks.base import Task
 from opd.rollout import lm_head_vocab_size
+from opd.tasks.base import Task
 from opd.teachers import CrossTokenizerTeacher, ModelTeacher, RoutedTeacher, SelfTeacher, Teacher
 from opd.tokenization import check_tokenizers_agree
 
@@ -189,13 +189,12 @@ def _model_teacher(cfg: Config, name: str, student_tokenizer: PreTrainedTokenize
     model = load_model(path, dtype=t.dtype, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
-    use_context = t.use_context or t.system_prompt is not None  # a teacher-only system prompt is a context
     if t.tokenizer == "own":
         return CrossTokenizerTeacher(model, tokenizer, student_tokenizer,
                                      student_vocab_size=None if student is None else lm_head_vocab_size(student),
-                                     temperature=t.temperature, use_context=use_context,
+                                     temperature=t.temperature, use_context=t.use_context,
                                      context_template=t.context_template, unmapped_topk=t.topk)
-    return ModelTeacher(model, tokenizer, temperature=t.temperature, use_context=use_context,
+    return ModelTeacher(model, tokenizer, temperature=t.temperature, use_context=t.use_context,
                         context_template=t.context_template)
 
 
@@ -207,8 +206,7 @@ def build_teacher(cfg: Config, student: PreTrainedModel, tokenizer: PreTrainedTo
     teacher: Teacher
     if t.model == "self":
         teacher = SelfTeacher(student, tokenizer, mode=t.self_mode, temperature=t.temperature,
-                              use_context=t.use_context or t.system_prompt is not None,
-                              context_template=t.context_template)
+                              use_context=t.use_context, context_template=t.context_template)
     else:
         # teacher.server: the default teacher is reached over HTTP; a route whose value is a URL too
         teacher = _model_teacher(cfg, t.server or t.model, tokenizer, device, student)

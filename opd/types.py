@@ -110,6 +110,43 @@ class Rollouts:
 
 
 @dataclass(frozen=True)
+class CrossVocabFeedback:
+    """What a teacher with its own tokenizer adds to :class:`Feedback` (``teacher.tokenizer=own``;
+    :class:`opd.teachers.CrossTokenizerTeacher`). Everything else in the feedback is already in the
+    student's token positions and vocabulary; these fields say how exact it is and carry what the
+    cross-vocabulary route-1 term (:func:`opd.xtok.uld.hybrid_divergence`) needs beyond top-k.
+
+    Attributes:
+        token_aligned_BT: the student token starts and ends on teacher token boundaries, so its
+            ``sampled_logprobs_BT`` entry is an exact merge of whole teacher tokens (elsewhere it is
+            a within-token split of the smallest span both tokenizations agree on; the sum over a
+            completion is exact either way).
+        state_aligned_BT: the student's state before the token is a teacher state; only there do
+            ``topk_*`` / ``logits_BTV`` hold the teacher's next-token distribution (mapped to student
+            ids by token text). Elsewhere they hold only the sampled token (``topk``) or the sampled
+            token against a uniform rest (``logits_BTV``).
+        unmapped_topk_BTU: at state-aligned positions, the ``U`` largest probabilities of teacher
+            tokens that no student token maps to, sorted decreasingly (0 elsewhere); None with
+            ``access="sampled"``.
+        unmapped_mass_BT: their total probability (0 elsewhere); None with ``access="sampled"``.
+        student_unmapped_V: ``[V_S]`` True at student tokens that map to no teacher token.
+    """
+
+    token_aligned_BT: Tensor
+    state_aligned_BT: Tensor
+    unmapped_topk_BTU: Tensor | None = None
+    unmapped_mass_BT: Tensor | None = None
+    student_unmapped_V: Tensor | None = None
+
+    def select(self, idx: Tensor) -> "CrossVocabFeedback":
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx.to(t.device)]
+
+        return replace(self, token_aligned_BT=pick(self.token_aligned_BT), state_aligned_BT=pick(self.state_aligned_BT),
+                       unmapped_topk_BTU=pick(self.unmapped_topk_BTU), unmapped_mass_BT=pick(self.unmapped_mass_BT))
+
+
+@dataclass(frozen=True)
 class Feedback:
     """What a teacher (or the reference policy) returns for a batch of rollouts.
 
@@ -127,6 +164,8 @@ class Feedback:
             ``logits = hidden @ head_weight.T + head_bias`` (the temperature is folded into the
             head), consumed chunk by chunk by :mod:`opd.math.fused` without materialising
             ``[B·T, V]``.
+        cross_vocab: set by a teacher with its own tokenizer (:class:`CrossVocabFeedback`); None
+            when teacher and student share one tokenizer.
     """
 
     access: Access
@@ -137,6 +176,7 @@ class Feedback:
     hidden_BTH: Tensor | None = None
     head_weight_VH: Tensor | None = None
     head_bias_V: Tensor | None = None
+    cross_vocab: CrossVocabFeedback | None = None
 
     def __post_init__(self) -> None:
         if self.access not in ACCESS_LEVELS:
@@ -165,4 +205,5 @@ class Feedback:
             topk_logprobs_BTK=pick(self.topk_logprobs_BTK),
             logits_BTV=pick(self.logits_BTV),
             hidden_BTH=pick(self.hidden_BTH),
+            cross_vocab=None if self.cross_vocab is None else self.cross_vocab.select(idx),
         )

@@ -16,7 +16,8 @@ from types import ModuleType
 
 #: Command modules in the order ``opd --help`` lists them.
 COMMANDS: tuple[str, ...] = (
-    "distill", "eval", "methods", "config_help", "bias_lab", "report", "make_checkpoints",
+    "distill", "eval", "export", "methods", "config_help", "bias_lab", "sweep", "report", "make_checkpoints",
+    "serve_teacher",
 )
 
 

@@ -91,9 +91,8 @@ def _ignored_knobs(cfg: Config) -> list[Problem]:
           for k in ("sync_dir", "server_timeout", "server_retries")],
         *[(f"teacher.{k}", served, "a teacher server (teacher.server, or URLs in teacher.routes)")
           for k in ("protocol", "server_dtype", "server_timeout", "server_retries")],
-        ("teacher.context_template", (cfg.teacher.use_context or cfg.teacher.system_prompt is not None)
-         and not _chat(cfg), "teacher.use_context=true (or teacher.system_prompt) on plain prompts (a conversation "
-         "gets its teacher-only context as a system message)"),
+        ("teacher.context_template", cfg.teacher.use_context and not _chat(cfg), "teacher.use_context=true on plain "
+         "prompts (a conversation gets its teacher-only context as a system message)"),
         *[(f"data.{k}", _chat(cfg), "data.format=chat (or data.task=arith_chat)") for k in ("messages_field",
                                                                                             "train_turns")],
         ("outcome.normalize_std", cfg.outcome.adv_tau > 0, "outcome.adv_tau > 0"),
@@ -158,6 +157,13 @@ def warning_problems(cfg: Config) -> list[Problem]:
         add(f"teacher.temperature={t.temperature}: route 2's reward compares the tempered teacher with the "
             "untempered student, so r_t is not 0 even where the models agree; set teacher.temperature=1 unless "
             "intended", "teacher.temperature")
+    served = bool(t.server) or t.model.startswith(("http://", "https://"))
+    if t.temperature != 1 and served and t.protocol == "vllm":
+        add(f"teacher.temperature={t.temperature} with a vLLM teacher server: servers usually return untempered "
+            "log-probs (vLLM ignores the temperature of prompt log-probs); opd detects that with a probe request "
+            "and tempers the full distribution itself, which needs the server started with --max-logprobs ≥ the "
+            "vocabulary size (else the run stops); teacher.protocol=opd applies the temperature on the server",
+            "teacher.temperature", "teacher.protocol")
     if r.engine == "vllm" and r.teacher_mix > 0:
         add(f"rollout.teacher_mix={r.teacher_mix}: teacher-mixed sampling needs both models' next-token "
             "distributions at every step and runs opd's own decode loop, so rollout.engine=vllm is not used for it",
@@ -189,7 +195,7 @@ def warning_problems(cfg: Config) -> list[Problem]:
         add("teacher.model=self without use_context is the initial student: this only regularises towards the "
             "starting point; set teacher.use_context=true for self-distillation", "teacher.model",
             "teacher.use_context")
-    if cfg.data.context_field is not None and not t.use_context and t.system_prompt is None:
+    if cfg.data.context_field is not None and not t.use_context:
         add(f"data.context_field={cfg.data.context_field!r} is set but teacher.use_context=false, so the "
             "context is never shown; set teacher.use_context=true", "data.context_field", "teacher.use_context")
     m = cfg.monitor

@@ -81,8 +81,8 @@ class DataConfig:
     digits: int = opt(3, "arith: operand digits", low=1, high=9)
     reverse_operands: bool = opt(True, "arith: write operands least-significant digit first (see opd/tasks/arith.py)")
     length: int | None = opt(None, "case tasks (fork, route, modes, long): input digits, so the answer has about as "
-                             "many tokens (default 6; long accepts 2-24, the others 2-12); rollout.max_new_tokens "
-                             "must cover the answer and its EOS", low=2, high=24)
+                             "many tokens (default 6, range 2-12); rollout.max_new_tokens "
+                             "must cover the answer and its EOS", low=2, high=12)
 
 
 @dataclass
@@ -170,7 +170,7 @@ class TeacherConfig:
     system_prompt: str | None = opt(None, "a teacher-only system prompt: every example's teacher-only context, which "
                                     "the student never sees (data.format=chat: a system message in the teacher's "
                                     "rendering; plain prompts: rendered with context_template). A row's "
-                                    "data.context_field value takes precedence. Implies use_context")
+                                    "data.context_field value takes precedence. Needs use_context=true")
     cache: str = opt("none", "reuse the teacher's signal for sequences it has already scored (same prompt and "
                      "completion ids; opd/teacher_cache.py): none, memory (this run) or disk (teacher.cache_dir, "
                      "reused across runs: Lightning OPD's offline teacher)", choices=("none", "memory", "disk"))

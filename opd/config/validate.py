@@ -452,6 +452,10 @@ def _chat_and_tokenizer_problems(cfg: Config) -> list[Problem]:
         P.append(Problem("data.format=chat reads conversations from a file, but data.task=arith is the built-in "
                          "prompt task; use data.task=arith_chat (built-in conversations) or data.task=jsonl / hf with "
                          "data.path", ("data.format", "data.task")))
+    if t.system_prompt is not None and not t.use_context:
+        P.append(Problem("teacher.system_prompt is shown to the teacher only with teacher.use_context=true; set "
+                         "teacher.use_context=true (or unset teacher.system_prompt)",
+                         ("teacher.system_prompt", "teacher.use_context")))
     if t.system_prompt is not None and d.task == "arith":
         P.append(Problem("teacher.system_prompt cannot be used with data.task=arith: its teacher-only context is the "
                          "built-in answer hint (teacher.use_context=true shows it); use data.task=arith_chat, jsonl or hf",

@@ -144,4 +144,5 @@ def _vllm_engine(cfg, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> R
 
     return VLLMEngine(resolve_model_path(cfg.student.model), tokenizer, sync_every=r.sync_every,
                       memory=r.vllm_memory, max_model_len=r.vllm_max_model_len, dtype=cfg.student.dtype,
-                      seed=cfg.seed)
+                      seed=cfg.seed,
+                      tokenizer_path=resolve_model_path(cfg.student.tokenizer) if cfg.student.tokenizer else None)

@@ -43,7 +43,7 @@ from opd.rollout.forward import (
     model_device,
     position_ids_from_mask,
 )
-from opd.tasks.base import Example
+from opd.tasks.base import Example, RenderedPrompt
 from opd.types import Rollouts
 
 __all__ = ["encode_prompts", "generate_mixed_rollouts", "generate_rollouts", "stop_token_ids"]
@@ -51,7 +51,9 @@ __all__ = ["encode_prompts", "generate_mixed_rollouts", "generate_rollouts", "st
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor]:
-    """Tokenize ``texts`` (special tokens added, e.g. BOS) into a left-padded batch.
+    """Tokenize ``texts`` into a left-padded batch: special tokens added (e.g. BOS) to plain texts,
+    none to a :class:`~opd.tasks.base.RenderedPrompt` (a chat template's output already holds its
+    own, so the ids are exactly those of ``apply_chat_template(..., tokenize=True)``).
 
     Returns:
         ``(ids_BP, mask_BP)``: ``long`` tensors on ``device``; ``mask`` is 1 on real tokens, and
@@ -68,8 +70,20 @@ def encode_prompts(
             "the tokenizer has no pad token, so prompts cannot be batched; set one, e.g. "
             "tokenizer.pad_token = tokenizer.eos_token (completion masks come from EOS positions, not padding)"
         )
-    enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
-    ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+    rendered = [isinstance(t, RenderedPrompt) for t in texts]
+    if all(rendered) or not any(rendered):
+        enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
+                        add_special_tokens=not rendered[0])
+        ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+    else:  # a mixed batch: encode each text its own way, then left-pad
+        rows = [tokenizer(t, add_special_tokens=not r)["input_ids"] for t, r in zip(texts, rendered, strict=True)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), int(tokenizer.pad_token_id), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+                mask[i, width - len(r):] = 1
     empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
     if empty or ids.shape[1] == 0:
         raise ValueError(f"prompt(s) {empty or list(range(len(texts)))} encode to no tokens; prompts must be "

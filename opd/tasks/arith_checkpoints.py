@@ -7,7 +7,7 @@ settings and the command):
 
 * ``teacher`` (3-digit, 3 layers x 128): supervised on the ground truth until its greedy exact
   match on the 500 held-out prompts reaches 99 % (the best evaluation is kept if it never does);
-* ``student`` (3-digit, 2 x 64): warm-started by supervised training on teacher samples
+* ``student`` (3-digit, 2 x 64, 2 heads of 32 so that vLLM can run it): warm-started by supervised training on teacher samples
   (temperature 1) and stopped as soon as its held-out accuracy first reaches 50 %, so on-policy
   distillation has room to lift it towards the teacher;
 * ``smoke_teacher`` (2 x 64) / ``smoke_student`` (1 x 32): the same for 2-digit addition, for
@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 import transformers
@@ -69,6 +70,9 @@ class Phase:
     ``min_accuracy``/``max_accuracy``: the accepted range of the final accuracy (else an error).
     ``hint_fraction``: share of each batch whose prompt is preceded by the example's
     ``teacher_context`` (the target stays the answer to the bare prompt).
+    ``heads``: attention heads (head dimension ``hidden // heads``; vLLM's CPU attention needs a
+    head dimension of at least 32, so a model served or sampled by vLLM must keep ``hidden / heads
+    >= 32``).
     """
 
     name: str
@@ -88,6 +92,7 @@ class Phase:
     eval_every_rising: int = 5  # once accuracy >= 5 % (students: catch the band on the way up)
     eval_size: int = 500  # held-out prompts used for stopping and for the card
     hint_fraction: float = 0.0  # share of each batch whose prompt carries the teacher-only hint
+    heads: int = 4  # attention heads; head dimension hidden // heads
 
 
 #: The shipped checkpoints, in training order (a student's teacher comes first).
@@ -98,7 +103,7 @@ PHASES: dict[str, Phase] = {
               max_steps=800, target=0.99, min_accuracy=0.97, eval_every=50, eval_every_rising=25),
         Phase("student", digits=3, layers=2, hidden=64, lr=1e-3, batch_size=128, warmup=50,
               max_steps=2000, target=0.5, min_accuracy=0.4, max_accuracy=0.75, teacher="teacher",
-              hint_fraction=0.25),
+              hint_fraction=0.25, heads=2),
         Phase("smoke_teacher", digits=2, layers=2, hidden=64, lr=3e-3, batch_size=128, warmup=50,
               max_steps=800, target=0.99, min_accuracy=0.97, eval_every=50, eval_every_rising=25),
         Phase("smoke_student", digits=2, layers=1, hidden=32, lr=3e-3, batch_size=128, warmup=20,
@@ -196,7 +201,8 @@ def train_phase(
     task = ArithTask(digits=phase.digits, eval_size=phase.eval_size, context="answer")
     n_hint = round(phase.hint_fraction * phase.batch_size)
     eval_set = task.eval_examples()
-    config = tiny_llama_config(len(tokenizer), layers=phase.layers, hidden=phase.hidden, tokenizer=tokenizer)
+    config = tiny_llama_config(len(tokenizer), layers=phase.layers, hidden=phase.hidden, heads=phase.heads,
+                               tokenizer=tokenizer)
     model = build_model(config, seed=phase.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
     torch.manual_seed(phase.seed)
@@ -261,7 +267,7 @@ def train_phase(
     context_accuracy = greedy_accuracy(model, tokenizer, task, eval_set, with_context=True)
     card = {
         "name": phase.name, "task": repr(task), "parameters": count_parameters(model),
-        "layers": phase.layers, "hidden": phase.hidden, "heldout_accuracy": accuracy,
+        "layers": phase.layers, "hidden": phase.hidden, "heads": phase.heads, "heldout_accuracy": accuracy,
         "heldout_accuracy_with_context": context_accuracy,
         "heldout_size": len(eval_set), "steps": step, "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1), "threads": torch.get_num_threads(),

@@ -13,15 +13,18 @@ example's prompt, optionally preceded by its teacher-only context
 appended unchanged, so the teacher scores exactly the tokens the student sampled.
 
 Implementations: :class:`ModelTeacher` (an in-process causal LM), :class:`SelfTeacher` (the
-student's own weights under a privileged context, frozen copy or live) and
-:class:`RoutedTeacher` (one teacher per value of an example field).
+student's own weights under a privileged context, frozen copy or live), :class:`RoutedTeacher`
+(one teacher per value of an example field) and :class:`CrossTokenizerTeacher` (a model with its own
+tokenizer: it scores the student's *text* and answers in the student's positions and vocabulary).
 """
 
 from opd.teachers.base import Teacher, teacher_prompt_texts
+from opd.teachers.cross_tokenizer import CrossTokenizerTeacher
 from opd.teachers.model import ModelTeacher, SelfTeacher
 from opd.teachers.routed import RoutedTeacher
 
 __all__ = [
+    "CrossTokenizerTeacher",
     "ModelTeacher",
     "RoutedTeacher",
     "SelfTeacher",

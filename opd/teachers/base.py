@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from transformers import PreTrainedTokenizerBase
+
+from opd.chat import render_prompt, with_system_prompt
 from opd.tasks.base import Example
 from opd.types import ACCESS_LEVELS, Access, Feedback, Rollouts
 
@@ -21,29 +24,51 @@ class Teacher(Protocol):
 
 
 def teacher_prompt_texts(
-    examples: Sequence[Example], use_context: bool, template: str = "{context}\n"
+    examples: Sequence[Example], use_context: bool, template: str = "{context}\n",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> list[str]:
     """The text each example's teacher reads before the completion.
 
-    ``use_context=False``: ``example.prompt``. ``use_context=True``:
+    Plain prompts: ``use_context=False`` → ``example.prompt``; ``use_context=True`` →
+    ``example.teacher_prompt`` when set, else
     ``template.replace("{context}", example.teacher_context) + example.prompt``.
+
+    Conversations (``example.messages`` set, ``data.format=chat``): the conversation before the
+    student's turn, with ``teacher_context`` as a teacher-only system prompt when ``use_context``
+    (:func:`opd.chat.with_system_prompt`; ``template`` is not used). Without ``tokenizer`` the
+    renderings made with the student's chat template are returned (``example.prompt`` /
+    ``example.teacher_prompt``); a teacher with its own tokenizer passes it to render the messages
+    with *its* chat template.
 
     Raises:
         ValueError: ``template`` lacks ``{context}``, or an example has no ``teacher_context``
             (the message names the field and the first rows that lack it).
     """
+    def chat(e: Example, system: str | None) -> str:
+        if tokenizer is None:
+            return e.prompt if system is None else (e.teacher_prompt or e.prompt)
+        return render_prompt(tokenizer, with_system_prompt(e.messages or (), system))
+
     if not use_context:
-        return [e.prompt for e in examples]
+        return [chat(e, None) if e.messages is not None else e.prompt for e in examples]
     if "{context}" not in template:
         raise ValueError(f"context_template {template!r} does not contain '{{context}}'; e.g. '{{context}}\\n'")
-    missing = [i for i, e in enumerate(examples) if e.teacher_context is None]
+    missing = [i for i, e in enumerate(examples) if e.teacher_context is None and e.teacher_prompt is None]
     if missing:
         raise ValueError(
             f"use_context=True but Example.teacher_context is None for {len(missing)} example(s) (rows "
-            f"{missing[:10]}); set data.context_field to the field that holds the teacher-only context, or "
-            "turn teacher.use_context off"
+            f"{missing[:10]}); set data.context_field to the field that holds the teacher-only context "
+            "(or teacher.system_prompt), or turn teacher.use_context off"
         )
-    return [template.replace("{context}", str(e.teacher_context)) + e.prompt for e in examples]
+    out = []
+    for e in examples:
+        if e.messages is not None:
+            out.append(chat(e, e.teacher_context))
+        elif e.teacher_prompt is not None:
+            out.append(e.teacher_prompt)
+        else:
+            out.append(template.replace("{context}", str(e.teacher_context)) + e.prompt)
+    return out
 
 
 def check_request(access: str, topk: int) -> None:

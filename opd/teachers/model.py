@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from opd.lora import adapters_disabled, is_lora
 from opd.rollout import (
     HeadNotLinearError,
     completion_forward,
@@ -206,6 +207,14 @@ class SelfTeacher(ModelTeacher):
     student. The context only ever enters the *teacher's* prompt (:meth:`prompt_batch`); the
     student's inputs come from :mod:`opd.rollout`, which never reads ``teacher_context``.
 
+    A LoRA student (:func:`opd.lora.is_lora`) in ``mode="frozen"`` is not copied: its base weights
+    never train and its adapter starts at zero, so the base *is* the initial student. The teacher
+    holds the student module itself (``base_as_teacher`` True) and scores inside
+    :func:`opd.lora.adapters_disabled`, so every adapted layer computes ``W x + b`` for the
+    teacher's forward only — the same scores as the base model, with no second copy of the weights.
+    Scoring switches the shared module's adapter off and on again, so it must not run while another
+    thread runs the student.
+
     Other arguments are those of :class:`ModelTeacher` (``use_context`` defaults to True here).
     """
 
@@ -223,7 +232,8 @@ class SelfTeacher(ModelTeacher):
     ):
         if mode not in ("frozen", "live"):
             raise ValueError(f"mode must be 'frozen' or 'live', got {mode!r}")
-        if mode == "frozen":
+        self.base_as_teacher = mode == "frozen" and is_lora(student_model)
+        if mode == "frozen" and not self.base_as_teacher:
             model = copy.deepcopy(student_model)
             model.requires_grad_(False)
             model.eval()
@@ -234,4 +244,9 @@ class SelfTeacher(ModelTeacher):
                          context_template=context_template, full_as_hidden_above_vocab=full_as_hidden_above_vocab,
                          micro_batch_size=micro_batch_size)
 
-
+    def score(self, rollouts: Rollouts, *, access: Access = "sampled", topk: int = 32) -> Feedback:
+        """:meth:`ModelTeacher.score`; a LoRA student's frozen teacher scores with the adapter off."""
+        if not self.base_as_teacher:
+            return super().score(rollouts, access=access, topk=topk)
+        with adapters_disabled(self.model):
+            return super().score(rollouts, access=access, topk=topk)
