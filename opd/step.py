@@ -28,6 +28,7 @@ from opd.objective import Objective, ObjectiveOutput, StudentOutputs, TokenCount
 from opd.rollout import completion_forward, lm_head_of
 from opd.sharding import gathered
 from opd.types import Feedback, Rollouts
+from opd.xtok.diagnostics import alignment_metrics
 
 if TYPE_CHECKING:
     from opd.components import Components
@@ -259,6 +260,7 @@ def train_step(parts: "Components", step: int) -> dict[str, float]:
         metrics["skipped"] = 1.0
     if parts.prefetch is not None:
         metrics["policy_lag"] = float(lag)  # steps between the sampling weights and the updated ones
+    metrics.update(alignment_metrics(batch.feedback, rollouts.completion_mask_BT))  # teacher.tokenizer=own
     metrics.update(monitor.step_metrics(stats, rollouts))
     return metrics
 

@@ -1,10 +1,12 @@
 """Character-level tokenizers built in-process, and the teacher/student tokenizer agreement check.
 
-Distillation compares two models token by token: the teacher scores the student's token ids in the
-student's contexts. That is only meaningful when both tokenizers map the same strings to the same
-ids and agree on the special tokens. :func:`compare_tokenizers` lists every difference that makes
-token-level distillation wrong; :func:`check_tokenizers_agree` turns those differences into one
-:class:`TokenizerMismatchError` before any training starts.
+Distillation compares two models token by token. With ``teacher.tokenizer=same`` the teacher scores
+the student's token ids in the student's contexts, which is only meaningful when both tokenizers map
+the same strings to the same ids and agree on the special tokens; with ``teacher.tokenizer=own`` the
+teacher re-tokenizes the student's text and the two tokenizations are aligned
+(:mod:`opd.xtok`). :func:`compare_tokenizers` lists every difference and, for the chosen mode and
+data format, whether opd aligns it or refuses it; :func:`check_tokenizers_agree` turns the refusals
+into one :class:`TokenizerMismatchError` (naming the options that fix it) before any training starts.
 
 :func:`char_tokenizer` builds the tiny tokenizers used by the built-in tasks and the tests: one
 token per character, ids ``pad=0, bos=1, eos=2, unk=3`` followed by the alphabet in order, BOS
@@ -103,35 +105,51 @@ def char_tokenizer(
 
 @dataclass
 class TokenizerComparison:
-    """Differences between a student and a teacher tokenizer.
+    """Differences between a student and a teacher tokenizer, sorted by what opd does about them.
 
     Attributes:
-        errors: differences that make token-level distillation wrong (the teacher would score
-            different tokens than the student sampled). Training must not start.
+        errors: differences opd cannot work with in the chosen mode (with ``teacher.tokenizer=same``
+            the teacher would score other tokens than the student sampled). Training must not start.
         warnings: legal but risky setups, e.g. ``pad == eos``: a collator that masks padding
             then also masks the EOS, so the student never learns to stop.
+        aligned: differences opd handles (``teacher.tokenizer=own``: re-tokenized and aligned by
+            character offsets, EOS mapped to EOS, each model's own chat template), each saying how.
+        mode: ``same`` or ``own`` (``teacher.tokenizer``); ``chat``: conversations are rendered.
     """
 
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    aligned: list[str] = field(default_factory=list)
+    mode: str = "same"
+    chat: bool = False
 
     @property
     def ok(self) -> bool:
         """True when there are no errors (warnings may remain)."""
         return not self.errors
 
+    def report(self) -> list[str]:
+        """The preflight report, one line per finding: ``refused: …``, ``aligned: …``, ``warning: …``."""
+        return ([f"refused: {e}" for e in self.errors] + [f"aligned: {a}" for a in self.aligned]
+                + [f"warning: {w}" for w in self.warnings])
+
 
 class TokenizerMismatchError(ValueError):
     """The student and teacher tokenizers disagree in a way that breaks distillation."""
 
-    def __init__(self, comparison: TokenizerComparison):
+    def __init__(self, comparison: TokenizerComparison, teacher_name: str | None = None):
         self.comparison = comparison
         lines = "\n".join(f"  - {e}" for e in comparison.errors)
+        where = teacher_name or "<the teacher's folder>"
+        if comparison.mode == "same":
+            fix = (f"fix: student.tokenizer={where} (one tokenizer for both models, when the student uses the "
+                   "teacher's vocabulary) or teacher.tokenizer=own (the teacher keeps its own tokenizer: the "
+                   "student's text is re-tokenized for it and aligned by character offsets)")
+        else:
+            fix = "fix: the tokenizer settings named above (teacher.tokenizer=own still needs an EOS on both sides)"
         super().__init__(
-            f"student and teacher tokenizers disagree ({len(comparison.errors)} difference(s)):\n"
-            f"{lines}\n"
-            "Token-level distillation needs one vocabulary and the same special tokens: load the "
-            "teacher's tokenizer for both models, or pick a student from the teacher's family."
+            f"student and teacher tokenizers disagree ({len(comparison.errors)} difference(s) that "
+            f"teacher.tokenizer={comparison.mode} cannot handle; {fix}):\n{lines}"
         )
 
 
@@ -156,46 +174,78 @@ def _chat_template(tok: PreTrainedTokenizerBase) -> Any:
     return getattr(tok, "chat_template", None) or None
 
 
-def compare_tokenizers(
-    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase
-) -> TokenizerComparison:
-    """List the differences between two tokenizers that matter for distillation.
+def _vocab_diffs(s_vocab: dict[str, int], t_vocab: dict[str, int]) -> str:
+    diffs: list[str] = []
+    for token in sorted(set(s_vocab) | set(t_vocab), key=lambda t: (s_vocab.get(t, t_vocab.get(t)), t)):
+        s_id, t_id = s_vocab.get(token), t_vocab.get(token)
+        if s_id != t_id:
+            diffs.append(f"{token!r}: student {s_id if s_id is not None else 'missing'} vs "
+                         f"teacher {t_id if t_id is not None else 'missing'}")
+        if len(diffs) == _MAX_VOCAB_DIFFS_SHOWN:
+            break
+    return "; ".join(diffs)
 
-    Checked, each reported with both values:
+
+def compare_tokenizers(
+    student_tok: PreTrainedTokenizerBase,
+    teacher_tok: PreTrainedTokenizerBase,
+    *,
+    teacher_tokenizer: str = "same",
+    chat: bool = False,
+) -> TokenizerComparison:
+    """List the differences between two tokenizers that matter for distillation, and what opd does
+    about each in the chosen mode (``teacher_tokenizer``: ``same`` or ``own``; ``chat``: prompts are
+    conversations rendered with a chat template, ``data.format=chat``).
+
+    ``same`` — the teacher scores the student's token ids; errors, each with both values:
 
     * **vocabulary** — size, and the first few ``token -> id`` entries that differ or exist on
-      one side only (an error: the teacher would score other tokens than the student sampled);
-    * **special tokens** — the ids and strings of bos, eos, pad and unk (error when they differ);
-    * **EOS vs padding** — ``pad == eos`` on either side (warning: masking padding also masks
-      the EOS, so "when to stop" is never learned); no EOS at all (error: rollouts cannot end);
+      one side only;
+    * **special tokens** — the ids and strings of bos, eos, pad and unk;
     * **encoding** — with equal vocabularies, one probe text must encode to the same ids (catches
       different merges, pre-tokenizers or BOS insertion);
-    * **chat template** — present on one side only, or different (error: the teacher would
-      see differently formatted prompts than the student).
+    * **chat template** (``chat``) — the teacher reads the conversation rendered with the student's
+      template, so a teacher template that differs (or a missing one) is an error; without ``chat``
+      the templates are not used and a difference is only a warning.
 
-    The padding side is not compared: each model pads its own batch.
+    ``own`` — the teacher re-tokenizes the student's text (:class:`opd.teachers.CrossTokenizerTeacher`):
+    vocabulary, special-token and encoding differences are *aligned* (reported with the share of the
+    student's vocabulary that has a teacher token of the same text, and the EOS mapping); the
+    templates may differ (each model renders the conversation with its own); errors are a missing
+    EOS or pad token on the teacher side or, with ``chat``, a missing template. A probe text the
+    teacher's tokenizer does not spell back exactly (an unknown character) is a warning.
+
+    Both modes: ``pad == eos`` on either side is a warning (masking padding also masks the EOS);
+    no EOS at all is an error (rollouts cannot end). The padding side is not compared.
     """
-    result = TokenizerComparison()
+    if teacher_tokenizer not in ("same", "own"):
+        raise ValueError(f"teacher_tokenizer must be 'same' or 'own', got {teacher_tokenizer!r}")
+    result = TokenizerComparison(mode=teacher_tokenizer, chat=chat)
+    own = teacher_tokenizer == "own"
     s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     if s_vocab != t_vocab:
-        diffs: list[str] = []
-        for token in sorted(set(s_vocab) | set(t_vocab), key=lambda t: (s_vocab.get(t, t_vocab.get(t)), t)):
-            s_id, t_id = s_vocab.get(token), t_vocab.get(token)
-            if s_id != t_id:
-                diffs.append(
-                    f"{token!r}: student {s_id if s_id is not None else 'missing'} vs "
-                    f"teacher {t_id if t_id is not None else 'missing'}"
-                )
-            if len(diffs) == _MAX_VOCAB_DIFFS_SHOWN:
-                break
-        result.errors.append(
-            f"vocabulary: student has {len(s_vocab)} tokens vs teacher {len(t_vocab)}; "
-            f"first differing entries: {'; '.join(diffs)}"
-        )
+        if own:
+            from opd.xtok.tokens import vocab_map
+
+            mapped = vocab_map(student_tok, teacher_tok)
+            share = sum(i >= 0 for i in mapped) / max(len(mapped), 1)
+            result.aligned.append(
+                f"vocabulary: student has {len(s_vocab)} tokens vs teacher {len(t_vocab)}; {share:.0%} of the student's "
+                "tokens have a teacher token with the same text (route 1 is exact on those); completions are "
+                "re-tokenized for the teacher and aligned by character offsets")
+        else:
+            result.errors.append(f"vocabulary: student has {len(s_vocab)} tokens vs teacher {len(t_vocab)}; first "
+                                 f"differing entries: {_vocab_diffs(s_vocab, t_vocab)}")
     for role in ("bos", "eos", "pad", "unk"):
         s, t = _special(student_tok, role), _special(teacher_tok, role)
         if s != t:
-            result.errors.append(f"{role}_token_id: student {_describe(*s)} vs teacher {_describe(*t)}")
+            what = f"{role}_token_id: student {_describe(*s)} vs teacher {_describe(*t)}"
+            if not own:
+                result.errors.append(what)
+            elif role == "eos" and s[0] is not None and t[0] is not None:
+                result.aligned.append(f"{what}: the student's EOS is scored as the teacher's EOS")
+            elif role != "eos":
+                result.aligned.append(f"{what}: each model uses its own")
     for side, tok in (("student", student_tok), ("teacher", teacher_tok)):
         eos_id, pad_id = tok.eos_token_id, tok.pad_token_id
         if eos_id is None:
@@ -208,41 +258,74 @@ def compare_tokenizers(
                 "also masks the EOS, so the student never learns to stop; set a distinct pad token "
                 "or make sure completions are masked by length, not by pad id"
             )
-    if s_vocab == t_vocab:
+    if own and teacher_tok.pad_token_id is None:
+        result.errors.append("teacher tokenizer has no pad token: its re-tokenized prompts cannot be batched; set "
+                             "tokenizer.pad_token (any token; padding is masked)")
+    probe = _probe_text(student_tok)
+    if s_vocab == t_vocab and not own:
         # Same vocabulary but different pre-tokenization, merges or BOS handling still changes
         # the token ids of a text; encode one probe text with both.
-        probe = _probe_text(student_tok)
         s_ids, t_ids = student_tok(probe).input_ids, teacher_tok(probe).input_ids
         if s_ids != t_ids:
             result.errors.append(
                 f"encoding of the probe text {probe!r}: student {s_ids[:16]} vs teacher {t_ids[:16]} "
                 "(same vocabulary, but different pre-tokenization, merges or BOS/EOS insertion)"
             )
-    s_tpl, t_tpl = _chat_template(student_tok), _chat_template(teacher_tok)
-    if (s_tpl is None) != (t_tpl is None):
-        has, lacks = ("student", "teacher") if s_tpl is not None else ("teacher", "student")
-        result.errors.append(
-            f"chat_template: the {has} tokenizer has one and the {lacks} has none; prompts would be "
-            "formatted differently for the two models"
-        )
-    elif s_tpl != t_tpl:
-        result.errors.append(
-            "chat_template: student and teacher templates differ; prompts would be formatted "
-            "differently for the two models"
-        )
+    if own:
+        back = teacher_tok.decode(teacher_tok(probe, add_special_tokens=False).input_ids, skip_special_tokens=False,
+                                  clean_up_tokenization_spaces=False)
+        if back != probe:
+            result.warnings.append(
+                f"the teacher's tokenizer does not spell the student's probe text {probe!r} back exactly (got "
+                f"{back!r}): completions holding such characters cannot be aligned token by token and are "
+                "scored as a whole")
+    _compare_templates(result, student_tok, teacher_tok, own=own, chat=chat)
     return result
 
 
+def _compare_templates(result: TokenizerComparison, student_tok: PreTrainedTokenizerBase,
+                       teacher_tok: PreTrainedTokenizerBase, *, own: bool, chat: bool) -> None:
+    s_tpl, t_tpl = _chat_template(student_tok), _chat_template(teacher_tok)
+    if chat:
+        for side, tpl in [("student", s_tpl)] + ([("teacher", t_tpl)] if own else []):
+            if tpl is None:
+                result.errors.append(f"chat_template: data.format=chat renders conversations with the {side}'s chat "
+                                     "template, but its tokenizer has none; set tokenizer.chat_template")
+    if s_tpl == t_tpl:
+        return
+    if (s_tpl is None) != (t_tpl is None):
+        has, lacks = ("student", "teacher") if s_tpl is not None else ("teacher", "student")
+        what = f"chat_template: the {has} tokenizer has one and the {lacks} has none"
+    else:
+        what = "chat_template: student and teacher templates differ"
+    if not chat:
+        result.warnings.append(f"{what} (not used: prompts are plain text, data.format=prompt)")
+    elif own:
+        if s_tpl is not None and t_tpl is not None:
+            result.aligned.append(f"{what}: each model renders the conversation with its own template")
+    elif t_tpl is None:
+        result.errors.append(f"{what}; the teacher would read the student's rendering of each conversation")
+    else:
+        result.errors.append(f"{what}; the teacher would read conversations in the student's format, not its own "
+                             "(teacher.tokenizer=own renders them with the teacher's template)")
+
+
 def check_tokenizers_agree(
-    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase
+    student_tok: PreTrainedTokenizerBase,
+    teacher_tok: PreTrainedTokenizerBase,
+    *,
+    teacher_tokenizer: str = "same",
+    chat: bool = False,
+    teacher_name: str | None = None,
 ) -> TokenizerComparison:
     """Return :func:`compare_tokenizers`'s result, raising if it holds any error.
 
     Raises:
         TokenizerMismatchError: every error on one message, one line each, saying exactly what
-            differs (e.g. ``eos_token_id: student 2 ('$') vs teacher 3 ('</s>')``).
+            differs (e.g. ``eos_token_id: student 2 ('$') vs teacher 3 ('</s>')``), and the options
+            that fix it (``student.tokenizer=<teacher_name>``, ``teacher.tokenizer=own``).
     """
-    comparison = compare_tokenizers(student_tok, teacher_tok)
+    comparison = compare_tokenizers(student_tok, teacher_tok, teacher_tokenizer=teacher_tokenizer, chat=chat)
     if comparison.errors:
-        raise TokenizerMismatchError(comparison)
+        raise TokenizerMismatchError(comparison, teacher_name)
     return comparison

@@ -167,10 +167,8 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
                 return parts, progress
         if parts.main and progress.start == 0:
             progress.last_accuracy = progress.before.accuracy
-            teacher_model = parts.teacher_model
-            if cfg.eval.teacher and teacher_model is not None and cfg.teacher.model != "self":
-                progress.teacher = evaluate(teacher_model, parts.tokenizer, parts.task, _eval_examples(parts),
-                                            max_new_tokens=_eval_tokens(parts), batch_size=cfg.eval.batch_size)
+            progress.teacher = _evaluate_teacher(parts) if cfg.eval.teacher else None
+            if progress.teacher is not None:
                 parts.log.write("eval_teacher", 0, progress.teacher.as_metrics("teacher"))
     except BaseException:
         parts.close()
@@ -178,10 +176,14 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
     return parts, progress
 
 
-def _model_teachers(teacher) -> list:
-    """The in-process model teachers behind ``teacher`` (through caches and routing)."""
+def _model_teachers(teacher) -> list[tuple[object, object, object, bool]]:
+    """``(teacher, model, tokenizer, own_tokenizer)`` for every in-process model teacher behind
+    ``teacher`` (through caches and routing); a teacher with its own tokenizer exposes its network as
+    ``teacher_model`` (nothing may sample it with the student's ids)."""
+    if hasattr(teacher, "teacher_model") and hasattr(teacher, "tokenizer"):
+        return [(teacher, teacher.teacher_model, teacher.tokenizer, True)]
     if hasattr(teacher, "model") and hasattr(teacher, "tokenizer"):
-        return [teacher]
+        return [(teacher, teacher.model, teacher.tokenizer, False)]
     inner = [getattr(teacher, "teacher", None), getattr(teacher, "default", None),
              *(getattr(teacher, "routes", None) or {}).values()]
     return [m for t in inner if t is not None for m in _model_teachers(t)]
@@ -191,11 +193,23 @@ def _check_context(parts: Components) -> None:
     task = parts.task
     examples = task.all_examples() if hasattr(task, "all_examples") else [
         *task.train_examples(0, parts.cfg.rollout.prompts_per_step, parts.cfg.seed), *_eval_examples(parts)]
-    teachers = [(f"the teacher ({type(t).__name__})", t.model, t.tokenizer,
-                 lambda ex, t=t: teacher_prompt_texts(ex, t.use_context, t.context_template))
-                for t in _model_teachers(parts.teacher)]
+    teachers = [(f"the teacher ({type(t).__name__})", model, tok,
+                 lambda ex, t=t, tok=tok, own=own: teacher_prompt_texts(ex, t.use_context, t.context_template,
+                                                                         tokenizer=tok if own else None))
+                for t, model, tok, own in _model_teachers(parts.teacher)]
     check_context_lengths(parts.cfg, examples, student=parts.student, student_tokenizer=parts.tokenizer,
                           teachers=teachers)
+
+
+def _evaluate_teacher(parts: Components) -> EvalResult | None:
+    """The teacher's held-out accuracy, once (with its own tokenizer when it has one); None for a
+    self-teacher, a served teacher or several routed ones."""
+    found = _model_teachers(parts.teacher)
+    if parts.cfg.teacher.model == "self" or len(found) != 1:
+        return None
+    _, model, tokenizer, own = found[0]
+    return evaluate(model, tokenizer if own else parts.tokenizer, parts.task, _eval_examples(parts),
+                    max_new_tokens=_eval_tokens(parts), batch_size=parts.cfg.eval.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -189,3 +189,40 @@ def test_errors_in_the_eval_file_name_that_file(tmp_path):
     evals = _write(tmp_path / "held.jsonl", [{"prompt": "a"}, {"text": "b"}])
     with pytest.raises(DataError, match=r"held\.jsonl:2: missing field 'prompt'"):
         JsonlTask(train, eval_path=evals, answer_field=None)
+
+
+def test_system_prompt_is_every_plain_records_teacher_context(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1), "hint": f"h{i}"}) + "\n"
+                            for i in range(10)))
+    task = JsonlTask(path, eval_size=2, system_prompt="be brief")
+    assert {e.teacher_context for e in task.all_examples()} == {"be brief"}
+    with_field = JsonlTask(path, eval_size=2, system_prompt="be brief", context_field="hint")
+    assert all(e.teacher_context == "h" + e.prompt.split("+")[0] for e in with_field.all_examples())
+
+
+def test_chat_records_through_build_task(tmp_path):
+    import random
+
+    from opd.build import build_task
+    from opd.config.load import load_config
+    from opd.models import build_model, tiny_llama_config
+    from opd.tasks.arith_chat import arith_chat_tokenizer, conversation
+
+    tok = arith_chat_tokenizer()
+    folder = tmp_path / "student"
+    build_model(tiny_llama_config(len(tok), layers=1, hidden=16, tokenizer=tok, max_positions=40), seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(conversation(random.Random(i))) + "\n" for i in range(20)))
+    cfg = load_config(None, [f"student.model={folder}", "teacher.model=self", "data.task=jsonl", f"data.path={path}",
+                             "data.format=chat", "data.answer_field=null", "data.train_turns=all", "eval.size=4"])
+    task = build_task(cfg, eos_token="$")
+    assert len(task.eval_examples()) == 8 and all(e.messages is not None for e in task.eval_examples())
+    long = tmp_path / "long.jsonl"
+    row = {"messages": [{"role": "user", "content": "1" * 60}, {"role": "assistant", "content": "1"}]}
+    long.write_text(json.dumps(conversation(random.Random(0))) + "\n" + json.dumps(row) + "\n")
+    cfg.data.path = str(long)
+    with pytest.raises(ValueError, match=rf"{long}:2: the conversation before assistant turn \(message 2\) is 64 "
+                                         r"tokens; .*context of 40 tokens \(at most 32 prompt tokens\)"):
+        build_task(cfg, eos_token="$")

@@ -167,6 +167,23 @@ def test_data_parallel_step_equals_single_process_step(tmp_path):
     assert max(g.abs().max() for g in a["grads"].values()) > 1e-3  # a real gradient, not zeros
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gloo-on-CPU launch below is for machines without GPUs")
+def test_the_readme_multi_process_command_runs_one_data_parallel_run(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m opd.cli distill` on a machine without GPUs:
+    two gloo processes share one run (one folder, one log), not two independent runs."""
+    run = tmp_path / "run"
+    launch = shutil.which("accelerate")
+    assert launch is not None, "the accelerate command is missing: pip install accelerate"
+    proc = subprocess.run([launch, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "opd.cli", "distill", *SMOKE,
+                           "train.steps=2", f"logging.run_dir={run}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "run_info.json").read_text())["world_size"] == 2
+    assert [r["step"] for r in read_metrics(run, "train")] == [1, 2]  # written once, by the main process
+    assert proc.stdout.count("student after") == 1
+
+
 def test_only_the_first_process_prints_the_summary(tmp_path, capsys, monkeypatch):
     """Under `accelerate launch` every process returns from the run; rank 0 alone prints the table."""
     for rank, expect in (("1", False), ("0", True)):

@@ -219,3 +219,26 @@ def test_hidden_accessor_head_is_a_snapshot_of_the_weights(tok, rollouts):
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     assert torch.equal(fb.head_weight_VH, before)
+
+
+def test_teacher_prompt_texts_use_the_teacher_prompt_and_render_conversations():
+    from opd.chat import render_prompt, with_system_prompt
+    from opd.tasks.arith_chat import arith_chat_tokenizer
+    from opd.tasks.base import RenderedPrompt
+
+    chat_tok = arith_chat_tokenizer()
+    msgs = ({"role": "user", "content": "12+34="},)
+    student_text = render_prompt(chat_tok, msgs)
+    teacher_text = render_prompt(chat_tok, with_system_prompt(msgs, "x:1"))
+    chat = Example(student_text, answer="46", teacher_context="x:1", messages=msgs, teacher_prompt=teacher_text)
+    plain = Example("1=", teacher_context="7|", teacher_prompt="whole teacher text")
+    assert teacher_prompt_texts([chat, plain], False) == [student_text, "1="]
+    assert teacher_prompt_texts([chat, plain], True, "{context}") == [teacher_text, "whole teacher text"]
+    assert isinstance(teacher_prompt_texts([chat], True)[0], RenderedPrompt)
+    # a teacher tokenizer re-renders the messages with its own template
+    other = arith_chat_tokenizer()
+    other.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}<assistant>"
+    assert teacher_prompt_texts([chat], True, tokenizer=other) == ["[system]x:1[user]12+34=<assistant>"]
+    assert teacher_prompt_texts([chat], False, tokenizer=other) == ["[user]12+34=<assistant>"]
+    with pytest.raises(ValueError, match="teacher.system_prompt"):
+        teacher_prompt_texts([Example("1=", messages=msgs)], True)

@@ -120,19 +120,50 @@ def test_pad_equal_eos_is_a_warning(tok):
 def test_chat_template(tok):
     with_template = char_tokenizer(ALPHABET)
     with_template.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}="
-    errors = compare_tokenizers(tok, with_template).errors
-    assert errors == [
-        "chat_template: the teacher tokenizer has one and the student has none; prompts would be "
-        "formatted differently for the two models"
-    ]
     other_template = char_tokenizer(ALPHABET)
     other_template.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    assert compare_tokenizers(with_template, other_template).errors[0].startswith(
-        "chat_template: student and teacher templates differ"
-    )
+    # plain prompts: templates are not used, a difference is only a warning
+    prompt_mode = compare_tokenizers(tok, with_template)
+    assert prompt_mode.ok and prompt_mode.warnings == [
+        "chat_template: the teacher tokenizer has one and the student has none (not used: prompts are plain text, "
+        "data.format=prompt)"]
+    # conversations, one tokenizer: the teacher reads the student's rendering, so templates must agree
+    assert compare_tokenizers(tok, with_template, chat=True).errors[0].startswith(
+        "chat_template: data.format=chat renders conversations with the student's chat template, but its tokenizer "
+        "has none")
+    errors = compare_tokenizers(with_template, other_template, chat=True).errors
+    assert len(errors) == 1 and errors[0].startswith("chat_template: student and teacher templates differ; the "
+                                                     "teacher would read conversations in the student's format")
+    assert "teacher.tokenizer=own" in errors[0]
     same = char_tokenizer(ALPHABET)
     same.chat_template = with_template.chat_template
-    assert compare_tokenizers(with_template, same).ok
+    assert compare_tokenizers(with_template, same, chat=True).ok
+    # conversations, own tokenizers: each model renders with its own template
+    own = compare_tokenizers(with_template, other_template, teacher_tokenizer="own", chat=True)
+    assert own.ok and own.aligned == ["chat_template: student and teacher templates differ: each model renders the "
+                                      "conversation with its own template"]
+    missing = compare_tokenizers(with_template, char_tokenizer(ALPHABET), teacher_tokenizer="own", chat=True)
+    assert missing.errors == ["chat_template: data.format=chat renders conversations with the teacher's chat template, "
+                              "but its tokenizer has none; set tokenizer.chat_template"]
+
+
+def test_own_tokenizer_mode_aligns_what_differs(tok):
+    other = char_tokenizer("0123456789+=", bos="<", eos=">", pad="~", unk="!")
+    own = compare_tokenizers(tok, other, teacher_tokenizer="own")
+    assert own.ok and own.errors == []
+    assert own.report() == [f"aligned: {a}" for a in own.aligned]
+    assert own.aligned[0].startswith("vocabulary: student has 16 tokens vs teacher 16; 100% of the student's tokens "
+                                     "have a teacher token with the same text")
+    assert "eos_token_id: student 2 ('$') vs teacher 2 ('>'): the student's EOS is scored as the teacher's EOS" in \
+        own.aligned
+    narrow = char_tokenizer("0123456789+")  # no "=": the probe text does not survive the teacher's tokenizer
+    warned = compare_tokenizers(tok, narrow, teacher_tokenizer="own")
+    assert warned.ok and "does not spell the student's probe text" in warned.warnings[0]
+    no_eos = char_tokenizer(ALPHABET)
+    no_eos.eos_token = None
+    assert "teacher tokenizer has no eos_token" in compare_tokenizers(tok, no_eos, teacher_tokenizer="own").errors[0]
+    with pytest.raises(ValueError, match="must be 'same' or 'own'"):
+        compare_tokenizers(tok, other, teacher_tokenizer="shared")
 
 
 def test_same_vocab_different_encoding(tok):
@@ -143,13 +174,17 @@ def test_same_vocab_different_encoding(tok):
     assert len(errors) == 1 and errors[0].startswith("encoding of the probe text '0123456789+=': student [1, 4,")
 
 
-def test_mismatch_error_lists_every_difference(tok):
+def test_mismatch_error_lists_every_difference_and_names_the_fixes(tok):
     other = char_tokenizer("0123456789+-", eos="#")
     other.chat_template = "x"
     with pytest.raises(TokenizerMismatchError) as info:
-        check_tokenizers_agree(tok, other)
+        check_tokenizers_agree(tok, other, chat=True, teacher_name="path/to/teacher")
     message = str(info.value)
-    assert "3 difference(s)" in message
+    assert "4 difference(s)" in message
     assert "vocabulary:" in message and "eos_token_id: student 2 ('$') vs teacher 2 ('#')" in message
     assert "chat_template:" in message
-    assert isinstance(info.value, ValueError) and len(info.value.comparison.errors) == 3
+    first = message.splitlines()[0]
+    assert "student.tokenizer=path/to/teacher" in first and "teacher.tokenizer=own" in first
+    assert isinstance(info.value, ValueError) and len(info.value.comparison.errors) == 4
+    # the same pair is accepted when the teacher keeps its own tokenizer
+    assert check_tokenizers_agree(tok, other, teacher_tokenizer="own").ok

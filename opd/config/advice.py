@@ -51,6 +51,7 @@ def _ignored_knobs(cfg: Config) -> list[Problem]:
         ("route1.alpha", bool({"skl", "srkl"} & {r1.divergence, r1.off_policy_divergence}),
          "route1.divergence=skl or srkl"),
         ("route1.mu", "akl" in (r1.divergence, r1.off_policy_divergence), "route1.divergence=akl"),
+        ("route1.uld_coef", cfg.teacher.tokenizer == "own", "teacher.tokenizer=own"),
         ("route1.fkl_entropy_min", r1.fkl_coef > 0, "route1.fkl_coef > 0"),
         ("route1.off_policy_divergence", cfg.rollout.on_policy_fraction < 1, "rollout.on_policy_fraction < 1"),
         ("route2.constant_reward", r2.reward in ("constant", "entropy_rank"), "route2.reward=constant or entropy_rank"),
@@ -230,12 +231,10 @@ def _chat_and_tokenizer_warnings(cfg: Config) -> list[Problem]:
         if not t.check_tokenizer:
             P.append(Problem("teacher.check_tokenizer=false has no effect with teacher.tokenizer=own: the comparison "
                              "runs anyway and reports what opd aligns", ("teacher.check_tokenizer",)))
-        if route1_on(cfg):
-            P.append(Problem("teacher.tokenizer=own: route 1 compares the distributions on the tokens both vocabularies "
-                             "share (the teacher's top-k, where the token boundaries align); the teacher's mass on "
-                             "tokens the student's vocabulary lacks (the ULD term, Feedback.cross_vocab) is not in the "
-                             "loss yet, and states inside a teacher token contribute 0", ("teacher.tokenizer",
-                                                                                         "route1.divergence")))
+        if route1_on(cfg) and cfg.route1.uld_coef == 0:
+            P.append(Problem("teacher.tokenizer=own with route1.uld_coef=0: route 1 then trains only on the tokens both "
+                             "vocabularies share; the teacher's mass on tokens the student's vocabulary lacks is "
+                             "ignored (set route1.uld_coef > 0 for the ULD term)", ("route1.uld_coef",)))
     return P
 
 

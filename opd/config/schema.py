@@ -201,6 +201,9 @@ class Route1Config:
     beta: float = opt(0.5, "generalized JSD β (0 = forward KL, 1 = reverse KL; GKD convention)", low=0.0, high=1.0)
     alpha: float = opt(0.1, "skew KL / skew reverse KL α (DistiLLM)", low=0.0, high=1.0)
     mu: float = opt(0.5, "AKL head mass threshold μ (Wu et al. 2404.02657)", low=0.0, high=1.0)
+    uld_coef: float = opt(1.0, "teacher.tokenizer=own: weight of the ULD term on the teacher tokens no student token "
+                          "maps to (Boizard et al. 2402.12030; the mapped tokens go through the divergence above; "
+                          "[INFER] weight)", low=0.0)
     chunk_size: int = opt(0, "memory-efficient path: tokens per chunk (0 = auto: chunked only when the vocabulary is large)", low=0)
     off_policy_divergence: str | None = opt(
         None, "divergence on the off-policy rows (teacher samples / dataset answers; rollout.on_policy_fraction < 1); "

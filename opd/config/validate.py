@@ -34,6 +34,7 @@ from opd.config.fields import (
     range_text,
     suggest,
 )
+from opd.config.formats import chat_and_tokenizer_problems
 from opd.config.presets import PRESETS, unknown_method_message
 from opd.config.schema import Config
 
@@ -355,6 +356,11 @@ def _combination_problems(cfg: Config) -> list[Problem]:
             "it scores (opd/lora.py), so it cannot also sample rollouts (rollout.teacher_mix > 0 or off-policy "
             "teacher samples); set rollout.teacher_mix=0 and rollout.off_policy_source=answer, or student.lora_rank=0",
             "student.lora_rank", "teacher.model", "rollout.teacher_mix", "rollout.off_policy_source")
+    if cfg.student.lora_rank > 0 and t.model == "self" and t.self_mode == "frozen" and r.overlap:
+        add("rollout.overlap scores the next batch in a background thread while the student trains, but a LoRA "
+            "student's frozen self-teacher is the student's own module with the adapter switched off while it scores "
+            "(opd/lora.py): the training forward would see the adapter off; set rollout.overlap=false, or "
+            "student.lora_rank=0 (a frozen copy)", "student.lora_rank", "teacher.model", "rollout.overlap")
     if r.overlap and r.teacher_mix > 0:
         add("rollout.overlap samples in the background from a snapshot of the student, but rollout.teacher_mix > 0 "
             "mixes the live student and teacher at every token; set rollout.teacher_mix=0 or rollout.overlap=false",
@@ -365,7 +371,7 @@ def _combination_problems(cfg: Config) -> list[Problem]:
             "rollout.overlap=false", "rollout.overlap", "teacher.self_mode")
     if cfg.student.model == "self":
         add("student.model=self: only the teacher can be 'self'; name the student model", "student.model")
-    P += _chat_and_tokenizer_problems(cfg)
+    P += chat_and_tokenizer_problems(cfg, support_used=support_used(cfg))
     P += _serving_problems(cfg)
     P += _case_task_problems(cfg)
     return P
@@ -436,51 +442,6 @@ def _serving_problems(cfg: Config) -> list[Problem]:
     if t.tokenizer == "own":
         P.append(Problem("teacher.tokenizer=own is not available with a teacher server: a served teacher reads the "
                          "student's token ids; set teacher.tokenizer=same", ("teacher.tokenizer", "teacher.server")))
-    return P
-
-
-#: route-1 supports a teacher with its own tokenizer can feed: its distribution over the student's
-#: vocabulary is the teacher's top-k mapped by token text, defined only where the boundaries align
-_CROSS_TOKENIZER_SUPPORTS = ("teacher_topk",)
-
-
-def _chat_and_tokenizer_problems(cfg: Config) -> list[Problem]:
-    """data.format=chat and teacher.tokenizer=own (opd/chat.py, opd/teachers/cross_tokenizer.py)."""
-    d, t, r = cfg.data, cfg.teacher, cfg.rollout
-    P: list[Problem] = []
-    if d.format == "chat" and d.task == "arith":
-        P.append(Problem("data.format=chat reads conversations from a file, but data.task=arith is the built-in "
-                         "prompt task; use data.task=arith_chat (built-in conversations) or data.task=jsonl / hf with "
-                         "data.path", ("data.format", "data.task")))
-    if t.system_prompt is not None and not t.use_context:
-        P.append(Problem("teacher.system_prompt is shown to the teacher only with teacher.use_context=true; set "
-                         "teacher.use_context=true (or unset teacher.system_prompt)",
-                         ("teacher.system_prompt", "teacher.use_context")))
-    if t.system_prompt is not None and d.task == "arith":
-        P.append(Problem("teacher.system_prompt cannot be used with data.task=arith: its teacher-only context is the "
-                         "built-in answer hint (teacher.use_context=true shows it); use data.task=arith_chat, jsonl or hf",
-                         ("teacher.system_prompt", "data.task")))
-    if t.tokenizer != "own":
-        return P
-    if t.model == "self":
-        P.append(Problem("teacher.tokenizer=own needs a teacher model with its own tokenizer, but teacher.model=self "
-                         "is the student (same tokenizer); set teacher.tokenizer=same", ("teacher.tokenizer",
-                                                                                          "teacher.model")))
-    if r.teacher_mix > 0 or (r.on_policy_fraction < 1 and r.off_policy_source == "teacher"):
-        P.append(Problem("teacher.tokenizer=own: a teacher with its own tokenizer scores the student's text but cannot "
-                         "sample tokens in the student's vocabulary (rollout.teacher_mix > 0 or off-policy teacher "
-                         "samples); set rollout.teacher_mix=0 and rollout.off_policy_source=answer",
-                         ("teacher.tokenizer", "rollout.teacher_mix", "rollout.off_policy_source")))
-    if t.cache != "none":
-        P.append(Problem("teacher.cache does not keep the cross-tokenizer alignment (Feedback.cross_vocab) yet; set "
-                         "teacher.cache=none with teacher.tokenizer=own", ("teacher.cache", "teacher.tokenizer")))
-    if support_used(cfg) and cfg.support.kind not in _CROSS_TOKENIZER_SUPPORTS:
-        P.append(Problem(f"teacher.tokenizer=own: support.kind={cfg.support.kind} needs the teacher's probability of "
-                         "every student token at every state, but across tokenizers it exists only where the token "
-                         "boundaries align and only on the tokens both vocabularies share; use support.kind="
-                         "teacher_topk (exact on the shared tokens, 0 where the states do not align), or route 2 "
-                         "(route2.coef=1 route1.divergence=none: the merged log-prob of every student token)",
-                         ("support.kind", "teacher.tokenizer")))
     return P
 
 

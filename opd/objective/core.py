@@ -20,7 +20,7 @@ from opd.math.fused import fused_linear_token_logprobs
 from opd.math.reduce import masked_mean
 from opd.math.support import SupportSpec
 from opd.objective.regularization import regularization_terms
-from opd.objective.route1 import route1_term
+from opd.objective.route1 import cross_vocab_uld_term, route1_term
 from opd.objective.route2 import route2_term
 from opd.objective.weights import on_mask, token_weights
 from opd.types import Feedback, Rollouts
@@ -213,6 +213,11 @@ class Objective:
             rkl_BT = r1.rkl_BT
             if rkl_BT is not None:
                 stats["rkl"] = on_mask(rkl_BT, base_mask_BT)
+
+        if self.route1_on and cfg.route1.uld_coef > 0:  # a teacher with its own vocabulary (teacher.tokenizer=own)
+            uld = cross_vocab_uld_term(student, logp_BTV, feedback, weight_BT, base_mask_BT)
+            if uld is not None:
+                terms["route1_uld"] = cfg.route1.uld_coef * uld
 
         # ---- route 2: reward → temporal credit → routing --------------------------------------
         if self.route2_on:

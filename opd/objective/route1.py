@@ -186,3 +186,35 @@ def _support_pass(obj: "Objective", name: str, student: "StudentOutputs", feedba
     diag = {k: unpack(v) for k, v in extras.items()}
     return Route1Result(unpack(d_N), None if rkl_N is None else unpack(rkl_N), loss, diag,
                         None if sampled_N is None else unpack(sampled_N))
+
+
+def cross_vocab_uld_term(student: "StudentOutputs", logp_BTV: Tensor | None, feedback: Feedback,
+                         weight_BT: Tensor, mask_BT: Tensor) -> Tensor | None:
+    """Route 1 across vocabularies, the part the shared tokens cannot carry (``teacher.tokenizer=own``):
+
+        L_ULD = Σ_t w_t · 1[s_t is a teacher state] · Σ_i |sort↓ p_T|U_T (i) − sort↓ q_S|U_S (i)|
+
+    the Universal Logit Distillation distance (Boizard et al., arXiv 2402.12030) between the
+    teacher's probabilities on the tokens no student token maps to and the student's on its own
+    unmapped tokens (:func:`opd.xtok.uld.unmapped_uld`: the ``U`` largest of each, sorted, plus one
+    bucket for the rest). The mapped tokens are trained exactly by the route-1 divergence on the
+    teacher's top-k support. Only student states that are also teacher states carry a teacher
+    distribution (``state_aligned_BT``). None when the feedback has no cross-vocabulary part.
+    """
+    from opd.xtok.uld import unmapped_uld
+
+    cv = feedback.cross_vocab
+    if cv is None or cv.unmapped_topk_BTU is None or cv.student_unmapped_V is None:
+        return None
+    rows_BT = mask_BT & cv.state_aligned_BT.to(mask_BT.device).bool()
+    if not bool(rows_BT.any()):
+        return torch.zeros((), device=mask_BT.device)
+    if logp_BTV is not None:
+        logp_NV = logp_BTV[rows_BT]
+    else:  # chunked path: project only the teacher states through the head
+        logits_NV = torch.nn.functional.linear(student.hidden_BTH[rows_BT], student.head_weight_VH,
+                                               student.head_bias_V)
+        logp_NV = torch.log_softmax(logits_NV.float(), dim=-1)
+    d_N = unmapped_uld(logp_NV, cv.student_unmapped_V.to(logp_NV.device), cv.unmapped_topk_BTU[rows_BT],
+                       cv.unmapped_mass_BT[rows_BT])
+    return masked_sum(d_N, weight_BT[rows_BT])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from opd.tasks.arith import ARITH_ALPHABET, ArithTask, arith_checkpoint, arith_tokenizer
 from opd.tasks.base import Example, Task
+from opd.tasks.cases import CASE_TASKS
 
 __all__ = [
     "ARITH_ALPHABET",
@@ -18,8 +20,15 @@ __all__ = [
     "make_task",
 ]
 
-#: Built-in tasks by name.
-TASKS: dict[str, type] = {"arith": ArithTask}
+def _arith_chat(**kwargs: Any) -> Task:
+    # imported on use: the chat task reads conversations through opd.data, which imports this package
+    from opd.tasks.arith_chat import ArithChatTask
+
+    return ArithChatTask(**kwargs)
+
+
+#: Built-in tasks by name (a class or a factory taking the constructor's keyword arguments).
+TASKS: dict[str, Callable[..., Task]] = {"arith": ArithTask, "arith_chat": _arith_chat, **CASE_TASKS}
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
