@@ -82,7 +82,7 @@ class Timers:
 def worker(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    import opd.components as C
+    import opd.assemble as C
     import opd.runlog
     import opd.step as S
     import opd.train as T

@@ -33,7 +33,7 @@ import torch
 from accelerate import Accelerator
 
 from opd.collect import collect_rollouts
-from opd.components import build_components
+from opd.assemble import build_components
 from opd.config import load_config, with_overrides
 from opd.step import StepBatch, accumulate_gradients, token_counts, train_step
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
-from end_to_end import PAIRS, model_paths, opd_overrides  # noqa: E402
+from end_to_end import model_paths, opd_overrides  # noqa: E402
 
 
 def worker(a: argparse.Namespace) -> dict[str, Any]:

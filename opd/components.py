@@ -1,17 +1,18 @@
-"""The parts of a run, built in one place and held in one object.
+"""The parts of a run, held in one object.
 
-:func:`build_components` turns a resolved config into a :class:`Components`: the student and its
-tokenizer, the task, the teacher and reference (both see the *initial* student), the objective,
-the rollout engine, the optimizer and LR schedule, the value head, the monitor and the run log.
-The loop (:mod:`opd.train`) and the step (:mod:`opd.step`) take this object and nothing else, so
-adding an engine or a wrapper touches this file and the component's own module only.
+A :class:`Components` holds the student and its tokenizer, the task, the teacher and reference
+(both see the *initial* student), the objective, the rollout engine, the prepared training module,
+the optimizer and LR schedule, the value head, the monitor and the run log. The loop
+(:mod:`opd.train`) and the step (:mod:`opd.step`) take this object and nothing else.
+:func:`opd.assemble.build_components` builds it, in one place: adding an engine or a wrapper
+touches that function and the component's own module only.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -19,9 +20,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.build import (
     build_reference,
-    build_student,
-    build_task,
-    build_teacher,
     special_token_ids,
 )
 from opd.config.load import dump_config, with_overrides
@@ -29,32 +27,23 @@ from opd.config.schema import Config
 from opd.config.validate import resolve_teacher_access
 from opd.monitor import Monitor
 from opd.objective import Objective
-from opd.overlap import Prefetcher
-from opd.rollout.engine import RolloutEngine, build_engine
+from opd.rollout.engine import RolloutEngine
 from opd.rundir import RunFolderLock
 from opd.runlog import RunLog
-from opd.step import PolicyModule
 from opd.tasks.base import Task
 from opd.teachers import Teacher
 
-__all__ = ["Components", "build_components", "make_scheduler"]
+__all__ = ["BatchPrefetch", "Components"]
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then constant / linear-to-zero / cosine-to-zero over ``train.steps``."""
-    t = cfg.train
+class BatchPrefetch(Protocol):
+    """Prepares step batches ahead of the loop (:class:`opd.overlap.Prefetcher`)."""
 
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.schedule == "constant":
-            return 1.0
-        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        if t.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    def batch(self, step: int) -> tuple[Any, int]:
+        """The batch of ``step`` and its policy lag in steps."""
+        ...
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -86,7 +75,7 @@ class Components:
     chunked: bool
     params: list[torch.nn.Parameter] = field(default_factory=list)
     lock: RunFolderLock | None = None  # the run folder's lock, held while the run is live (main process)
-    prefetch: Prefetcher | None = None  # rollout.overlap: the next step's batch, prepared in the background
+    prefetch: BatchPrefetch | None = None  # rollout.overlap: the next step's batch, prepared in the background
 
     @property
     def world(self) -> int:
@@ -145,45 +134,3 @@ class Components:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-
-
-def build_components(cfg: Config, run_dir: Path, accelerator: Accelerator, *, echo=None) -> Components:
-    """Build every part of a run from ``cfg`` (teacher and reference copies come from the *initial*
-    student: build before loading a checkpoint into the student)."""
-    device = accelerator.device
-    main = accelerator.is_main_process
-    torch.manual_seed(cfg.seed)
-    student, tokenizer = build_student(cfg, device)
-    task = build_task(cfg, eos_token=tokenizer.eos_token)
-    teacher = build_teacher(cfg, student, tokenizer, device)
-    reference = build_reference(cfg, student, tokenizer, device)
-    objective = Objective.from_config(cfg, eos_id=tokenizer.eos_token_id, special_ids=special_token_ids(tokenizer),
-                                      diagnostics=cfg.monitor.diagnostics)
-    vocab = student.get_output_embeddings().weight.shape[0]
-    value_head = None
-    if objective.needs_value_head:
-        value_head = torch.nn.Linear(student.config.hidden_size, 1).to(device)
-        torch.nn.init.zeros_(value_head.weight)
-        torch.nn.init.zeros_(value_head.bias)
-    t = cfg.train
-    policy = PolicyModule(student, value_head)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=t.lr,
-                                  betas=tuple(t.betas), weight_decay=t.weight_decay)
-    # accelerate wraps the module for the launch it runs under (DDP / FSDP / DeepSpeed, autocast) and
-    # the optimizer with it; the LR schedule is ours (a function of the step number, never prepared)
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    scheduler = make_scheduler(optimizer, cfg)
-    engine = build_engine(cfg, student, tokenizer)
-    log = RunLog(run_dir, enabled=main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb)
-    parts = Components(
-        cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, student=student, tokenizer=tokenizer, task=task,
-        teacher=teacher, reference=reference, objective=objective, engine=engine, optimizer=optimizer,
-        scheduler=scheduler, value_head=value_head, monitor=None, log=log, vocab=vocab,  # type: ignore[arg-type]
-        access=resolve_teacher_access(cfg), chunked=objective.use_chunked(vocab), params=params,
-    )
-    if cfg.rollout.overlap:
-        parts.prefetch = Prefetcher(parts)
-    parts.monitor = Monitor(cfg, run_dir, write=main, eos_ids=tokenizer.eos_token_id, echo=echo,
-                            apply_fn=parts.apply_recipe)
-    return parts

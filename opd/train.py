@@ -33,7 +33,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from opd.checkpoint import list_checkpoints
-from opd.components import Components, build_components
+from opd.assemble import build_components
+from opd.components import Components
 from opd.config.advice import config_warnings
 from opd.config.load import dump_config, load_config
 from opd.config.schema import Config

@@ -14,7 +14,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import opd.components as components
+import opd.assemble as components
 import opd.train as train
 from opd.config import PRESETS, load_config
 from opd.config.schema import MonitorConfig

@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from opd.components import build_components
+from opd.assemble import build_components
 from opd.config import (
     PRESETS,
     SECTIONS,

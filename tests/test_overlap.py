@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 
 import opd.step as step_module
-from opd.components import build_components
+from opd.assemble import build_components
 from opd.config import load_config
 from opd.rollout import completion_forward
 

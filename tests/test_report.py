@@ -190,7 +190,7 @@ def _rewrite_samples_through_the_loop_call(run: Path) -> list[dict]:
     task=task, heldout=result.samples)``), here on the smoke pair after one training step."""
     from accelerate import Accelerator
 
-    from opd.components import build_components
+    from opd.assemble import build_components
     from opd.config import load_config
     from opd.evaluate import evaluate
     from opd.step import train_step

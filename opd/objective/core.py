@@ -8,7 +8,7 @@ The formula is in the package docstring (:mod:`opd.objective`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from opd.math.diagnostics import token_diagnostics
 from opd.math.fused import fused_linear_token_logprobs
 from opd.math.reduce import masked_mean
 from opd.math.support import SupportSpec
+from opd.objective.outputs import ObjectiveOutput, StudentOutputs, TokenCounts
 from opd.objective.regularization import regularization_terms
 from opd.objective.route1 import cross_vocab_uld_term, route1_term
 from opd.objective.route2 import route2_term
@@ -29,39 +30,6 @@ from opd.types import Feedback, Rollouts
 # route1.chunk_size = 0 (auto) and no term needs the student's full distribution; the chunk size
 # is then opd.math.fused.auto_chunk_size(V) (a [chunk, V] block of about 2^22 elements).
 AUTO_CHUNK_VOCAB = 8192
-
-
-@dataclass(frozen=True)
-class StudentOutputs:
-    """The student's forward pass over the completion positions (one pass feeds every term).
-
-    Either ``logits_BTV`` (dense path) or ``hidden_BTH`` with the LM head (chunked path).
-    ``continuation_BT`` is the learned value head ``U_φ(s_t)`` for the decomposed GAE-OPD value.
-    """
-
-    logits_BTV: Tensor | None = None
-    hidden_BTH: Tensor | None = None
-    head_weight_VH: Tensor | None = None
-    head_bias_V: Tensor | None = None
-    continuation_BT: Tensor | None = None
-
-
-@dataclass(frozen=True)
-class TokenCounts:
-    """Normaliser counts of the whole optimizer batch (all micro-batches, all processes)."""
-
-    num_tokens: float
-    num_sequences: float
-    # data parallelism averages gradients over processes; the loss is scaled back by this
-    world_size: int = 1
-
-
-@dataclass
-class ObjectiveOutput:
-    loss: Tensor
-    metrics: dict[str, float]
-    # per-token detached tensors [B, T] (diagnostics / failure detectors); mask under "mask"
-    token_stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

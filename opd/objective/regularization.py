@@ -9,21 +9,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from opd.math import regularizers
 from opd.math.reduce import masked_sum, reduction_weights
+from opd.objective.outputs import ObjectiveView
 from opd.objective.weights import on_mask
 from opd.types import Feedback, Rollouts
 
-if TYPE_CHECKING:
-    from opd.objective.core import Objective
 
-
-def regularization_terms(obj: "Objective", logp_BTV: Tensor | None, sampled_logp_BT: Tensor | None,
+def regularization_terms(obj: ObjectiveView, logp_BTV: Tensor | None, sampled_logp_BT: Tensor | None,
                          rollouts: Rollouts, reference: Feedback | None, base_mask_BT: Tensor, keep_BT: Tensor,
                          weight_BT: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The active regularization terms and their per-token statistics."""

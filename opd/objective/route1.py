@@ -15,7 +15,6 @@ gradient, and no work is spent on them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -27,10 +26,8 @@ from opd.math.fused import fused_linear_divergence
 from opd.math.reduce import masked_sum
 from opd.math.regularizers import sampled_kl
 from opd.math.support import build_support, support_from_logprobs
+from opd.objective.outputs import ObjectiveView, StudentOutputs
 from opd.types import Feedback, Rollouts
-
-if TYPE_CHECKING:
-    from opd.objective.core import Objective, StudentOutputs
 
 
 @dataclass
@@ -45,7 +42,7 @@ class Route1Result:
     sampled_logp_BT: Tensor | None = None
 
 
-def shaping_of(obj: "Objective") -> DivergenceShaping:
+def shaping_of(obj: ObjectiveView) -> DivergenceShaping:
     r1 = obj.cfg.route1
     return DivergenceShaping(fkl_coef=r1.fkl_coef, fkl_entropy_min=r1.fkl_entropy_min,
                              logprob_floor=r1.logprob_floor, clamp_low=r1.clamp_low, clamp_high=r1.clamp_high)
@@ -65,7 +62,7 @@ def k3_estimator(student_logp_BT: Tensor, teacher_logp_BT: Tensor, shaping: Dive
     return k3
 
 
-def route1_term(obj: "Objective", student: "StudentOutputs", feedback: Feedback, rollouts: Rollouts,
+def route1_term(obj: ObjectiveView, student: StudentOutputs, feedback: Feedback, rollouts: Rollouts,
                 ids_BT: Tensor, weight_BT: Tensor, mask_BT: Tensor, *, sampled_logp_BT: Tensor | None,
                 want_sampled: bool = False) -> Route1Result:
     """The route-1 term, row groups by divergence (see the module docstring); with route 1 off it only
@@ -118,7 +115,7 @@ def route1_term(obj: "Objective", student: "StudentOutputs", feedback: Feedback,
     return Route1Result(d_BT, rkl_BT, loss, diag, sampled)
 
 
-def _support_pass(obj: "Objective", name: str, student: "StudentOutputs", feedback: Feedback, ids_BT: Tensor,
+def _support_pass(obj: ObjectiveView, name: str, student: StudentOutputs, feedback: Feedback, ids_BT: Tensor,
                   weight_BT: Tensor, mask_BT: Tensor, *, shaping: DivergenceShaping | None, want_rkl: bool,
                   want_sampled: bool) -> Route1Result:
     """Divergence ``name`` on the support for the tokens of ``mask_BT`` (dense or chunked path)."""
@@ -188,7 +185,7 @@ def _support_pass(obj: "Objective", name: str, student: "StudentOutputs", feedba
                         None if sampled_N is None else unpack(sampled_N))
 
 
-def cross_vocab_uld_term(student: "StudentOutputs", logp_BTV: Tensor | None, feedback: Feedback,
+def cross_vocab_uld_term(student: StudentOutputs, logp_BTV: Tensor | None, feedback: Feedback,
                          weight_BT: Tensor, mask_BT: Tensor) -> Tensor | None:
     """Route 1 across vocabularies, the part the shared tokens cannot carry (``teacher.tokenizer=own``):
 

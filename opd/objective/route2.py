@@ -13,21 +13,17 @@ data: ``ρ = 1``, there is no sampler). Everything in ``A_t`` is detached.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from opd.math import credit, policy_gradient, rewards, routing
 from opd.math.reduce import masked_mean, masked_sum
+from opd.objective.outputs import ObjectiveView, StudentOutputs
 from opd.objective.weights import reward_student_logprobs
 from opd.types import Feedback, Rollouts
 
-if TYPE_CHECKING:
-    from opd.objective.core import Objective, StudentOutputs
 
-
-def route2_rows(obj: "Objective", rollouts: Rollouts, base_mask_BT: Tensor) -> Tensor:
+def route2_rows(obj: ObjectiveView, rollouts: Rollouts, base_mask_BT: Tensor) -> Tensor:
     """``[B, T]`` bool: the tokens route 2 trains on (on-policy rows, plus off-policy ones if asked)."""
     if obj.cfg.route2.off_policy_rows:
         return base_mask_BT
@@ -35,7 +31,7 @@ def route2_rows(obj: "Objective", rollouts: Rollouts, base_mask_BT: Tensor) -> T
 
 
 def route2_term(
-    obj: "Objective", student: "StudentOutputs", logp_BTV: Tensor | None, sampled_logp_BT: Tensor,
+    obj: ObjectiveView, student: StudentOutputs, logp_BTV: Tensor | None, sampled_logp_BT: Tensor,
     feedback: Feedback, rollouts: Rollouts, reference: Feedback | None, rkl_BT: Tensor | None,
     base_mask_BT: Tensor, gate_keep_BT: Tensor, weight_BT: Tensor, outcome_rewards_B: Tensor | None,
     student_entropy_BT: Tensor | None,

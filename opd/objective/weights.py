@@ -8,17 +8,13 @@ parallelism come in ``counts``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from opd.math import gates
 from opd.math.reduce import reduction_weights
+from opd.objective.outputs import ObjectiveView, TokenCounts
 from opd.types import Feedback, Rollouts
-
-if TYPE_CHECKING:
-    from opd.objective.core import Objective, TokenCounts
 
 
 def on_mask(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
@@ -27,7 +23,7 @@ def on_mask(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
     return torch.where(mask_BT.bool(), x_BT, torch.zeros((), dtype=x_BT.dtype, device=x_BT.device))
 
 
-def reward_student_logprobs(obj: "Objective", rollouts: Rollouts, sampled_logp_BT: Tensor | None) -> Tensor | None:
+def reward_student_logprobs(obj: ObjectiveView, rollouts: Rollouts, sampled_logp_BT: Tensor | None) -> Tensor | None:
     """The student log-probs of the log-ratio reward: the current student's (detached) or the sampler's μ
     (``route2.reward_logprobs``); off-policy rows always use the current student (they have no μ)."""
     if sampled_logp_BT is None:
@@ -40,7 +36,7 @@ def reward_student_logprobs(obj: "Objective", rollouts: Rollouts, sampled_logp_B
 
 
 def token_weights(
-    obj: "Objective",
+    obj: ObjectiveView,
     ids_BT: Tensor,
     base_mask_BT: Tensor,
     *,
@@ -49,7 +45,7 @@ def token_weights(
     sampled_logp_BT: Tensor | None,
     teacher_kl_BT: Tensor | None,
     student_entropy_BT: Tensor | None,
-    counts: "TokenCounts",
+    counts: TokenCounts,
 ) -> tuple[Tensor, Tensor]:
     """``(keep_BT, weight_BT)``: the gates' keep mask and ``w_t`` = reducer weight × gates × position weight."""
     g = obj.cfg.gates
