@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: The built-in tasks ``--task`` accepts (opd/tasks/): their held-out sets and verifiers.
+BUILTIN_TASKS = ("arith", "arith_chat", "fork", "route", "modes", "long")
 NAME = "eval"
 HELP = "evaluate checkpoints on a held-out set (a task, a run's own, or a whole prompt file)"
 
@@ -50,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score every row of this JSONL file (a held-out set: nothing is split off)")
     parser.add_argument("--run", metavar="RUN_DIR", default=FromRun("the run of the first MODEL that is in one"),
                         help="take the defaults below from this run folder's config.yaml")
-    parser.add_argument("--task", choices=("arith",), default=FromRun("the run's data.task, else arith"),
+    parser.add_argument("--task", choices=BUILTIN_TASKS, default=FromRun("the run's data.task, else arith"),
                         help="built-in task whose held-out set is scored (when --prompts is not given)")
     parser.add_argument("--digits", type=int, default=FromRun("the run's data.digits, else 3"),
                         help="arith operand digits")
@@ -185,8 +187,8 @@ def settings(args: argparse.Namespace, located: list[Located]) -> Settings:
         d.context_field = d.route_field = None  # the student never reads them; a held-out file need not have them
         size = args.size if _given(args.size) else None
     elif _given(args.task) or run is None:
-        d.task = "arith"
-        size = args.size if _given(args.size) else (e.size if run_task == "arith" else None) or 500
+        d.task = args.task if _given(args.task) else "arith"
+        size = args.size if _given(args.size) else (e.size if run_task == d.task else None) or 500
     else:
         size = args.size if _given(args.size) else e.size
     if _given(args.digits):
@@ -238,11 +240,14 @@ def describe(s: Settings, n: int, eos_tokens: list[str | None]) -> str:
         what = f"{d.path}, {rows} (fields {d.prompt_field} / {d.answer_field})"
     elif d.task == "arith":
         what = f"arith, {d.digits} digits, {n} held-out prompts (data.eval_seed={d.eval_seed})"
+    elif d.task in BUILTIN_TASKS:
+        what = f"the built-in task {d.task}, {n} held-out prompts (data.eval_seed={d.eval_seed})"
     else:
         what = f"the run's held-out set of {d.path}{f' ({d.eval_path})' if d.eval_path else ''}: {n} prompts"
     eos = ", ".join(sorted({repr(t) for t in eos_tokens if t is not None})) or "none"
-    verifier = "the task's own" if d.task == "arith" else "exact_match (auto)" if d.verifier == "auto" else d.verifier
-    cut = f", completion cut at EOS {eos}" if d.task == "arith" or d.verifier in ("auto", "exact_match",
+    builtin = d.task in BUILTIN_TASKS
+    verifier = "the task's own" if builtin else "exact_match (auto)" if d.verifier == "auto" else d.verifier
+    cut = f", completion cut at EOS {eos}" if builtin or d.verifier in ("auto", "exact_match",
                                                                                  "contains") else ""
     return (f"held-out: {what} · verifier: {verifier}{cut} · greedy, max_new_tokens {s.max_new_tokens}, batch "
             f"{s.batch_size} · {s.source}")
