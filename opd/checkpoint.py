@@ -2,7 +2,8 @@
 
 Layout of ``<run>/checkpoints/step-000050/``::
 
-    model/              save_pretrained (weights + config + tokenizer): any HF tool loads it
+    model/              save_pretrained (weights + config + tokenizer): any HF tool loads it;
+                        for a LoRA student the adapter only (opd/lora.py), which peft loads
     trainer_state.pt    optimizer, LR scheduler, value head, step
 
 Exact resume needs nothing else: prompts and sampling are seeded from ``(seed, step)``.
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from opd.io import atomic_dir
+from opd.lora import save_student
 
 __all__ = ["Checkpoint", "TrainerState", "checkpoint_dir", "list_checkpoints", "load_latest_intact",
            "save_checkpoint"]
@@ -69,8 +71,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     """
     path = checkpoint_dir(run_dir, step)
     with atomic_dir(path, what=f"the checkpoint of step {step}") as tmp:
-        model.save_pretrained(tmp / "model", state_dict=state_dict)
-        tokenizer.save_pretrained(tmp / "model")
+        save_student(model, tokenizer, tmp / "model", merged=False, state_dict=state_dict)
         if write_sharded is not None:
             write_sharded(tmp / "accelerate")
         torch.save({
@@ -153,13 +154,3 @@ def load_latest_intact(run_dir: Path, *, warn: Callable[[str], None] | None = No
             warn(f"opd: resuming from the newest intact checkpoint, {path.name} (step {ckpt.state.step})")
         return ckpt
     raise FileNotFoundError(f"no intact checkpoint under {run_dir / 'checkpoints'}: " + "; ".join(problems))
-
-
-def apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy checkpoint ``weights`` into ``model`` (same architecture) in place."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # tied embeddings are stored once; anything else missing is an error
-    tied = {k for k in missing if k.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"checkpoint {source} does not match the model: missing {sorted(set(missing) - tied)}, "
-                         f"unexpected {sorted(unexpected)}")

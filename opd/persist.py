@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate.utils import DistributedType
 
-from opd.checkpoint import apply_weights, checkpoint_dir, list_checkpoints, load_latest_intact, save_checkpoint
+from opd.checkpoint import checkpoint_dir, list_checkpoints, load_latest_intact, save_checkpoint
 from opd.io import atomic_dir
+from opd.lora import apply_student_weights, save_student
 
 if TYPE_CHECKING:
     from opd.components import Components
@@ -76,12 +77,12 @@ def save_step(parts: Components, step: int) -> Path | None:
 
 def save_final(parts: Components) -> None:
     """``<run>/final``: the trained student in Hugging Face format, written atomically (every process
-    calls it; the main process writes)."""
+    calls it; the main process writes). A LoRA student is written merged (``W + (α/r)·B A``), so
+    any HF tool loads ``final/`` without peft."""
     weights = _full_student_state(parts)
     if parts.main:
         with atomic_dir(parts.run_dir / "final", what="the final model") as tmp:
-            parts.student.save_pretrained(tmp, state_dict=weights)
-            parts.tokenizer.save_pretrained(tmp)
+            save_student(parts.student, parts.tokenizer, tmp, merged=True, state_dict=weights)
     parts.accelerator.wait_for_everyone()
 
 
@@ -92,7 +93,7 @@ def restore(parts: Components, run_dir: Path, echo: Callable[[str], None] | None
     if is_sharded(parts):
         parts.accelerator.load_state(str(ckpt.path / "accelerate"))
     else:
-        apply_weights(parts.student, ckpt.weights, ckpt.path)
+        apply_student_weights(parts.student, ckpt.weights, ckpt.path)
         parts.optimizer.load_state_dict(state.optimizer)
         if parts.value_head is not None and state.value_head is not None:
             parts.value_head.load_state_dict(state.value_head)

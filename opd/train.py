@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from opd.checkpoint import list_checkpoints
@@ -125,6 +126,16 @@ def distill(cfg: Config, *, resume: str | Path | None = None) -> RunSummary:
 
 # ---------------------------------------------------------------------------------------------
 # set up
+def _accelerator(*, cpu: bool, precision: str) -> Accelerator:
+    """accelerate keeps one process-wide state; a second run in the same process (a notebook, a test, a
+    benchmark) with another precision or device would be refused, so that part of the state is cleared
+    first. The process group (accelerate's PartialState) is kept."""
+    shared = AcceleratorState._shared_state
+    if shared and (shared.get("_mixed_precision") != precision or shared.get("_cpu") != cpu):
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
 def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progress]:
     if resume is not None:
         run_dir = Path(resume)
@@ -139,7 +150,7 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
         torch.set_num_threads(cfg.train.threads)
     # on a machine without GPUs accelerate needs cpu=True to see a multi-process launch (gloo) at all
     cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.precision)
+    accelerator = _accelerator(cpu=cpu, precision=cfg.train.precision)
     echo = tqdm.write if accelerator.is_main_process else None
     parts = build_components(cfg, run_dir, accelerator, echo=echo)
     try:
