@@ -23,6 +23,19 @@ from opd.commands import load_commands
 from opd.errors import RunFault
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the command's docstring as written (its examples on their own lines) and appends a
+    default to an option's help only when there is one worth showing and the help does not state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False
+                and default != argparse.SUPPRESS and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         if getattr(module, "RAW_ARGV", False):  # parses its own arguments; listed for `opd --help`
             sub.add_parser(module.NAME, help=module.HELP, add_help=False)
             continue
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.__doc__,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description = (module.__doc__ or "").replace("``", "`")
+        p = sub.add_parser(module.NAME, help=module.HELP, description=description, formatter_class=_HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
     return parser

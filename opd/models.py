@@ -132,13 +132,15 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def _is_local(name_or_path: str) -> bool:
-    """Whether ``name_or_path`` is meant as a filesystem path rather than a hub id."""
+    """Whether ``name_or_path`` is meant as a filesystem path rather than a hub id (``org/name``
+    whose ``org`` is an existing local folder counts as a path: ``runs/typo`` fails at once instead
+    of after the hub's retries)."""
     if os.path.exists(name_or_path):
         return True
     p = name_or_path
     return (
         p.startswith(("/", "./", "../", "~", "\\")) or os.path.isabs(p) or p.count("/") > 1
-        or (os.sep != "/" and os.sep in p)
+        or (os.sep != "/" and os.sep in p) or (p.count("/") == 1 and os.path.isdir(p.split("/")[0]))
     )
 
 

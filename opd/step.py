@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opd.collect import collect_rollouts, step_seed
+from opd.config.validate import scores_student_topk
 from opd.errors import RunFault
 from opd.evaluate import verify_rollouts
 from opd.objective import Objective, ObjectiveOutput, StudentOutputs, TokenCounts
 from opd.rollout import completion_forward, lm_head_of
 from opd.sharding import gathered
+from opd.teachers.student_support import add_student_topk
 from opd.types import Feedback, Rollouts
 from opd.xtok.diagnostics import alignment_metrics
 
@@ -185,6 +187,10 @@ def prepare_batch(parts: "Components", step: int, *, sync: bool = True) -> StepB
         rollouts = collect_rollouts(cfg, local, parts.engine, parts.tokenizer, student=parts.student,
                                     teacher_model=parts.teacher_model, group_offset=rank * per_rank)
         feedback = parts.teacher.score(rollouts, access=parts.access, topk=cfg.teacher.topk)
+        if scores_student_topk(cfg):  # the server scores the student's top-k ids (opd.teachers.student_support)
+            feedback = add_student_topk(parts.teacher, feedback, rollouts, _sampling_student(parts, sync),
+                                        cfg.support.k, temperature=cfg.support.student_temperature,
+                                        chunked=parts.chunked, micro_batch_size=cfg.train.micro_batch_size)
         ref_fb = None
         if parts.reference is not None:
             ref_access = "full" if cfg.regularization.ref_kl_estimator == "full" else "sampled"
@@ -193,6 +199,19 @@ def prepare_batch(parts: "Components", step: int, *, sync: bool = True) -> StepB
         outcome = verify_rollouts(parts.task, parts.tokenizer, rollouts) if needs_outcome else None
     return StepBatch(rollouts=rollouts, feedback=feedback, reference=ref_fb, outcome_rewards_B=outcome,
                      counts=TokenCounts(0.0, 0.0, world))
+
+
+def _sampling_student(parts: Components, sync: bool) -> torch.nn.Module:
+    """The student as it sampled this batch: the live module, or (``rollout.overlap``, in the background)
+    the engine's snapshot of the weights — the live module may be training meanwhile."""
+    if sync:
+        return parts.student
+    snapshot = getattr(parts.engine, "model", None)
+    if snapshot is None:
+        raise ValueError(f"rollout.overlap with support.kind=student_topk and a teacher server needs the sampler's "
+                         f"copy of the student, which the {type(parts.engine).__name__} engine does not expose; set "
+                         "rollout.overlap=false")
+    return snapshot
 
 
 def train_step(parts: "Components", step: int) -> dict[str, float]:

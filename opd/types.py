@@ -166,6 +166,11 @@ class Feedback:
             ``[B·T, V]``.
         cross_vocab: set by a teacher with its own tokenizer (:class:`CrossVocabFeedback`); None
             when teacher and student share one tokenizer.
+        student_topk_ids_BTK / student_topk_teacher_logprobs_BTK: the *student's* top-k ids at each
+            position, chosen when the rollouts were scored (not the teacher's top-k), and the teacher's
+            full-vocabulary log-probs at them — the support of ``support.kind=student_topk`` with a teacher
+            server that scores caller-chosen ids (:func:`opd.teachers.student_support.add_student_topk`);
+            None otherwise. 0 on padding.
     """
 
     access: Access
@@ -177,6 +182,8 @@ class Feedback:
     head_weight_VH: Tensor | None = None
     head_bias_V: Tensor | None = None
     cross_vocab: CrossVocabFeedback | None = None
+    student_topk_ids_BTK: Tensor | None = None
+    student_topk_teacher_logprobs_BTK: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.access not in ACCESS_LEVELS:
@@ -187,6 +194,8 @@ class Feedback:
             raise ValueError("access='full' needs logits_BTV or hidden_BTH + head_weight_VH")
         if (self.topk_ids_BTK is None) != (self.topk_logprobs_BTK is None):
             raise ValueError("topk_ids_BTK and topk_logprobs_BTK come together")
+        if (self.student_topk_ids_BTK is None) != (self.student_topk_teacher_logprobs_BTK is None):
+            raise ValueError("student_topk_ids_BTK and student_topk_teacher_logprobs_BTK come together")
 
     @property
     def has_full(self) -> bool:
@@ -206,4 +215,6 @@ class Feedback:
             logits_BTV=pick(self.logits_BTV),
             hidden_BTH=pick(self.hidden_BTH),
             cross_vocab=None if self.cross_vocab is None else self.cross_vocab.select(idx),
+            student_topk_ids_BTK=pick(self.student_topk_ids_BTK),
+            student_topk_teacher_logprobs_BTK=pick(self.student_topk_teacher_logprobs_BTK),
         )

@@ -222,12 +222,14 @@ def test_sigterm_to_a_real_process_saves_and_resumes_exactly(tmp_path, uninterru
 def test_stop_request_second_ctrl_c_aborts_at_once():
     from opd.interrupts import StopRequest
 
+    before = signal.getsignal(signal.SIGINT)  # Python's default; SIG_IGN when started in the background
     with StopRequest(echo=None) as stop:
+        assert signal.getsignal(signal.SIGINT) is not before
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested == "SIGINT" and stop.exit_code == 130
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 # ------------------------------------------------------------------------------ faults during a run

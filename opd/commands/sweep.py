@@ -2,9 +2,9 @@
 ``opd distill`` processes (a local pool bounded by the cores, or Ray), resumable, then one aggregate
 (per cell mean ± 95 % CI over seeds, curves with bands, Markdown + HTML).
 
-    opd sweep sweeps/fork-credit.yaml --jobs 2
+    opd sweep docs/evidence/fork-credit.yaml --jobs 2
     opd sweep --grid method=null,sft-teacher --grid train.lr=1e-4,3e-4 --seeds 3 train.steps=100
-    opd sweep sweeps/fork-credit.yaml --aggregate-only        # rewrite the aggregate from the runs on disk
+    opd sweep docs/evidence/fork-credit.yaml --aggregate-only        # rewrite the aggregate from the runs on disk
 
 Run it again with the same arguments to continue a stopped sweep: finished runs are skipped.
 The spec format is described in :mod:`opd.sweep.spec`.

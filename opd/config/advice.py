@@ -14,6 +14,7 @@ from opd.config.validate import (
     MONITOR_THRESHOLDS,
     route1_on,
     route2_on,
+    scores_student_topk,
     support_used,
     uses_value,
     value_uses_rkl,
@@ -165,6 +166,11 @@ def warning_problems(cfg: Config) -> list[Problem]:
             "and tempers the full distribution itself, which needs the server started with --max-logprobs ≥ the "
             "vocabulary size (else the run stops); teacher.protocol=opd applies the temperature on the server",
             "teacher.temperature", "teacher.protocol")
+    if scores_student_topk(cfg) and (r.updates_per_rollout > 1 or r.overlap):
+        add("support.kind=student_topk with a teacher server: the support is the student's top-k when the rollouts "
+            "were scored, so with rollout.updates_per_rollout > 1 or rollout.overlap it is the top-k of older weights "
+            "than the update's (a fixed support: the divergence stays proper); one update per batch without overlap "
+            "makes it the current top-k", "support.kind", "rollout.updates_per_rollout", "rollout.overlap")
     if r.engine == "vllm" and r.teacher_mix > 0:
         add(f"rollout.teacher_mix={r.teacher_mix}: teacher-mixed sampling needs both models' next-token "
             "distributions at every step and runs opd's own decode loop, so rollout.engine=vllm is not used for it",

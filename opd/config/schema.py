@@ -184,7 +184,9 @@ class TeacherConfig:
 @dataclass
 class SupportConfig:
     """Support construction: over which tokens the teacher signal is defined (route 1)."""
-    kind: str = opt("full", "support of the distributional loss", choices=(
+    kind: str = opt("full", "support of the distributional loss (full, student_topk and union need the teacher's full "
+                    "logits; student_topk also works with teacher.server + teacher.protocol=opd, which scores the "
+                    "student's top-k ids: docs/serving.md)", choices=(
         "full", "teacher_topk", "student_topk", "union", "sampled", "teacher_topk_sampled"))
     k: int = opt(32, "top-k size of the support", low=1)
     norm: str = opt("renorm", "renormalise both distributions on the support, or keep a tail bucket for the rest",

@@ -37,20 +37,19 @@ from opd.config.fields import (
 from opd.config.formats import chat_and_tokenizer_problems
 from opd.config.presets import PRESETS, unknown_method_message
 from opd.config.schema import Config
+from opd.config.serving import served_student_topk, serving_problems
 
 __all__ = [
     "Access", "ConfigError", "MONITOR_THRESHOLDS", "Problem", "check_combinations", "check_field",
     "collect_problems", "format_problem", "normalize_config", "required_teacher_access",
-    "resolve_teacher_access", "route1_on", "route2_on", "support_used", "uses_value", "validate_config",
-    "value_uses_rkl",
+    "resolve_teacher_access", "route1_on", "route2_on", "scores_student_topk", "support_used", "uses_value",
+    "validate_config", "value_uses_rkl",
 ]
 
 Access = Literal["sampled", "topk", "full"]
 ACCESS_ORDER: tuple[str, ...] = ("sampled", "topk", "full")
 VERIFIERS: tuple[str, ...] = ("auto", "exact_match", "contains", "none")
 _PYTHON_VERIFIER = re.compile(r"^python:[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-# teacher signal each support construction needs (opd.math.support: student_topk and union need
-# teacher log-probs at student-chosen ids, which only full logits give)
 # the thresholds each failure detector reads (monitor section; opd.monitor.detectors)
 MONITOR_THRESHOLDS: dict[str, tuple[str, ...]] = {
     "length": ("truncation_rate_max", "length_growth_max"), "repetition": ("repetition_rate_max",),
@@ -58,8 +57,20 @@ MONITOR_THRESHOLDS: dict[str, tuple[str, ...]] = {
     "support": ("support_off_frac_max", "support_prob_floor"), "grad_spike": ("grad_spike_factor",),
     "nonfinite": ("nonfinite_max_skips",),
 }
+# teacher signal each support construction needs (opd.math.support: student_topk and union need teacher
+# log-probs at student-chosen ids, which only full logits give; student_topk: see scores_student_topk)
 _SUPPORT_NEED: dict[str, str] = {"full": "full", "student_topk": "full", "union": "full",
                                  "teacher_topk": "topk", "teacher_topk_sampled": "topk", "sampled": "sampled"}
+
+
+def scores_student_topk(cfg: Config) -> bool:
+    """``support.kind=student_topk`` answered by an ``opd`` teacher server at the student's top-k ids
+    (:func:`opd.config.serving.served_student_topk`): no full teacher logits needed."""
+    return served_student_topk(cfg, support_used=support_used(cfg))
+
+
+def _support_need(cfg: Config) -> str:
+    return "sampled" if scores_student_topk(cfg) else _SUPPORT_NEED[cfg.support.kind]
 
 
 def check_field(spec: FieldSpec, value: Any) -> str | None:
@@ -161,12 +172,12 @@ def _access_needs(cfg: Config) -> list[tuple[str, str, tuple[str, ...]]]:
             if name == "k3":  # the sampled-token estimator reads only log π_T(y_t)
                 needs.append(("sampled", f"{key}=k3", (key,)))
             else:
-                needs.append((_SUPPORT_NEED[kind], f"{key}={name} on support.kind={kind}", (key, "support.kind")))
+                needs.append((_support_need(cfg), f"{key}={name} on support.kind={kind}", (key, "support.kind")))
     if route2_on(cfg) and cfg.routing.kind == "cr_opd":
         needs.append(("topk", "routing.kind=cr_opd (it routes mass to the teacher's top-k alternatives)",
                       ("routing.kind",)))
     if value_uses_rkl(cfg):
-        needs.append((_max_access("topk", _SUPPORT_NEED[kind]),
+        needs.append((_max_access("topk", _support_need(cfg)),
                       f"route2.value={cfg.route2.value} (V(s_t) = −RKL_t computed on support.kind={kind})",
                       ("route2.value", "support.kind")))
     if cfg.gates.coverage_gate and (route1_on(cfg) or route2_on(cfg)):
@@ -178,7 +189,8 @@ def required_teacher_access(cfg: Config) -> Access:
     """The least teacher signal the objective needs: ``sampled`` < ``topk`` < ``full``.
 
     ``full`` for a route-1 loss on the full / student_topk / union support (teacher log-probs at
-    tokens the teacher did not choose); ``topk`` for a route-1 loss on a teacher_topk(_sampled)
+    tokens the teacher did not choose; not for student_topk with an opd server: :func:`scores_student_topk`);
+    ``topk`` for a route-1 loss on a teacher_topk(_sampled)
     support, CR-OPD routing, the closed-form or decomposed value ``V = −RKL_t`` (vOPD, GAE-OPD;
     ``full`` when that RKL is taken on a full-vocabulary support) and the teacher-coverage gate;
     ``sampled`` otherwise (sampled-token log-ratio rewards, the one-token ``sampled`` support).
@@ -372,7 +384,7 @@ def _combination_problems(cfg: Config) -> list[Problem]:
     if cfg.student.model == "self":
         add("student.model=self: only the teacher can be 'self'; name the student model", "student.model")
     P += chat_and_tokenizer_problems(cfg, support_used=support_used(cfg))
-    P += _serving_problems(cfg)
+    P += serving_problems(cfg, support_used=support_used(cfg))
     P += _case_task_problems(cfg)
     return P
 
@@ -406,42 +418,6 @@ def _case_task_problems(cfg: Config) -> list[Problem]:
             P.append(Problem(f"data.task={d.task} with {role}.model={model}: the arith checkpoints do not know this "
                              f"task's format; use student.model=builtin:{d.task}/student teacher.model=builtin:"
                              f"{d.task}/teacher (or your own models)", (f"{role}.model", "data.task")))
-    return P
-
-
-def teacher_is_served(cfg: Config) -> bool:
-    """The default teacher is reached over HTTP (``teacher.server``, or a URL as ``teacher.model``)."""
-    return bool(cfg.teacher.server) or cfg.teacher.model.startswith(("http://", "https://"))
-
-
-def _serving_problems(cfg: Config) -> list[Problem]:
-    """rollout.engine=vllm / rollout.server and teacher servers (docs/serving.md)."""
-    r, t = cfg.rollout, cfg.teacher
-    P: list[Problem] = []
-    if r.server and r.engine != "vllm":
-        P.append(Problem(f"rollout.server={r.server!r} is a vLLM server that samples the rollouts, but "
-                         f"rollout.engine={r.engine}; set rollout.engine=vllm (or unset rollout.server)",
-                         ("rollout.server", "rollout.engine")))
-    for key, url in (("rollout.server", r.server), ("teacher.server", t.server)):
-        if url and not url.startswith(("http://", "https://")):
-            P.append(Problem(f"{key}={url!r} is not a URL; write it as http://HOST:PORT", (key,)))
-    if r.engine == "vllm" and cfg.student.lora_rank > 0:
-        P.append(Problem("rollout.engine=vllm pushes the student's full weights to vLLM, which does not take peft "
-                         "LoRA adapters from opd yet; use rollout.engine=hf with student.lora_rank > 0",
-                         ("rollout.engine", "student.lora_rank")))
-    if not teacher_is_served(cfg):
-        return P
-    if t.server and t.model == "self":
-        P.append(Problem("teacher.server replaces the teacher model by a server, but teacher.model=self is the "
-                         "student; unset teacher.server or name the teacher model", ("teacher.server", "teacher.model")))
-    if r.teacher_mix > 0 or (r.on_policy_fraction < 1 and r.off_policy_source == "teacher"):
-        P.append(Problem("sampling from the teacher (rollout.teacher_mix > 0, or off-policy teacher samples) needs an "
-                         "in-process teacher model, but the teacher is a server (teacher.server); set "
-                         "rollout.teacher_mix=0 and rollout.off_policy_source=answer, or load the teacher in process",
-                         ("teacher.server", "rollout.teacher_mix", "rollout.off_policy_source")))
-    if t.tokenizer == "own":
-        P.append(Problem("teacher.tokenizer=own is not available with a teacher server: a served teacher reads the "
-                         "student's token ids; set teacher.tokenizer=same", ("teacher.tokenizer", "teacher.server")))
     return P
 
 

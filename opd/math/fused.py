@@ -78,6 +78,7 @@ def fused_linear_divergence(
     teacher_bias_V: Tensor | None = None,
     chunk_size: int | None = None,
     extra_fn: ExtraFn | None = None,
+    student_topk_ids_NK: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Chunked ``loss = Σ_n weights_N[n] · D_n`` without ever holding ``[N, V]`` logits.
 
@@ -98,10 +99,13 @@ def fused_linear_divergence(
 
     ``chunk_size`` is the number of tokens per chunk; ``None`` picks :func:`auto_chunk_size` ``(V)``
     (about ``CHUNK_ELEMENTS`` logits per chunk, and at least ``MIN_CHUNK_TOKENS`` tokens).
+    ``student_topk_ids_NK`` fix a ``student_topk`` support (see ``student_topk_ids`` of
+    :func:`opd.math.support.build_support`; the teacher's log-probs there come as top-k columns).
     """
     args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu, shaping,
                  teacher_hidden_NH, teacher_weight_VH, teacher_logits_NV, teacher_topk_ids_NK,
-                 teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn)
+                 teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn,
+                 student_topk_ids_NK)
     h, W, b = student_hidden_NH, student_weight_VH, student_bias_V
     needs = (h.requires_grad, W.requires_grad, b is not None and b.requires_grad)
     if not (torch.is_grad_enabled() and any(needs)):
@@ -134,6 +138,7 @@ def dense_linear_divergence(
     teacher_bias_V: Tensor | None = None,
     chunk_size: int | None = None,
     extra_fn: ExtraFn | None = None,
+    student_topk_ids_NK: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`fused_linear_divergence` with the ``[N, V]`` logits materialised and plain autograd.
 
@@ -142,7 +147,8 @@ def dense_linear_divergence(
     """
     args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu, shaping,
                  teacher_hidden_NH, teacher_weight_VH, teacher_logits_NV, teacher_topk_ids_NK,
-                 teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn)
+                 teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn,
+                 student_topk_ids_NK)
     rows, spec = slice(0, student_hidden_NH.shape[0]), args.spec
     z = student_hidden_NH.float() @ student_weight_VH.float().T
     if student_bias_V is not None:
@@ -188,7 +194,7 @@ class _Args:
     """Checked arguments of the linear-divergence functions (one place for the shape rules)."""
 
     def __init__(self, h, W, weights, spec, divergence, beta, alpha, mu, shaping, th, tW, t_logits, topk_ids,
-                 topk_logprobs, sampled, b, tb, chunk_size, extra_fn):
+                 topk_logprobs, sampled, b, tb, chunk_size, extra_fn, student_ids=None):
         _check_head("student_hidden_NH", h, "student_weight_VH", W, "student_bias_V", b)
         N, V = h.shape[0], W.shape[0]
         if weights.shape != (N,):
@@ -214,7 +220,7 @@ class _Args:
         if sampled is not None and sampled.shape != (N,):
             raise ValueError(f"sampled_ids_N has shape {tuple(sampled.shape)}; expected ({N},)")
         has_teacher_logits = th is not None or t_logits is not None
-        if spec.needs_teacher_logits and not has_teacher_logits:
+        if spec.needs_teacher_logits and not has_teacher_logits and student_ids is None:
             raise ValueError(f"support kind {spec.kind!r} needs the teacher's full distribution: pass "
                              "teacher_hidden_NH with teacher_weight_VH, or teacher_logits_NV")
         if not has_teacher_logits and topk_ids is None:
@@ -236,6 +242,7 @@ class _Args:
         self.th, self.tb, self.t_buf, self.p_buf = th, tb, None, None
         self.tW = None if tW is None else tW.detach().float()
         self.t_logits, self.topk_ids, self.topk_logprobs, self.sampled = t_logits, topk_ids, topk_logprobs, sampled
+        self.student_ids = student_ids
 
 
 def _check_head(h_name: str, h: Tensor, w_name: str, W: Tensor, b_name: str, b: Tensor | None) -> None:
@@ -267,6 +274,7 @@ def _chunk_divergence(args: _Args, s_logp: Tensor, rows: slice) -> tuple[Tensor,
         teacher_logp=t_logp,
         teacher_topk_ids=None if args.topk_ids is None else args.topk_ids[rows],
         teacher_topk_logprobs=None if args.topk_logprobs is None else args.topk_logprobs[rows],
+        student_topk_ids=None if args.student_ids is None else args.student_ids[rows],
     )
     per_token = args.div_fn(sup.student_logp, sup.teacher_logp, None if spec.kind == "full" else sup.valid)
     return per_token, _chunk_extras(args, s_logp, t_logp, rows)

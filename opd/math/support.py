@@ -4,7 +4,9 @@ A support ``S_t ⊆ V`` is chosen per token (docs/methods.md §1, §3.4 "Top-K t
 
 * ``full``                  the whole vocabulary (GKD, arXiv 2306.13649; DistiLLM, 2402.03898);
 * ``teacher_topk``          the teacher's top-k (Fu et al. 2603.25562 "top-K local support matching");
-* ``student_topk``          the student's top-k (teacher log-probs at student-chosen ids);
+* ``student_topk``          the student's top-k (teacher log-probs at student-chosen ids): the top-k of
+                            the student log-probs given, or ids fixed by the caller
+                            (``student_topk_ids``, e.g. chosen when a served teacher scored them);
 * ``union``                 teacher top-k ∪ student top-k (verl-style);
 * ``sampled``               ``{y_t}`` only;
 * ``teacher_topk_sampled``  teacher top-k ∪ ``{y_t}``.
@@ -46,7 +48,7 @@ SupportNorm = Literal["renorm", "tail", "none"]
 SUPPORT_KINDS: tuple[str, ...] = get_args(SupportKind)
 SUPPORT_NORMS: tuple[str, ...] = get_args(SupportNorm)
 
-_NEEDS_TEACHER_LOGITS = ("full", "student_topk", "union")
+_NEEDS_TEACHER_LOGITS = ("full", "student_topk", "union")  # student_topk: unless student_topk_ids are given
 _NEG_INF = float("-inf")
 
 
@@ -82,7 +84,9 @@ class SupportSpec:
 
     @property
     def needs_teacher_logits(self) -> bool:
-        """True when the teacher must be available as full logits (full, student_topk, union)."""
+        """True when the teacher must be available as full logits (full, student_topk, union) — for
+        ``student_topk`` unless the caller fixes the ids and gives the teacher's log-probs there
+        (``student_topk_ids`` of :func:`build_support`)."""
         return self.kind in _NEEDS_TEACHER_LOGITS
 
 
@@ -117,6 +121,7 @@ def build_support(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    student_topk_ids: Tensor | None = None,
 ) -> SupportDistributions:
     """Build the support distributions from student logits ``[..., V]`` and a teacher signal.
 
@@ -143,6 +148,7 @@ def build_support(
     return support_from_logprobs(
         student_logp, spec, sampled_ids=sampled_ids, teacher_logp=teacher_logp,
         teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
+        student_topk_ids=student_topk_ids,
     )
 
 
@@ -154,6 +160,7 @@ def support_from_logprobs(
     teacher_logp: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    student_topk_ids: Tensor | None = None,
 ) -> SupportDistributions:
     """:func:`build_support` from full-vocabulary log-probs whose temperatures are already applied.
 
@@ -161,7 +168,8 @@ def support_from_logprobs(
     ``spec``'s temperatures are not applied again here.
     """
     lead, V = student_logp.shape[:-1], student_logp.shape[-1]
-    _check_inputs(student_logp, spec, sampled_ids, teacher_logp, teacher_topk_ids, teacher_topk_logprobs)
+    _check_inputs(student_logp, spec, sampled_ids, teacher_logp, teacher_topk_ids, teacher_topk_logprobs,
+                  student_topk_ids)
     if teacher_logp is not None:
         teacher_logp = teacher_logp.detach().to(student_logp.dtype)
     if spec.kind == "full":
@@ -169,7 +177,7 @@ def support_from_logprobs(
         valid = torch.ones((), dtype=torch.bool, device=student_logp.device).expand(*lead, V)
         return SupportDistributions(student_logp, teacher_logp, valid, ids)
 
-    ids = _support_ids(student_logp, spec, sampled_ids, teacher_logp, teacher_topk_ids)
+    ids = _support_ids(student_logp, spec, sampled_ids, teacher_logp, teacher_topk_ids, student_topk_ids)
     valid = ids >= 0
     safe_ids = torch.where(valid, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
     neg_inf = torch.full((), _NEG_INF, dtype=student_logp.dtype, device=student_logp.device)
@@ -205,8 +213,20 @@ def support_from_logprobs(
 # ----------------------------------------------------------------------------- internals
 
 
-def _check_inputs(student_logp, spec, sampled_ids, teacher_logp, topk_ids, topk_logprobs) -> None:
+def _check_inputs(student_logp, spec, sampled_ids, teacher_logp, topk_ids, topk_logprobs, student_ids) -> None:
     lead, V = student_logp.shape[:-1], student_logp.shape[-1]
+    if student_ids is not None:
+        if spec.kind != "student_topk":
+            raise ValueError(f"student_topk_ids fix the support of kind 'student_topk' only, not {spec.kind!r}")
+        if student_ids.dim() != len(lead) + 1 or student_ids.shape[:-1] != lead:
+            raise ValueError(
+                f"student_topk_ids has shape {tuple(student_ids.shape)}; expected [..., K] with leading "
+                f"dimensions {tuple(lead)} of student_logits {tuple(student_logp.shape)}"
+            )
+        _check_id_range("student_topk_ids", student_ids, V)
+        if teacher_logp is None and topk_ids is None:
+            raise ValueError("student_topk_ids without teacher_logits need the teacher's log-probs at those ids: "
+                             "pass them as teacher_topk_ids / teacher_topk_logprobs")
     if teacher_logp is not None:
         check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp)
     if topk_logprobs is not None and topk_ids is None:
@@ -230,9 +250,11 @@ def _check_inputs(student_logp, spec, sampled_ids, teacher_logp, topk_ids, topk_
             )
         _check_id_range("sampled_ids", sampled_ids, V)
     kind = spec.kind
-    if kind in _NEEDS_TEACHER_LOGITS and teacher_logp is None:
+    if kind in _NEEDS_TEACHER_LOGITS and teacher_logp is None and student_ids is None:
         raise ValueError(
             f"support kind {kind!r} needs the teacher's log-probs at every vocabulary id: pass teacher_logits"
+            + (" (or fix the ids with student_topk_ids and give the teacher's log-probs there)"
+               if kind == "student_topk" else "")
         )
     if kind in ("teacher_topk", "sampled", "teacher_topk_sampled") and teacher_logp is None and topk_ids is None:
         raise ValueError(
@@ -250,7 +272,7 @@ def _check_id_range(name: str, ids: Tensor, V: int) -> None:
         raise ValueError(f"{name} holds ids >= V = {V} (max {int(ids.max())}); ids must lie in [-1, V)")
 
 
-def _support_ids(student_logp, spec, sampled_ids, teacher_logp, topk_ids) -> Tensor:
+def _support_ids(student_logp, spec, sampled_ids, teacher_logp, topk_ids, student_ids=None) -> Tensor:
     """``[..., K']`` long ids of the support; ``-1`` marks padding (duplicates, missing tokens)."""
     k = min(spec.k, student_logp.shape[-1])
 
@@ -262,6 +284,8 @@ def _support_ids(student_logp, spec, sampled_ids, teacher_logp, topk_ids) -> Ten
     if spec.kind == "teacher_topk":
         return teacher_ids()
     if spec.kind == "student_topk":
+        if student_ids is not None:
+            return _dedup(student_ids.long().clamp(min=-1))
         return student_logp.detach().topk(k, dim=-1).indices
     if spec.kind == "union":
         return _union(teacher_ids(), student_logp.detach().topk(k, dim=-1).indices)

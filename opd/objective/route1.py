@@ -7,6 +7,11 @@ log(π_T(y_t)/π_S(y_t))`` of ``KL(π_S ‖ π_T)`` used as a loss — its expec
 *forward*-KL gradient (Tang & Munos, arXiv 2506.09477). With ``route1.off_policy_divergence`` the
 off-policy rows (teacher samples, dataset answers) get their own divergence (DistiLLM-2).
 
+``support.kind=student_topk`` without full teacher logits reads its support from the feedback:
+the student's top-k ids chosen when a teacher server scored the rollouts, with the teacher's
+log-probs there (``Feedback.student_topk_ids_BTK``; opd.teachers.student_support) — the student's
+current top-k while its weights have not moved since scoring.
+
 Only the ``N`` valid tokens are packed and evaluated: padding positions (whose teacher signal is a
 placeholder) never enter a distribution, so they cannot produce inf/NaN in the loss or its
 gradient, and no work is spent on them.
@@ -133,10 +138,16 @@ def _support_pass(obj: ObjectiveView, name: str, student: StudentOutputs, feedba
         return out
 
     plain = shaping is None or shaping.plain
+    # the teacher's columns the support reads: its own top-k, or its log-probs at the student's top-k ids
+    # chosen when the rollouts were scored (a served teacher without full logits: Feedback docstring)
+    fixed = spec.kind == "student_topk" and feedback.student_topk_ids_BTK is not None and not feedback.has_full
+    student_ids_N = pack(feedback.student_topk_ids_BTK) if fixed else None
+    sup_ids_N = student_ids_N if fixed else pack(feedback.topk_ids_BTK)
+    sup_lp_N = pack(feedback.student_topk_teacher_logprobs_BTK if fixed else feedback.topk_logprobs_BTK)
     if student.logits_BTV is not None:
         sup = build_support(
             pack(student.logits_BTV), spec, sampled_ids=ids_N, teacher_logits=pack(feedback.logits_BTV),
-            teacher_topk_ids=pack(feedback.topk_ids_BTK), teacher_topk_logprobs=pack(feedback.topk_logprobs_BTK),
+            teacher_topk_ids=sup_ids_N, teacher_topk_logprobs=sup_lp_N, student_topk_ids=student_ids_N,
         )
         d_N = divergence_fn(name, sup.student_logp, sup.teacher_logp, sup.valid,
                             beta=r1.beta, alpha=r1.alpha, mu=r1.mu, shaping=shaping)
@@ -162,8 +173,9 @@ def _support_pass(obj: ObjectiveView, name: str, student: StudentOutputs, feedba
         if rkl_extra:  # RKL on the configured support, from the same chunk
             sup = support_from_logprobs(
                 s_logp, spec, sampled_ids=ids_N[rows], teacher_logp=t_logp,
-                teacher_topk_ids=None if topk_ids_N is None else topk_ids_N[rows],
-                teacher_topk_logprobs=None if topk_lp_N is None else topk_lp_N[rows],
+                teacher_topk_ids=None if sup_ids_N is None else sup_ids_N[rows],
+                teacher_topk_logprobs=None if sup_lp_N is None else sup_lp_N[rows],
+                student_topk_ids=None if student_ids_N is None else student_ids_N[rows],
             )
             out["rkl"] = reverse_kl(sup.student_logp, sup.teacher_logp, sup.valid)
         return out
@@ -173,10 +185,11 @@ def _support_pass(obj: ObjectiveView, name: str, student: StudentOutputs, feedba
         spec=spec, divergence=name, beta=r1.beta, alpha=r1.alpha, mu=r1.mu, shaping=shaping,
         teacher_hidden_NH=pack(feedback.hidden_BTH), teacher_weight_VH=feedback.head_weight_VH,
         teacher_bias_V=feedback.head_bias_V, teacher_logits_NV=pack(feedback.logits_BTV),
-        teacher_topk_ids_NK=topk_ids_N, teacher_topk_logprobs_NK=topk_lp_N,
+        teacher_topk_ids_NK=sup_ids_N, teacher_topk_logprobs_NK=sup_lp_N,
         sampled_ids_N=ids_N, student_bias_V=student.head_bias_V,
         chunk_size=obj.chunk_size,
         extra_fn=extra_fn if (diag_fn is not None or rkl_extra or want_sampled) else None,
+        student_topk_ids_NK=student_ids_N,
     )
     rkl_N = d_N if (want_rkl and not rkl_extra) else extras.pop("rkl", None)
     sampled_N = extras.pop("sampled_logp", None)

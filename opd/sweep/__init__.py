@@ -2,7 +2,7 @@
 resumable, then one aggregate with 95 % confidence intervals.
 
     from opd.sweep import load_spec, run_sweep
-    outcome = run_sweep(load_spec("sweeps/fork.yaml"), out=Path("runs/sweep-fork"), jobs=2)
+    outcome = run_sweep(load_spec("docs/evidence/fork-credit.yaml"), out=Path("runs/sweep-fork-credit"), jobs=2)
 
 Modules: :mod:`~opd.sweep.spec` (the specification), :mod:`~opd.sweep.execute` (planning, resuming,
 the local pool and Ray), :mod:`~opd.sweep.posteval` (sampled evaluation of a finished run),

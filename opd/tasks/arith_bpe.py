@@ -20,10 +20,7 @@ until 99 % greedy held-out accuracy and writes ``opd/assets/arith_bpe/teacher`` 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from opd.tasks.arith import ARITH_ALPHABET, ArithTask
 from opd.tasks.base import Example
+from opd.tasks.shipped import save_shipped_checkpoint
 from opd.tasks.tiny_sft import SFTPhase, train_sft
 
 __all__ = ["ARITH_BPE_CHECKPOINTS", "TEACHER_PHASE", "arith_bpe_checkpoint", "arith_bpe_tokenizer", "main"]
@@ -101,28 +99,6 @@ def greedy_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, 
     return correct / len(examples)
 
 
-def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, card: dict, folder: Path) -> int:
-    """Write model + tokenizer + card into ``folder`` (replaced atomically); return bytes on disk."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        for p in tmp.iterdir():
-            p.chmod(0o644)
-        size = sum(p.stat().st_size for p in tmp.iterdir())
-        (tmp / "opd_card.json").write_text(json.dumps({**card, "bytes_on_disk": size}, indent=2) + "\n")
-        (tmp / "opd_card.json").chmod(0o644)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return size
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Train and save ``opd/assets/arith_bpe/teacher``; 0 on success, 1 when it missed its range."""
     import transformers
@@ -159,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     card.update(task=repr(task), heldout_size=len(held_out), tokenizer=f"BPE, {len(tokenizer)} tokens",
                 command="python scripts/make_xtok_checkpoints.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    size = _save(model, tokenizer, card, args.out / "teacher")
+    size = save_shipped_checkpoint(model, tokenizer, card, args.out / "teacher")
     print(f"arith_bpe/teacher: {card['parameters']:,} parameters, {size / 1e6:.2f} MB, held-out accuracy "
           f"{card['heldout_accuracy']:.1%} after {card['steps']} steps ({card['train_seconds']:.0f} s training); "
           f"total {time.perf_counter() - started:.0f} s; written to {args.out / 'teacher'}")

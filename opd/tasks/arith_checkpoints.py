@@ -35,11 +35,8 @@ differ slightly.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -53,6 +50,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from opd.models import build_model, count_parameters, tiny_llama_config
 from opd.tasks.arith import ARITH_EOS, ArithTask, arith_tokenizer
 from opd.tasks.base import Example
+from opd.tasks.shipped import save_shipped_checkpoint
 
 __all__ = ["PHASES", "Phase", "greedy_accuracy", "main", "train_phase"]
 
@@ -276,29 +274,6 @@ def train_phase(
     return model, card
 
 
-def _save(model: PreTrainedModel, card: dict, folder: Path) -> int:
-    """Write model + tokenizer + card into ``folder`` (replaced atomically); return bytes on disk."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp)
-        arith_tokenizer().save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is package data
-        for p in tmp.iterdir():
-            p.chmod(0o644)
-        size = sum(p.stat().st_size for p in tmp.iterdir())
-        card = {**card, "bytes_on_disk": size}
-        (tmp / "opd_card.json").write_text(json.dumps(card, indent=2) + "\n")
-        (tmp / "opd_card.json").chmod(0o644)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return size
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: train and save the shipped arith checkpoints; print a table.
 
@@ -347,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         card["command"] = command.strip()
-        size = _save(model, card, args.out / name)
+        size = save_shipped_checkpoint(model, arith_tokenizer(), card, args.out / name)
         models[name] = model
         rows.append((name, card["parameters"], size, card["heldout_accuracy"], card["steps"], card["train_seconds"], card["eval_seconds"]))
 

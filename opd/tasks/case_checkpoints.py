@@ -38,12 +38,9 @@ writes the same weights.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,6 +54,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from opd.models import build_model, count_parameters, tiny_llama_config
 from opd.tasks.arith_checkpoints import generate_completions
 from opd.tasks.cases import CASE_EOS, CASE_TASKS, CaseTask, case_tokenizer, make_case_task
+from opd.tasks.shipped import save_shipped_checkpoint
 
 __all__ = ["CHECKS", "PHASES", "CasePhase", "case_checks", "main", "train_case_phase"]
 
@@ -285,28 +283,6 @@ def train_case_phase(phase: CasePhase, teacher: PreTrainedModel | None = None, *
     return model, card
 
 
-def _save(model: PreTrainedModel, card: dict, folder: Path) -> int:
-    """Write model + tokenizer + card into ``folder`` (replaced atomically); return bytes on disk."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp)
-        case_tokenizer().save_pretrained(tmp)
-        tmp.chmod(0o755)
-        for p in tmp.iterdir():
-            p.chmod(0o644)
-        size = sum(p.stat().st_size for p in tmp.iterdir())
-        (tmp / "opd_card.json").write_text(json.dumps({**card, "bytes_on_disk": size}, indent=2) + "\n")
-        (tmp / "opd_card.json").chmod(0o644)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return size
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: train and save the case checkpoints; print a table. Exit status 0, or 1
     when a checkpoint missed its accepted range (stderr says which check)."""
@@ -348,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         card["command"] = command.strip()
-        size = _save(model, card, args.out / phase.case / phase.role)
+        size = save_shipped_checkpoint(model, case_tokenizer(), card, args.out / phase.case / phase.role)
         rows.append((phase.name, card["parameters"], size, card["checks"], card["steps"], card["train_seconds"]))
     print(f"\n{'checkpoint':<16} {'params':>8} {'size':>8} {'steps':>6} {'train s':>8}  checks")
     for name, params, size, checks, steps, secs in rows:

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from opd.tasks.arith_bpe import _save
 from opd.tasks.arith_chat import ArithChatTask, arith_chat_tokenizer
+from opd.tasks.shipped import save_shipped_checkpoint
 from opd.tasks.tiny_sft import SFTPhase, train_sft
 
 __all__ = ["PHASES", "main"]
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         card.update(task=repr(task), heldout_size=500, command=command.strip(),
                     trained_on="ground truth" if name == "teacher" else "teacher samples (temperature 1)")
-        size = _save(model, tokenizer, card, args.out / name)
+        size = save_shipped_checkpoint(model, tokenizer, card, args.out / name)
         models[name] = model
         print(f"arith_chat/{name}: {card['parameters']:,} parameters, {size / 1e6:.2f} MB, held-out accuracy "
               f"{card['heldout_accuracy']:.1%} after {card['steps']} steps ({card['train_seconds']:.0f} s training)",
