@@ -336,3 +336,35 @@ def fmt_s(x: float | None) -> str:
     if x is None:
         return "–"
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def trl_distillation_trainer(student: Any, teacher: Any, tokenizer: Any, prompts: list[str], *, prompts_per_step: int,
+                             steps: int, lr: float, max_tokens: int, bf16: bool, use_cpu: bool, output_dir: str,
+                             callback: Any, tokens: list[float]) -> Any:
+    """TRL's ``DistillationTrainer`` set up as the benches compare it with opd: reverse KL (``beta=1``) on
+    the full vocabulary (``top_k=0``), temperature 1, constant LR, AdamW (0.9, 0.999) without weight decay,
+    gradient clip 1, no checkpoints or logging services. The completion tokens of every step are
+    appended to ``tokens`` (TRL reports none per step)."""
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    args = DistillationConfig(
+        output_dir=output_dir, per_device_train_batch_size=prompts_per_step, gradient_accumulation_steps=1,
+        max_steps=steps, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, max_completion_length=max_tokens,
+        temperature=1.0, top_p=1.0, top_k=0, beta=1.0, bf16=bf16, fp16=False, gradient_checkpointing=False,
+        use_cpu=use_cpu, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+        dataloader_num_workers=0, seed=0, shuffle_dataset=False,
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
+                                  callbacks=[callback])
+    generate = trainer._generate_and_score_completions
+
+    def counted(inputs: Any) -> dict[str, Any]:
+        out = generate(inputs)
+        tokens.append(float(out["completion_mask"].sum()))
+        return out
+
+    trainer._generate_and_score_completions = counted
+    return trainer

@@ -130,9 +130,7 @@ def run_opd(a: argparse.Namespace, student: str, teacher: str, tmp: Path) -> dic
 
 
 def run_trl(a: argparse.Namespace, student: str, teacher: str, tmp: Path) -> dict[str, Any]:
-    from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import DistillationConfig, DistillationTrainer
 
     from opd.models import load_model, load_tokenizer
     from opd.tasks.arith import ArithTask
@@ -159,25 +157,10 @@ def run_trl(a: argparse.Namespace, student: str, teacher: str, tmp: Path) -> dic
     with common.PeakRSS() as peak:
         tok = load_tokenizer(student)
         model, teacher_model = load_model(student), load_model(teacher)
-        args = DistillationConfig(
-            output_dir=str(tmp / "trl"), per_device_train_batch_size=spec["prompts"], gradient_accumulation_steps=1,
-            max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, max_completion_length=spec["max_new_tokens"],
-            temperature=1.0, top_p=1.0, top_k=0, beta=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
-            use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-            dataloader_num_workers=0, seed=0, shuffle_dataset=False,
-        )
-        trainer = DistillationTrainer(model=model, teacher_model=teacher_model, args=args,
-                                      train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
-                                      callbacks=[StepTimer()])
-        generate = trainer._generate_and_score_completions
-
-        def counted(inputs: Any) -> dict[str, Any]:
-            out = generate(inputs)
-            tokens.append(float(out["completion_mask"].sum()))
-            return out
-
-        trainer._generate_and_score_completions = counted
+        trainer = common.trl_distillation_trainer(
+            model, teacher_model, tok, prompts, prompts_per_step=spec["prompts"], steps=steps, lr=LR,
+            max_tokens=spec["max_new_tokens"], bf16=False, use_cpu=True, output_dir=str(tmp / "trl"),
+            callback=StepTimer(), tokens=tokens)
         import torch
 
         torch.set_num_threads(a.threads)  # the Trainer may have changed it

@@ -129,9 +129,7 @@ def job_opd(a: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
 
 def job_trl(a: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import DistillationConfig, DistillationTrainer
 
     from opd.models import load_model, load_tokenizer
 
@@ -157,25 +155,10 @@ def job_trl(a: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     tok = load_tokenizer(models / "student")
     student = load_model(models / "student", dtype="bfloat16", device=device)
     teacher = load_model(models / "teacher", dtype="bfloat16", device=device)
-    args = DistillationConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-gpu-"), per_device_train_batch_size=spec["prompts"],
-        gradient_accumulation_steps=1, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, max_completion_length=spec["tokens"],
-        temperature=1.0, top_p=1.0, top_k=0, beta=1.0, bf16=True, fp16=False, gradient_checkpointing=False,
-        use_cpu=device == "cpu", report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-        dataloader_num_workers=0, seed=0, shuffle_dataset=False,
-    )
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                  train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
-                                  callbacks=[StepTimer()])
-    generate = trainer._generate_and_score_completions
-
-    def counted(inputs: Any) -> dict[str, Any]:
-        out = generate(inputs)
-        tokens.append(float(out["completion_mask"].sum()))
-        return out
-
-    trainer._generate_and_score_completions = counted
+    trainer = common.trl_distillation_trainer(
+        student, teacher, tok, prompts, prompts_per_step=spec["prompts"], steps=steps, lr=LR,
+        max_tokens=spec["tokens"], bf16=True, use_cpu=device == "cpu", output_dir=tempfile.mkdtemp(prefix="trl-gpu-"),
+        callback=StepTimer(), tokens=tokens)
     if device == "cpu":
         torch.set_num_threads(a.threads)
     trainer.train()
