@@ -169,3 +169,19 @@ def test_shipped_checkpoints(teacher_name, student_name, digits):
         accuracies[name] = greedy_accuracy(model.eval(), tok, task, examples)
     assert accuracies[teacher_name] >= 0.95, accuracies
     assert 0.2 <= accuracies[student_name] <= 0.85, accuracies
+
+
+def test_shared_sft_helpers_by_hand():
+    import math
+
+    from opd.tasks.tiny_sft import lr_factor, pad_batch
+
+    assert [lr_factor(s, warmup=4, max_steps=14, cosine=False) for s in (0, 3, 4, 13)] == [0.25, 1.0, 1.0, 1.0]
+    assert lr_factor(4, warmup=4, max_steps=14, cosine=True) == 1.0
+    halfway = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))
+    assert lr_factor(9, warmup=4, max_steps=14, cosine=True) == pytest.approx(halfway)
+    assert lr_factor(14, warmup=4, max_steps=14, cosine=True) == pytest.approx(0.1)
+    ids, mask, labels = pad_batch([[5, 6], [7]], [[1, 2], [3]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 1, 2], [7, 3, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert labels.tolist() == [[-100, -100, 1, 2], [-100, 3, -100, -100]]

@@ -43,7 +43,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -51,6 +50,7 @@ from opd.models import build_model, count_parameters, tiny_llama_config
 from opd.tasks.arith import ARITH_EOS, ArithTask, arith_tokenizer
 from opd.tasks.base import Example
 from opd.tasks.shipped import save_shipped_checkpoint
+from opd.tasks.tiny_sft import lr_factor, pad_batch, sft_update
 
 __all__ = ["PHASES", "Phase", "greedy_accuracy", "main", "train_phase"]
 
@@ -155,29 +155,11 @@ def greedy_accuracy(
     return sum(task.verify(e, c) for e, c in zip(examples, texts)) / len(examples)
 
 
-def _batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-           completions: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside completions)."""
-    prompt_ids = tokenizer(list(prompts)).input_ids
-    rows = [p + c for p, c in zip(prompt_ids, completions)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(zip(prompt_ids, rows)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-        labels[i, len(p): len(r)] = ids[i, len(p): len(r)]
-    return ids, mask, labels
 
-
-def _lr_factor(phase: Phase, step: int) -> float:
-    if step < phase.warmup:
-        return (step + 1) / phase.warmup
-    if phase.teacher is not None:
-        return 1.0
-    progress = min(1.0, (step - phase.warmup) / max(1, phase.max_steps - phase.warmup))
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+def _batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[list[int]]
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`opd.tasks.tiny_sft.pad_batch` of the tokenized ``prompts``."""
+    return pad_batch(tokenizer(list(prompts)).input_ids, completions, tokenizer.pad_token_id)
 
 
 def train_phase(
@@ -212,7 +194,8 @@ def train_phase(
     cache: list[list[int]] = []
     while step < phase.max_steps:
         for group in optimizer.param_groups:
-            group["lr"] = phase.lr * _lr_factor(phase, step)
+            group["lr"] = phase.lr * lr_factor(step, warmup=phase.warmup, max_steps=phase.max_steps,
+                                                cosine=phase.teacher is None)
         t0 = time.perf_counter()
         model.train()
         examples = task.train_examples(step, phase.batch_size, seed=phase.seed)
@@ -228,12 +211,7 @@ def train_phase(
         # docstring says why); the target is still the teacher's sample for the bare prompt.
         prompts = [e.teacher_context + e.prompt if i < n_hint else e.prompt for i, e in enumerate(examples)]
         ids, mask, labels = _batch(tokenizer, prompts, completions)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = sft_update(model, optimizer, ids, mask, labels)
         step += 1
         loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
         train_seconds += time.perf_counter() - t0

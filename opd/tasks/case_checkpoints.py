@@ -47,7 +47,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -55,6 +54,7 @@ from opd.models import build_model, count_parameters, tiny_llama_config
 from opd.tasks.arith_checkpoints import generate_completions
 from opd.tasks.cases import CASE_EOS, CASE_TASKS, CaseTask, case_tokenizer, make_case_task
 from opd.tasks.shipped import save_shipped_checkpoint
+from opd.tasks.tiny_sft import lr_factor, pad_batch, sft_update
 
 __all__ = ["CHECKS", "PHASES", "CasePhase", "case_checks", "main", "train_case_phase"]
 
@@ -168,28 +168,11 @@ def case_checks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, case
     return out
 
 
+
 def _batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[list[int]]
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside completions)."""
-    prompt_ids = tokenizer(list(prompts)).input_ids
-    rows = [p + c for p, c in zip(prompt_ids, completions)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
-    for i, (p, r) in enumerate(zip(prompt_ids, rows)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-        labels[i, len(p): len(r)] = ids[i, len(p): len(r)]
-    return ids, mask, labels
-
-
-def _lr_factor(phase: CasePhase, step: int) -> float:
-    if step < phase.warmup:
-        return (step + 1) / phase.warmup
-    if phase.role == "student":
-        return 1.0
-    progress = min(1.0, (step - phase.warmup) / max(1, phase.max_steps - phase.warmup))
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """:func:`opd.tasks.tiny_sft.pad_batch` of the tokenized ``prompts``."""
+    return pad_batch(tokenizer(list(prompts)).input_ids, completions, tokenizer.pad_token_id)
 
 
 def train_case_phase(phase: CasePhase, teacher: PreTrainedModel | None = None, *,
@@ -218,7 +201,8 @@ def train_case_phase(phase: CasePhase, teacher: PreTrainedModel | None = None, *
     step, loss_avg = 0, float("nan")
     while step < phase.max_steps:
         for group in optimizer.param_groups:
-            group["lr"] = phase.lr * _lr_factor(phase, step)
+            group["lr"] = phase.lr * lr_factor(step, warmup=phase.warmup, max_steps=phase.max_steps,
+                                                cosine=phase.role != "student")
         t0 = time.perf_counter()
         model.train()
         task = tasks[phase.lengths[rng.randrange(len(phase.lengths))]]
@@ -238,12 +222,7 @@ def train_case_phase(phase: CasePhase, teacher: PreTrainedModel | None = None, *
             for i, (e, text) in enumerate(zip(examples, texts)):
                 if task.strategy(e, text) == name:
                     labels[i, start + keep:] = -100
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = sft_update(model, optimizer, ids, mask, labels)
         step += 1
         loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
         train_seconds += time.perf_counter() - t0

@@ -40,6 +40,7 @@ evaluation of a sweep: how often each mode is produced). The checkpoints are mad
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections import Counter
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def rsum(x: str) -> str:
     return "".join(out)
 
 
-class CaseTask:
+class CaseTask(ABC):
     """Common machinery: inputs of ``length`` digits, a held-out set, the verifier.
 
     Subclasses define :meth:`answers` (the accepted completions of an input, each with a strategy
@@ -136,13 +137,13 @@ class CaseTask:
     def _draw(self, rng: random.Random) -> str:
         return "".join(str(rng.randrange(10)) for _ in range(self.length))
 
+    @abstractmethod
     def answers(self, x: str) -> list[tuple[str, str]]:
         """``(completion text without EOS, strategy name)`` for every accepted answer of input ``x``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sample_answer(self, x: str, rng: random.Random) -> str:
         """One answer drawn from the distribution the shipped teacher is trained on."""
-        raise NotImplementedError
 
     def example(self, x: str) -> Example:
         """The :class:`Example` for input ``x`` (``answer``: the first accepted answer, for SFT

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.models import build_model, count_parameters, tiny_llama_config
 
-__all__ = ["SFTPhase", "train_sft"]
+__all__ = ["SFTPhase", "lr_factor", "pad_batch", "sft_update", "train_sft"]
 
 #: ``step -> (prompt id lists, completion id lists)`` of one training batch.
 BatchFn = Callable[[int], tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]]]
@@ -56,7 +56,7 @@ class SFTPhase:
     heads: int = 4
 
 
-def _batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+def pad_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
            pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside completions)."""
     rows = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
@@ -71,13 +71,28 @@ def _batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]
     return ids, mask, labels
 
 
-def _lr_factor(phase: SFTPhase, step: int) -> float:
-    if step < phase.warmup:
-        return (step + 1) / phase.warmup
-    if not phase.cosine:
+def lr_factor(step: int, *, warmup: int, max_steps: int, cosine: bool) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up over ``warmup`` steps, then constant, or
+    (``cosine``) a cosine decay from 1 to 0.1 at ``max_steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
         return 1.0
-    progress = min(1.0, (step - phase.warmup) / max(1, phase.max_steps - phase.warmup))
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def sft_update(model: PreTrainedModel, optimizer: torch.optim.Optimizer, ids: torch.Tensor, mask: torch.Tensor,
+               labels: torch.Tensor) -> torch.Tensor:
+    """One supervised step: next-token cross-entropy on the ``labels`` positions (−100 elsewhere),
+    gradient clipped to norm 1, optimizer step. Returns the (detached-use) loss."""
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
 
 
 def train_sft(phase: SFTPhase, tokenizer: PreTrainedTokenizerBase, batch_fn: BatchFn,
@@ -100,17 +115,12 @@ def train_sft(phase: SFTPhase, tokenizer: PreTrainedTokenizerBase, batch_fn: Bat
     accuracy, step, loss_avg, next_eval = 0.0, 0, float("nan"), phase.eval_every
     while step < phase.max_steps:
         for group in optimizer.param_groups:
-            group["lr"] = phase.lr * _lr_factor(phase, step)
+            group["lr"] = phase.lr * lr_factor(step, warmup=phase.warmup, max_steps=phase.max_steps,
+                                                       cosine=phase.cosine)
         t0 = time.perf_counter()
         model.train()
         prompts, completions = batch_fn(step)
-        ids, mask, labels = _batch(prompts, completions, int(tokenizer.pad_token_id))
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = sft_update(model, optimizer, *pad_batch(prompts, completions, int(tokenizer.pad_token_id)))
         step += 1
         loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
         train_s += time.perf_counter() - t0
