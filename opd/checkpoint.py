@@ -25,14 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from opd.io import atomic_dir
 from opd.lora import save_student
 
-__all__ = ["Checkpoint", "TrainerState", "checkpoint_dir", "list_checkpoints", "load_latest_intact",
+__all__ = ["WRITER_ERRORS", "Checkpoint", "TrainerState", "checkpoint_dir", "list_checkpoints", "load_latest_intact",
            "save_checkpoint"]
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+#: what the serializers raise when a write fails (``torch.save``: ``RuntimeError: [enforce fail at
+#: inline_container.cc] unexpected pos`` on a full disk; safetensors: ``SafetensorError``), read as a
+#: failed write (:func:`opd.io.writer_failure`) rather than a crash
+WRITER_ERRORS: tuple[type[Exception], ...] = (RuntimeError, SafetensorError)
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
         opd.io.WriteError: the checkpoint could not be written (nothing of it is left behind).
     """
     path = checkpoint_dir(run_dir, step)
-    with atomic_dir(path, what=f"the checkpoint of step {step}") as tmp:
+    with atomic_dir(path, what=f"the checkpoint of step {step}", failures=WRITER_ERRORS) as tmp:
         save_student(model, tokenizer, tmp / "model", merged=False, state_dict=state_dict)
         if write_sharded is not None:
             write_sharded(tmp / "accelerate")

@@ -69,6 +69,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             JSON object; a file with no records.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"prompt file {str(p)!r} is a folder, not a JSONL file (data.path / data.eval_path); name the "
+                        "file inside it, or use data.task=hf for a dataset folder written by datasets' save_to_disk")
     if not p.is_file():
         raise FileNotFoundError(f"prompt file {str(p)!r} does not exist (data.path / data.eval_path); pass a JSONL file "
                                 "with one JSON object per line")
@@ -196,6 +199,7 @@ class _RecordTask:
             raise DataError(f"every training prompt of {source} also appears in the held-out set; nothing is left to train on")
         has_answers = all(e.answer is not None for e in self._train + self._eval)
         self._verifier = make_verifier(verifier, has_answers=has_answers, eos_token=eos_token)
+        self.eos_token = eos_token  # the stop string the verifier expects (opd.evaluate.verifier_texts)
         self._perm_cache: dict[tuple[int, int], list[int]] = {}
 
     def _examples(self, records: Iterable[Mapping[str, Any]], source: str) -> list[list[Example]]:
@@ -235,7 +239,11 @@ class _RecordTask:
 
     @staticmethod
     def _field(fields: Mapping[str, Any], name: str, where: str, *, required: bool) -> Any:
-        if name not in fields or fields[name] is None:
+        if name in fields and fields[name] is None:
+            if required:
+                raise DataError(f"{where}: field {name!r} is null; give it a value, or remove the record")
+            return None
+        if name not in fields:
             if required:
                 raise DataError(f"{where}: missing field {name!r}; the record has fields {sorted(fields)}. Set "
                                 "data.prompt_field / answer_field / context_field to the right names "

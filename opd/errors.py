@@ -11,7 +11,7 @@ message as one line (no traceback) and exits with status 2.
 
 from __future__ import annotations
 
-__all__ = ["RunFault", "ServiceError"]
+__all__ = ["FeedbackUnavailable", "RunFault", "ServiceError"]
 
 
 class RunFault(RuntimeError):
@@ -35,3 +35,10 @@ class ServiceError(RunFault):
     """A server opd depends on (a teacher or rollout server) is unreachable, too slow, or answered
     something unusable, after the client's bounded retries. The message names the server (URL) and
     what it returned."""
+
+
+class FeedbackUnavailable(ValueError):
+    """A teacher cannot give the feedback asked of it (e.g. a vLLM server started with a
+    ``--max-logprobs`` below the log-probs per token a request needs). The message names the setting
+    that would allow it. Raised before any request that would fail: training refuses to start, and a
+    held-out evaluation falls back to the sampled-token log-ratio (:func:`opd.evaluate.evaluate`)."""

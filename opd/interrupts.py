@@ -2,8 +2,9 @@
 
 The first signal asks the run to stop after the step in progress: the loop then writes a
 checkpoint of that step, the summary and the report, and prints the exact ``--resume`` command.
-A second SIGINT aborts at once (Python's ``KeyboardInterrupt``), for when saving is not wanted;
-the checkpoints already written stay intact (they are written atomically).
+A second SIGINT aborts at once (:class:`RunAborted`, a ``KeyboardInterrupt`` naming the run folder),
+for when saving is not wanted; the checkpoints already written stay intact (they are written
+atomically), and ``opd distill`` ends with one line saying so and how to resume.
 
 Handlers are installed only in the main thread (Python allows no other) and restored on exit.
 """
@@ -12,26 +13,40 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Callable
 
-__all__ = ["StopRequest"]
+__all__ = ["RunAborted", "StopRequest"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class StopRequest:
-    """Context manager: ``requested`` holds the name of the first signal received (or None)."""
+class RunAborted(KeyboardInterrupt):
+    """A second Ctrl-C: the run stopped at once, without saving the step in progress. ``run_dir`` is
+    the run's folder (None when not known), whose checkpoints already written are intact."""
 
-    def __init__(self, echo: Callable[[str], None] | None = print):
+    def __init__(self, run_dir: Path | None = None):
+        super().__init__("a second Ctrl-C stopped the run at once, without saving the step in progress; what was "
+                         "written before is intact")
+        self.run_dir = run_dir
+
+
+class StopRequest:
+    """Context manager: ``requested`` holds the name of the first signal received (or None).
+
+    ``run_dir``: the run's folder, carried by :class:`RunAborted` when a second Ctrl-C aborts."""
+
+    def __init__(self, echo: Callable[[str], None] | None = print, *, run_dir: Path | None = None):
         self.requested: str | None = None
         self.signum: int | None = None
         self._echo = echo
+        self._run_dir = run_dir
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: abort without saving
+            raise RunAborted(self._run_dir)  # second Ctrl-C: abort without saving
         if self.requested is None:
             self.requested, self.signum = signal.Signals(signum).name, signum
             if self._echo is not None:

@@ -23,16 +23,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WriteError", "atomic_dir", "atomic_write_text", "read_jsonl_tolerant", "write_json"]
+__all__ = ["WriteError", "atomic_dir", "atomic_write_text", "read_jsonl_tolerant", "write_error", "write_json",
+           "writer_failure"]
 
 
 class WriteError(OSError):
     """A run file could not be written; the message says what, where and why."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28] " prefix
+        return str(self.strerror)
+
+
+class _WriterFailure(OSError):
+    """A serializer's failure read as an ``OSError`` (:func:`writer_failure`); ``detail`` is its own error."""
+
+    def __init__(self, code: int, text: str, detail: str):
+        super().__init__(code, text)
+        self.detail = detail
+
 
 def _describe(err: OSError) -> str:
     if err.errno == errno.ENOSPC:
-        return "no space left on the device"
+        return "no space left on the device" + (f" ({err.detail})" if isinstance(err, _WriterFailure) else "")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "permission denied (read-only folder?)"
     return err.strerror or str(err)
@@ -92,12 +104,43 @@ def write_json(path: str | Path, data: Any, *, what: str | None = None) -> None:
     atomic_write_text(path, json.dumps(_clean_json(data), indent=2) + "\n", what=what or Path(path).name)
 
 
+#: below this many free bytes a writer's failure is taken for a full disk
+_FULL_BELOW = 1 << 20
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes (for this user) on the device holding ``path`` or its nearest existing parent."""
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def writer_failure(err: BaseException, path: Path) -> OSError:
+    """The ``OSError`` behind a serializer's own exception (``torch.save`` raises ``RuntimeError:
+    [enforce fail at inline_container.cc] unexpected pos`` on a full disk, safetensors its
+    ``SafetensorError``): ``ENOSPC`` when the device holding ``path`` is full, else ``EIO``; the
+    message keeps the original error's first line."""
+    first = (str(err).strip().splitlines() or [""])[0][:160]
+    detail = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    free = _free_bytes(path)
+    if free is not None and free < _FULL_BELOW:
+        return _WriterFailure(errno.ENOSPC, os.strerror(errno.ENOSPC), detail)
+    room = "" if free is None else f"; {free / (1 << 20):.0f} MiB free on that device"
+    return _WriterFailure(errno.EIO, f"the writer failed ({detail}{room})", detail)
+
+
 @contextmanager
-def atomic_dir(path: str | Path, *, what: str = "a folder") -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, what: str = "a folder",
+               failures: tuple[type[BaseException], ...] = ()) -> Iterator[Path]:
     """Fill a folder atomically: yields ``path.tmp`` (empty); on success it replaces ``path``.
 
-    On any error the temporary folder is removed and ``path`` is left as it was (an ``OSError``
-    becomes a :class:`WriteError` naming ``what``).
+    On any error the temporary folder is removed and ``path`` is left as it was. An ``OSError``,
+    or an exception of a type in ``failures`` (a serializer's own error for a failed write:
+    :func:`writer_failure`), becomes a :class:`WriteError` naming ``what``.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -106,7 +149,10 @@ def atomic_dir(path: str | Path, *, what: str = "a folder") -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        yield tmp
+        try:
+            yield tmp
+        except failures as err:
+            raise writer_failure(err, tmp) from err
         if path.exists():  # replace: move the old one aside first, so a crash leaves one of the two
             if old.exists():
                 shutil.rmtree(old)
@@ -119,7 +165,7 @@ def atomic_dir(path: str | Path, *, what: str = "a folder") -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():
             old.rename(path)
-        raise write_error(what, path, err) from err
+        raise write_error(what, path, err) from (err.__cause__ or err)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

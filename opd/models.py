@@ -5,11 +5,18 @@ Everything here goes through the standard ``transformers`` classes (``LlamaForCa
 by this package loads in any Hugging Face tool, and any causal LM from the hub or a local folder
 loads here. Tiny models for tests and the built-in tasks are built from a config in-process: no
 download ever.
+
+A ``.gguf`` file loads too (dequantized, with the tokenizer and chat template stored in it; see
+:mod:`opd.gguf`). A hub id is tried on the hub only when the hub can be reached: with
+``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``), or when the hub's host does not answer within
+a few seconds, only the local Hugging Face cache is read, so a name that is not there fails at once
+instead of after the hub client's retries.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +34,7 @@ __all__ = [
     "DType",
     "build_model",
     "count_parameters",
+    "hub_offline_reason",
     "load_model",
     "load_tokenizer",
     "tiny_llama_config",
@@ -162,55 +170,123 @@ def _check_local_folder(path: Path, required: tuple[str, ...], what: str, need_c
         )
 
 
+def hub_offline_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub must not be contacted now, or None when it can be.
+
+    ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to a true value, or no TCP connection to the
+    hub's host (``HF_ENDPOINT``, default huggingface.co, port 443) within ``timeout`` seconds. A
+    configured HTTPS proxy is trusted (the host may only be reachable through it).
+    """
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]}"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{host}:{port} is not reachable from here ({err.strerror or type(err).__name__})"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _hub_load(loader, name: str, what: str, **kwargs):
+    """``loader(name, **kwargs)`` for a hub id: from the local cache only when the hub is unreachable
+    (:func:`hub_offline_reason`), so a missing name fails in seconds with one line."""
+    offline = hub_offline_reason()
+    try:
+        return loader(name, local_files_only=offline is not None, **kwargs)
+    except (OSError, ValueError) as err:
+        if offline is not None:
+            raise OSError(
+                f"could not load the {what} {name!r}: it is not a local folder or .gguf file, and as a Hugging Face "
+                f"hub id it is not in the local cache, while the hub is off ({offline}); pass a local folder, a .gguf "
+                "file or builtin:smollm2-135m-instruct, or download it where the hub is reachable") from None
+        raise OSError(
+            f"could not load the {what} {name!r}: it is not a local folder, and loading it as a Hugging Face hub id "
+            f"failed ({_first_line(err)}). Check the id, your network, or HF_HUB_OFFLINE.") from None
+
+
+def _resolve_builtin_gguf(name: str) -> str:
+    """``builtin:<gguf name>`` → the file (:data:`opd.gguf.BUILTIN_GGUF`); anything else unchanged."""
+    if name.startswith("builtin:"):
+        from opd.gguf import BUILTIN_GGUF, builtin_gguf_path
+
+        if name[len("builtin:"):] in BUILTIN_GGUF:
+            return str(builtin_gguf_path(name[len("builtin:"):]))
+    return name
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
     dtype: DType = "float32",
     device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """Load a causal LM with ``AutoModelForCausalLM`` from a local folder or a hub id.
+    """Load a causal LM with ``AutoModelForCausalLM`` from a local folder, a ``.gguf`` file or a hub id.
 
-    Local folders load offline. ``dtype="auto"`` keeps the dtype stored in the checkpoint.
-    The model is returned in eval mode on ``device``.
+    Local folders load offline. A ``.gguf`` file (or ``builtin:smollm2-135m-instruct``) is
+    dequantized to ``dtype`` (:func:`opd.gguf.load_gguf_model`). ``dtype="auto"`` keeps the dtype
+    stored in the checkpoint. A hub id is read from the local cache only when the hub is off
+    (:func:`hub_offline_reason`). The model is returned in eval mode on ``device``.
 
     Raises:
         ValueError: ``dtype`` is not one of float32, bfloat16, float16, auto.
         FileNotFoundError: the path does not exist, or the folder lacks ``config.json`` or the
             weights (the message lists the expected and the present files).
+        opd.gguf.GgufError: a GGUF file that cannot be loaded (``gguf`` missing, truncated,
+            unsupported architecture).
         OSError: a hub id that could not be loaded (no network, unknown id); the message says so.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    name = os.fspath(name_or_path)
+    name = _resolve_builtin_gguf(os.fspath(name_or_path))
+    if _is_gguf(name):
+        from opd.gguf import load_gguf_model
+
+        gguf_dtype = torch.float32 if dtype == "auto" else _DTYPES[dtype]  # GGUF weights are dequantized
+        return load_gguf_model(name, dtype=gguf_dtype).to(device).eval()
     if _is_local(name):
         _check_local_folder(Path(name).expanduser(), _WEIGHT_FILES, "model", need_config=True)
         name = str(Path(name).expanduser())
-    try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=_DTYPES[dtype])
-    except OSError as err:
-        raise OSError(
-            f"could not load the model {name!r}: it is not a local folder, and loading it as a "
-            f"Hugging Face hub id failed ({err}). Check the id, your network, or HF_HUB_OFFLINE."
-        ) from err
+    else:
+        model = _hub_load(AutoModelForCausalLM.from_pretrained, name, "model", dtype=_DTYPES[dtype])
     return model.to(device).eval()
 
 
+def _is_gguf(name: str) -> bool:
+    from opd.gguf import is_gguf_path
+
+    return is_gguf_path(name)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """Load a tokenizer with ``AutoTokenizer`` from a local folder or a hub id.
+    """Load a tokenizer with ``AutoTokenizer`` from a local folder, a ``.gguf`` file or a hub id.
+
+    A ``.gguf`` file gives the tokenizer and chat template stored in its metadata
+    (:func:`opd.gguf.load_gguf_tokenizer`).
 
     Raises:
         FileNotFoundError: the path does not exist or holds no tokenizer files (the message
             lists the expected and the present files).
+        opd.gguf.GgufError: a GGUF file that cannot be loaded.
         OSError: a hub id that could not be loaded.
     """
-    name = os.fspath(name_or_path)
+    name = _resolve_builtin_gguf(os.fspath(name_or_path))
+    if _is_gguf(name):
+        from opd.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(name)
     if _is_local(name):
         _check_local_folder(Path(name).expanduser(), _TOKENIZER_FILES, "tokenizer", need_config=False)
-        name = str(Path(name).expanduser())
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except OSError as err:
-        raise OSError(
-            f"could not load the tokenizer {name!r}: it is not a local folder, and loading it as a "
-            f"Hugging Face hub id failed ({err}). Check the id, your network, or HF_HUB_OFFLINE."
-        ) from err
+        return AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
+    return _hub_load(AutoTokenizer.from_pretrained, name, "tokenizer")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate.utils import DistributedType
 
-from opd.checkpoint import checkpoint_dir, list_checkpoints, load_latest_intact, save_checkpoint
+from opd.checkpoint import WRITER_ERRORS, checkpoint_dir, list_checkpoints, load_latest_intact, save_checkpoint
 from opd.io import atomic_dir
 from opd.lora import apply_student_weights, save_student
 
@@ -81,7 +81,7 @@ def save_final(parts: Components) -> None:
     any HF tool loads ``final/`` without peft."""
     weights = _full_student_state(parts)
     if parts.main:
-        with atomic_dir(parts.run_dir / "final", what="the final model") as tmp:
+        with atomic_dir(parts.run_dir / "final", what="the final model", failures=WRITER_ERRORS) as tmp:
             save_student(parts.student, parts.tokenizer, tmp, merged=True, state_dict=weights)
     parts.accelerator.wait_for_everyone()
 

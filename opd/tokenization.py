@@ -110,8 +110,8 @@ class TokenizerComparison:
     Attributes:
         errors: differences opd cannot work with in the chosen mode (with ``teacher.tokenizer=same``
             the teacher would score other tokens than the student sampled). Training must not start.
-        warnings: legal but risky setups, e.g. ``pad == eos``: a collator that masks padding
-            then also masks the EOS, so the student never learns to stop.
+        warnings: legal but risky setups, e.g. ``pad == eos``: harmless in opd (masks end at the
+            first stop token, EOS kept), but a collator elsewhere that masks padding by id also masks the EOS.
         aligned: differences opd handles (``teacher.tokenizer=own``: re-tokenized and aligned by
             character offsets, EOS mapped to EOS, each model's own chat template), each saying how.
         mode: ``same`` or ``own`` (``teacher.tokenizer``); ``chat``: conversations are rendered.
@@ -215,7 +215,8 @@ def compare_tokenizers(
     EOS or pad token on the teacher side or, with ``chat``, a missing template. A probe text the
     teacher's tokenizer does not spell back exactly (an unknown character) is a warning.
 
-    Both modes: ``pad == eos`` on either side is a warning (masking padding also masks the EOS);
+    Both modes: ``pad == eos`` on either side is a warning saying it is harmless in opd (completion
+    masks end at the first stop token, EOS kept) but not for tools that mask padding by id;
     no EOS at all is an error (rollouts cannot end). The padding side is not compared.
     """
     if teacher_tokenizer not in ("same", "own"):
@@ -253,10 +254,14 @@ def compare_tokenizers(
                 f"{side} tokenizer has no eos_token: rollouts can never end; set tokenizer.eos_token"
             )
         elif pad_id is not None and pad_id == eos_id:
+            # opd itself never masks by pad id: completion masks run up to and including the first stop
+            # token (opd.rollout.generate, the hf and vllm engines alike), text-given completions are masked
+            # by length, and padding is sent to no server; so the only risk is outside opd
             result.warnings.append(
-                f"{side} pad_token_id == eos_token_id == {eos_id} ({tok.eos_token!r}): masking padding "
-                "also masks the EOS, so the student never learns to stop; set a distinct pad token "
-                "or make sure completions are masked by length, not by pad id"
+                f"{side} pad_token_id == eos_token_id == {eos_id} ({tok.eos_token!r}): harmless in opd (with the "
+                "hf and vllm engines alike, a completion's mask ends at its first stop token and keeps that EOS in "
+                "the loss; padding is found by position, never by id); a tool that masks padding by token id (e.g. "
+                "another trainer's collator) would also mask the EOS, and its student would never learn to stop"
             )
     if own and teacher_tok.pad_token_id is None:
         result.errors.append("teacher tokenizer has no pad token: its re-tokenized prompts cannot be batched; set "

@@ -24,6 +24,7 @@ What the loop guarantees (docs/guarantees.md):
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from opd.config.advice import config_warnings
 from opd.config.load import dump_config, load_config
 from opd.config.schema import Config
 from opd.errors import RunFault
-from opd.evaluate import EvalResult, evaluate
+from opd.evaluate import EvalResult, evaluate, evaluate_teacher_forced
 from opd.interrupts import StopRequest
 from opd.io import write_json
 from opd.monitor import Monitor
@@ -51,6 +52,7 @@ from opd.rundir import acquire_run_folder, check_run_folder
 from opd.sharding import gathered
 from opd.step import sync_flag, train_step
 from opd.teachers import teacher_prompt_texts
+from opd.threads import apply_threads, choose_threads
 
 __all__ = ["EXIT_CODES", "RunSummary", "default_run_dir", "distill"]
 
@@ -74,6 +76,7 @@ class RunSummary:
     checkpoint: Path | None = None  # the checkpoint a resume starts from (None: none written)
     report_path: Path | None = None
     exit_code: int = 0
+    faults: list[str] = field(default_factory=list)  # failures of earlier sessions this run was resumed after
 
     @property
     def stopped_early(self) -> bool:
@@ -99,6 +102,7 @@ class _Progress:
     fault: RunFault | OSError | None = None  # what ended the run early (a failed write is an OSError)
     skipped_here: int = 0  # steps of this session whose update was skipped (non-finite values)
     history: list[dict[str, float]] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)  # failures of earlier sessions (metrics.jsonl "fault")
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -116,7 +120,7 @@ def distill(cfg: Config, *, resume: str | Path | None = None) -> RunSummary:
     """
     parts, progress = _set_up(cfg, resume)
     try:
-        with StopRequest(echo=tqdm.write if parts.main else None) as stop:
+        with StopRequest(echo=tqdm.write if parts.main else None, run_dir=parts.run_dir) as stop:
             if progress.fault is None:
                 _loop(parts, progress, stop)
         return _finish(parts, progress, stop)
@@ -146,8 +150,10 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
         run_dir = Path(cfg.logging.run_dir) if cfg.logging.run_dir else default_run_dir(cfg)
         check_run_folder(run_dir, resume=False, overwrite=cfg.logging.overwrite)
     check_environment(cfg)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads = choose_threads(cfg.train.threads, recorded=_recorded_threads(run_dir) if resume is not None else None)
+    apply_threads(threads.threads)
+    if threads.warning:
+        tqdm.write(f"opd: warning: {threads.warning}")
     # on a machine without GPUs accelerate needs cpu=True to see a multi-process launch (gloo) at all
     cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
     accelerator = _accelerator(cpu=cpu, precision=cfg.train.precision)
@@ -171,6 +177,9 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
         progress = _Progress()
         if resume is not None:
             progress.start = progress.done = restore(parts, run_dir, echo)
+            _resume_evaluations(parts, progress)
+            if progress.fault is not None:
+                return parts, progress
         if progress.start == 0:
             try:
                 progress.before = _evaluate(parts, 0)  # every process takes part (sharded students), main evaluates
@@ -179,13 +188,27 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
                 return parts, progress
         if parts.main and progress.start == 0:
             progress.last_accuracy = progress.before.accuracy
-            progress.teacher = _evaluate_teacher(parts) if cfg.eval.teacher else None
+            try:
+                progress.teacher = _evaluate_teacher(parts) if cfg.eval.teacher else None
+            except RunFault as err:  # a served teacher that is down: as above
+                progress.fault = err
+                return parts, progress
             if progress.teacher is not None:
-                parts.log.write("eval_teacher", 0, progress.teacher.as_metrics("teacher"))
+                decoding = {} if progress.teacher.decoding == "greedy" else {"decoding": progress.teacher.decoding}
+                parts.log.write("eval_teacher", 0, {**progress.teacher.as_metrics("teacher"), **decoding})
     except BaseException:
         parts.close()
         raise
     return parts, progress
+
+
+def _recorded_threads(run_dir: Path) -> int | None:
+    """The torch thread count the run in ``run_dir`` started with (``run_info.json``), if known."""
+    try:
+        value = json.loads((run_dir / "run_info.json").read_text()).get("torch_threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value >= 1 else None
 
 
 def _model_teachers(teacher) -> list[tuple[object, object, object, bool]]:
@@ -213,11 +236,46 @@ def _check_context(parts: Components) -> None:
                           teachers=teachers)
 
 
+def _resume_evaluations(parts: Components, progress: _Progress) -> None:
+    """A resumed run: the first session's "before" and teacher results come back from metrics.jsonl
+    (for the final table and summary.json), so do the failures that stopped earlier sessions; and an
+    evaluation that was due at the resumed step but never logged (the fault that stopped the run hit
+    it) is made now. Every process takes part (:func:`_evaluate` is collective)."""
+    from opd.runlog import read_metrics
+
+    records = read_metrics(parts.run_dir) if (parts.run_dir / "metrics.jsonl").is_file() else []
+    evals = [r for r in records if r.get("kind") == "eval" and "eval/accuracy" in r]
+    first = next((r for r in evals if r.get("step") == 0), None)
+    teacher = next((r for r in records if r.get("kind") == "eval_teacher" and "teacher/accuracy" in r), None)
+    progress.before = EvalResult.from_metrics(first) if first else None
+    progress.teacher = EvalResult.from_metrics(teacher, "teacher") if teacher else None
+    progress.faults = [f"step {r.get('steps_done', r['step'])}: {r.get('error')}" for r in records
+                       if r.get("kind") == "fault"]
+    if evals:
+        progress.last_accuracy = float(evals[-1]["eval/accuracy"])
+    every, start = parts.cfg.eval.every, progress.start
+    if (start > 0 and every and start % every == 0 and start != parts.cfg.train.steps
+            and not any(r.get("step") == start for r in evals)):
+        try:
+            result = _evaluate(parts, start)
+        except RunFault as err:
+            progress.fault = err
+            return
+        if result is not None:
+            progress.last_accuracy = result.accuracy
+
+
 def _evaluate_teacher(parts: Components) -> EvalResult | None:
-    """The teacher's held-out accuracy, once (with its own tokenizer when it has one); None for a
-    self-teacher, a served teacher or several routed ones."""
+    """The teacher's held-out accuracy, once (with its own tokenizer when it has one); a served
+    teacher, which nothing here can sample, is scored on the reference answers
+    (:func:`opd.evaluate.evaluate_teacher_forced`); None for a self-teacher or several routed ones."""
     found = _model_teachers(parts.teacher)
-    if parts.cfg.teacher.model == "self" or len(found) != 1:
+    if parts.cfg.teacher.model == "self":
+        return None
+    if not found and parts.cfg.teacher.server and not parts.cfg.teacher.routes:
+        return evaluate_teacher_forced(parts.teacher, parts.tokenizer, _eval_examples(parts),
+                                       max_new_tokens=_eval_tokens(parts), batch_size=parts.cfg.eval.batch_size)
+    if len(found) != 1:
         return None
     _, model, tokenizer, own = found[0]
     return evaluate(model, tokenizer if own else parts.tokenizer, parts.task, _eval_examples(parts),
@@ -321,7 +379,14 @@ def _finish(parts: Components, progress: _Progress, stop: StopRequest) -> RunSum
         history=progress.history, stop_reason=monitor.stop_reason, error=error,
         checkpoint=checkpoints[-1] if checkpoints and status != "done" else None,
         exit_code=stop.exit_code if status == "interrupted" else EXIT_CODES[status])
+    summary.faults = progress.faults
     if parts.main:
+        try:  # the failure stays on record in metrics.jsonl (kept by a resume: it is at the resumed step)
+            if progress.fault is not None:
+                parts.log.write("fault", max(last_checkpoint_step(run_dir), 0),
+                                {"error": error, "steps_done": progress.done})
+        except OSError:
+            pass  # a full disk: summary.json below still says it
         parts.log.close()
         try:
             write_json(run_dir / "summary.json", {

@@ -112,7 +112,7 @@ def test_new_presets_set_their_defining_values() -> None:
     assert (eopd.route1.divergence, eopd.route1.fkl_coef, eopd.support.kind) == ("rkl", 1.0, "full")
     d2 = load_config(None, ["method=distillm-2"])
     assert (d2.route1.divergence, d2.route1.off_policy_divergence, d2.rollout.off_policy_source) == (
-        "srkl", "skl", "teacher")
+        "srkl_sg", "skl", "teacher")
     verl = load_config(None, ["method=verl-fkl-topk"])
     assert (verl.support.norm, verl.support.k, verl.route1.clamp_low, verl.route1.logprob_floor) == (
         "none", 128, 0.0, -10.0)
@@ -266,7 +266,7 @@ def test_unknown_keys_sections_and_methods_get_suggestions() -> None:
     ("route2.gamma=1.5", "route2.gamma=1.5 is out of range: it must be in [0, 1]"),
     ("rollout.temperature=0", "rollout.temperature=0.0 is out of range: it must be > 0"),
     ("train.steps=0", "train.steps=0 is out of range: it must be ≥ 1"),
-    ("route2.credit=gea", "route2.credit='gea' is not one of: immediate, return_to_go, discounted, gae; "
+    ("route2.credit=gea", "route2.credit='gea' is not one of: immediate, return_to_go, discounted, gae, window; "
                           "did you mean gae?"),
     ("data.verifier=foo", "data.verifier='foo' is not a verifier"),
     ("train.betas=[0.9]", "AdamW needs two numbers in [0, 1)"),
@@ -393,7 +393,7 @@ WARNINGS = [
     (["data.task=jsonl", "data.path=p.jsonl", "data.context_field=hint"], "the context is never shown"),
     (["train.warmup_steps=400"], "never reaches its peak"),
     (["method=thinking-machines", "route2.gamma=0.9"],
-     "route2.gamma=0.9 has no effect: it is used only with route2.credit=discounted or gae"),
+     "route2.gamma=0.9 has no effect: it is used only with route2.credit=discounted, gae or window"),
     (["method=thinking-machines", "routing.kappa=0.5"], "routing.kappa=0.5 has no effect"),
     (["route2.credit=gae", "route2.lam=0.9"], "route2.credit, route2.lam have no effect: route 2 is off"),
     (["method=thinking-machines", "support.k=8"], "support.k has no effect: nothing uses the support"),

@@ -118,7 +118,8 @@ def test_help_shows_every_default():
     text = sub.choices["eval"].format_help()
     for option, default in [("--prompts", "the run's held-out set"), ("--prompt-field", "else prompt"),
                             ("--answer-field", "else answer"), ("--verifier", "else auto"),
-                            ("--max-new-tokens", "rollout.max_new_tokens, else 8"), ("--size", "every row of"),
+                            ("--max-new-tokens", "rollout.max_new_tokens; without a run: from the data"),
+                            ("--size", "every row of"),
                             ("--batch-size", "else 500"), ("--samples", "default: 0")]:
         assert option in text and default in " ".join(text.split()), option
     assert "(default: None)" not in text
@@ -167,7 +168,9 @@ def test_completions_are_cut_at_eos_before_they_are_compared(tmp_path, capsys):
     assert "EOS '</s>'" in out and "✓ 'aa=' → 'x</s>'" in out
     data, _ = _eval([str(model), "--prompts", str(wrong)], tmp_path, capsys)
     assert data["results"][0]["eval/accuracy"] == 0.0
-    data, _ = _eval([str(model), "--prompts", str(right), "--verifier", "contains"], tmp_path, capsys)
+    # contains: no answer bounds the length, so without a run it must be given (tests/test_eval_length.py)
+    data, _ = _eval([str(model), "--prompts", str(right), "--verifier", "contains", "--max-new-tokens", "8"],
+                    tmp_path, capsys)
     assert data["results"][0]["eval/accuracy"] == 1.0
 
 

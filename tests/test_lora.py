@@ -344,9 +344,11 @@ def test_frozen_self_teacher_of_a_lora_student_is_the_base_without_a_copy():
     student.train()
     for access in ("sampled", "full"):
         got, want = teacher.score(rollouts, access=access), base_teacher.score(rollouts, access=access)
-        assert torch.equal(got.sampled_logprobs_BT, want.sampled_logprobs_BT)
+        # fp32 rounding only: peft's disabled-adapter forward may take another kernel path than the plain
+        # model (bitwise equal on the Intel CPUs this was written on; 9.5e-7 apart on an AMD EPYC)
+        torch.testing.assert_close(got.sampled_logprobs_BT, want.sampled_logprobs_BT, rtol=0, atol=1e-5)
         if access == "full":
-            assert torch.equal(got.logits_BTV, want.logits_BTV)
+            torch.testing.assert_close(got.logits_BTV, want.logits_BTV, rtol=0, atol=1e-5)
     live = SelfTeacher(student, tok, mode="live", use_context=True, context_template="{context}")
     assert not torch.allclose(live.score(rollouts).sampled_logprobs_BT, want.sampled_logprobs_BT, atol=1e-3)
     # the shared module is handed back as it was: adapter on, trainable, in training mode

@@ -10,14 +10,14 @@ import pytest
 
 from opd.config.docs import format_methods
 from opd.config.presets import PRESETS
-from tests import test_presets_route1, test_presets_route2
+from tests import test_presets_recent, test_presets_route1, test_presets_route2
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_at_least_24_presets_each_with_a_formula_test():
     assert len(PRESETS) >= 24
-    tested = set(test_presets_route1.HAND) | set(test_presets_route2.HAND)
+    tested = set(test_presets_route1.HAND) | set(test_presets_route2.HAND) | set(test_presets_recent.HAND)
     assert tested == set(PRESETS), f"presets without a formula test: {sorted(set(PRESETS) - tested)}"
 
 

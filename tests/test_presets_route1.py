@@ -63,14 +63,54 @@ def hand_distillm(b: Batch):
     return loss, loss
 
 
-def hand_distillm_2(b: Batch):
-    """DistiLLM-2 (arXiv 2503.07067): SKL on teacher rows, SRKL on student rows, α = 0.1."""
+def _distillm_2_released(b: Batch, *, detach: bool = True):
+    """DistiLLM-2's released loss: per pair, the token mean of KL(π_T ‖ α·π_T + (1−α)·π_S) over the
+    teacher's (chosen) response plus the token mean of KL(π_S ‖ (1−α)·π_T + α·sg(π_S)) over the student's
+    (rejected) one, averaged over pairs; α = 0.1. ``detach=False`` differentiates through α·π_S."""
     S, Tl = lsm(b.s_logits), lsm(b.t_logits)
-    skl = kl(Tl, _mix_logp(Tl, S, 0.1))
-    srkl = kl(S, _mix_logp(Tl, S, 0.9))
+    skl = kl(Tl, torch.log(0.1 * Tl.exp() + 0.9 * S.exp()))
+    S_mix = S.detach() if detach else S  # the released trainer: student_vocab_logps.detach()
+    srkl = kl(S, torch.log(0.9 * Tl.exp() + 0.1 * S_mix.exp()))
     on = b.on_mask
-    loss = (total(srkl, on) + total(skl, b.mask & ~on)) / _n(b)
+    chosen = [r for r in range(b.mask.shape[0]) if not b.on[r]]
+    rejected = [r for r in range(b.mask.shape[0]) if b.on[r]]
+    assert len(chosen) == len(rejected) > 0  # the batch pairs teacher and student rows
+
+    def seq_mean(x, m, r):
+        return total(x[r], m[r]) / m[r].sum()
+
+    pairs = [seq_mean(skl, b.mask & ~on, c) + seq_mean(srkl, on, r) for c, r in zip(chosen, rejected)]
+    return torch.stack(pairs).mean()
+
+
+def hand_distillm_2(b: Batch):
+    """DistiLLM-2 (arXiv 2503.07067) as its released trainer computes it (jongwooko/distillm-2)."""
+    loss = _distillm_2_released(b)
     return loss, loss
+
+
+def test_distillm_2_released_form_differs_from_the_undetached_token_mean():
+    """The released gradient and reduction are distinguishable on the fixed batch (else the formula test
+    could not tell them apart): detaching α·π_S changes the student rows' gradient, and the pair-summed
+    per-sequence mean is about twice opd's earlier single token mean, which is still available."""
+    from tests.test_presets_common import make_batch, preset_config, run_objective
+
+    b = make_batch("distillm-2", preset_config("distillm-2"))
+    on = b.on_mask
+    g_sg = torch.autograd.grad(_distillm_2_released(b), b.s_logits)[0]
+    g_full = torch.autograd.grad(_distillm_2_released(b, detach=False), b.s_logits)[0]
+    assert float((g_sg - g_full)[on].abs().max()) > 1e-4
+    torch.testing.assert_close(g_sg[b.mask & ~on], g_full[b.mask & ~on])  # teacher rows: same skl
+
+    loss_new, _, _ = run_objective("distillm-2", b)
+    loss_old, g_old, _ = run_objective("distillm-2", b, "route1.divergence=srkl", "route1.coef=1",
+                                       "gates.reduction=token_mean")
+    S, Tl = lsm(b.s_logits), lsm(b.t_logits)
+    old = (total(kl(S, torch.log(0.9 * Tl.exp() + 0.1 * S.exp())), on)
+           + total(kl(Tl, torch.log(0.1 * Tl.exp() + 0.9 * S.exp())), b.mask & ~on)) / _n(b)
+    torch.testing.assert_close(loss_old, old.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_old, torch.autograd.grad(old, b.s_logits)[0], rtol=1e-4, atol=1e-7)
+    assert 1.5 < float(loss_new / loss_old) < 2.5
 
 
 def hand_akl(b: Batch):
@@ -122,6 +162,46 @@ def hand_verl_fkl_topk(b: Batch):
     per = (t_k.exp() * (t_k - s_k)).sum(-1).clamp(min=0.0).clamp(-10.0, 10.0)
     loss = total(per, b.mask) / _n(b)
     return loss, loss
+
+
+def _verl_tail(b: Batch, *, floor_tail: bool = False, clamp_low: bool = False):
+    """verl's forward KL on the teacher's top-128 with a tail bucket: the top-k log-probs floored at −10,
+    one more entry ``log(1 − Σ_topk p)`` per side, *not* floored (the exact complement of the top-k's
+    full-vocabulary probabilities), no clamp from below (the value is a true KL), clamp at 10 above.
+    ``floor_tail`` / ``clamp_low`` give opd's earlier form (the floor on the bucket too, clamp_min(0))."""
+    S, Tl = lsm(b.s_logits), lsm(b.t_logits)
+    top = Tl.topk(128, dim=-1).indices
+    out = torch.ones_like(S, dtype=torch.bool).scatter(-1, top, False)  # the ids off the top-k
+
+    def tail(x):
+        return torch.where(out, x, torch.full((), float("-inf"))).logsumexp(-1, keepdim=True)
+
+    s_k, t_k = S.gather(-1, top).clamp(min=-10.0), Tl.gather(-1, top).clamp(min=-10.0)
+    s_t, t_t = tail(S), tail(Tl)
+    if floor_tail:
+        s_t, t_t = s_t.clamp(min=-10.0), t_t.clamp(min=-10.0)
+    s_all, t_all = torch.cat([s_k, s_t], -1), torch.cat([t_k, t_t], -1)
+    per = (t_all.exp() * (t_all - s_all)).sum(-1)
+    per = per.clamp(min=0.0, max=10.0) if clamp_low else per.clamp(max=10.0)
+    return total(per, b.mask) / _n(b)
+
+
+def test_verl_fkl_topk_tail_mode_is_verls():
+    """``method=verl-fkl-topk support.norm=tail``: the −10 floor applies to the top-k entries only (the
+    bucket keeps its exact mass, ≈ 0 where the teacher's top-k holds nearly everything) and there is
+    no clamp at 0 — in value and gradient. The batch has tokens where the teacher's true tail is below
+    e^-10, so the earlier form (bucket floored at −10) differs."""
+    from tests.test_presets_common import make_batch, preset_config
+
+    assert_matches("verl-fkl-topk", lambda b: (_verl_tail(b), _verl_tail(b)), overrides=("support.norm=tail",))
+    b = make_batch("verl-fkl-topk", preset_config("verl-fkl-topk", "support.norm=tail"))
+    Tl = lsm(b.t_logits)
+    top = Tl.topk(128, dim=-1).indices
+    t_tail = torch.where(torch.ones_like(Tl, dtype=torch.bool).scatter(-1, top, False), Tl,
+                         torch.full((), float("-inf"))).logsumexp(-1)
+    assert int((t_tail[b.mask] < -10).sum()) >= 3
+    old = _verl_tail(b, floor_tail=True, clamp_low=True)
+    assert abs(float(old - _verl_tail(b))) > 1e-6
 
 
 def hand_verl_k3(b: Batch):

@@ -80,9 +80,10 @@ def test_a_live_run_folder_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     with acquire_run_folder(run, resume=False, overwrite=False):  # another live run holds the lock
         assert distill(*SMOKE, "train.steps=1", f"logging.run_dir={run}") == 2
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # the refused run wrote nothing
     err = capsys.readouterr().err
     assert "in use by a live opd run" in err and f"pid {os.getpid()}" in err
-    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # the refused run wrote nothing
+    assert list(run.iterdir()) == []  # the holder's lock file went with it
 
 
 def test_a_second_process_on_the_same_folder_is_refused(tmp_path):

@@ -469,7 +469,8 @@ def _distill(args, capsys):
 
 
 def _args(url, run_dir):
-    # 1 held-out evaluation request before training (eval.size ≤ eval.batch_size), then 1 per step
+    # 2 requests before training (eval.size ≤ eval.batch_size): the student's held-out evaluation and the
+    # served teacher's (teacher-forced on the reference answers); then 1 per step
     return ["student.model=builtin:arith/smoke_student", f"teacher.server={url}", "data.digits=2", "train.steps=3",
             "rollout.prompts_per_step=8", "eval.size=16", "eval.batch_size=16", "train.threads=1",
             "train.checkpoint_every=1", "teacher.server_retries=1", "teacher.server_timeout=0.5",
@@ -491,7 +492,7 @@ def _history(run_dir):
     ("nan", "answered something unusable: sampled_logprobs holds 1 NaN"),
 ])
 def test_distill_stops_resumably_on_a_teacher_server_fault(teacher_server, tmp_path, capsys, fault, said):
-    proxy = FaultProxy(teacher_server.url, fault, fault_from=3)  # request 3 = step 2's feedback
+    proxy = FaultProxy(teacher_server.url, fault, fault_from=4)  # request 4 = step 2's feedback
     url = proxy.start()
     run = tmp_path / "run"
     code, out = _distill(_args(url, run), capsys)
@@ -516,6 +517,8 @@ def test_distill_stops_resumably_on_a_teacher_server_fault(teacher_server, tmp_p
         code, out = _distill(_args(teacher_server.url, ref), capsys)
         assert code == 0, out
         got, want = _history(run), _history(ref)
+        assert ("fault", 1) in got  # the failure stays on record (the report names it)
+        got = {key: v for key, v in got.items() if key[0] != "fault"}
         assert got.keys() == want.keys()
         for key in want:
             for name, value in want[key].items():
@@ -525,7 +528,7 @@ def test_distill_stops_resumably_on_a_teacher_server_fault(teacher_server, tmp_p
 
 
 def test_distill_waits_for_a_server_restarted_within_the_retries(teacher_server, tmp_path, capsys):
-    proxy = FaultProxy(teacher_server.url, "down", fault_from=3)
+    proxy = FaultProxy(teacher_server.url, "down", fault_from=4)
     url = proxy.start()
     port = proxy.server.port
 

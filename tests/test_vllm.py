@@ -208,6 +208,63 @@ def test_layout_lengths_eos_and_reproducibility(llm, tok, examples):
         assert r.completion_ids_BT.shape[1] == 2 and not r.truncated_B.any()  # partial rollouts are not truncated
 
 
+def test_weight_pushes_reach_the_terminal_silently(llm, tok, examples, capfd, monkeypatch):
+    """Issue 16.12: vLLM logs "RotaryEmbedding: Failed to load weights" at every reload; the line is
+    dropped by opd's filter (counted here, so the test knows it was emitted) and nothing of vLLM's
+    log reaches stdout/stderr; the pushed weights are complete (greedy tokens and log-probs equal
+    the updated HF model's — the rotary table vLLM keeps is derived from the config)."""
+    from opd.rollout.vllm_engine import ROTARY_RELOAD_FILTER
+
+    dropped: list[str] = []
+    keep = ROTARY_RELOAD_FILTER.filter
+
+    def counting(record):
+        kept = keep(record)
+        if not kept:
+            dropped.append(record.getMessage())
+        return kept
+
+    monkeypatch.setattr(ROTARY_RELOAD_FILTER, "filter", counting)
+    # opd runs vLLM's loggers at ERROR, so the warning is not even formed; at WARNING (as when a user
+    # turns vLLM's warnings on) it reaches the filter, which must still drop it
+    import logging
+
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    level = reload_log.level
+    reload_log.setLevel(logging.WARNING)
+    model = load_model(STUDENT)
+    engine, hf = _engine(llm, tok), HFEngine(model, tok)
+    greedy = Sampling(max_new_tokens=8, greedy=True)
+    capfd.readouterr()
+    try:
+        for _ in range(2):
+            _update(model, examples, tok)
+            engine.sync.pushes = 0
+            engine.sync_weights(model)
+        got, want = engine.generate(examples, greedy), hf.generate(examples, greedy)
+        out, pushed = capfd.readouterr(), list(dropped)
+    finally:
+        _restore(engine)
+        reload_log.setLevel(level)
+    assert pushed == ["RotaryEmbedding: Failed to load weights"] * 2  # one per push, none shown
+    assert "Failed to load weights" not in out.out + out.err and "WARNING" not in out.out + out.err, out
+    assert torch.equal(got.completion_ids_BT, want.completion_ids_BT)
+    torch.testing.assert_close(got.behaviour_logprobs_BT, want.behaviour_logprobs_BT, rtol=0, atol=1e-4)
+
+
+def test_the_rotary_filter_drops_only_that_warning():
+    import logging
+
+    from opd.rollout.vllm_engine import ROTARY_RELOAD_FILTER
+
+    def record(msg, *args):
+        return logging.LogRecord("vllm.x", logging.WARNING, "f.py", 1, msg, args, None)
+
+    assert not ROTARY_RELOAD_FILTER.filter(record("%s: Failed to load weights", "RotaryEmbedding"))
+    assert ROTARY_RELOAD_FILTER.filter(record("%s: Failed to load weights", "QKVParallelLinear"))
+    assert ROTARY_RELOAD_FILTER.filter(record("something else"))
+
+
 # ------------------------------------------------------------------------------------------------
 # a vLLM server
 
@@ -313,12 +370,15 @@ def _distill_cfg(run_dir, **overrides):
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
-def test_distill_with_vllm_rollouts_in_process(tmp_path):
+def test_distill_with_vllm_rollouts_in_process(tmp_path, capfd):
     from opd.train import distill
 
+    capfd.readouterr()
     summary = distill(_distill_cfg(tmp_path / "run", **{"rollout.engine": "vllm", "rollout.sync_every": 1}))
     assert summary.status == "done" and summary.steps_done == 3
     assert summary.after is not None and summary.after.n == 32
+    out = capfd.readouterr()  # a new vllm.LLM started and 3 pushes: none of vLLM's log reaches the terminal
+    assert "Failed to load weights" not in out.out + out.err and "WARNING" not in out.out + out.err, out
 
 
 def test_distill_with_a_vllm_rollout_server(vllm_server, tok, examples, tmp_path):

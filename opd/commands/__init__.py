@@ -16,8 +16,8 @@ from types import ModuleType
 
 #: Command modules in the order ``opd --help`` lists them.
 COMMANDS: tuple[str, ...] = (
-    "distill", "eval", "export", "methods", "config_help", "bias_lab", "sweep", "report", "make_checkpoints",
-    "serve_teacher",
+    "distill", "doctor", "eval", "export", "methods", "config_help", "bias_lab", "sweep", "report", "make_checkpoints",
+    "serve_teacher", "make_student",
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 NAME = "distill"
 HELP = "run on-policy distillation (no arguments: the built-in arith demo)"
@@ -31,7 +32,13 @@ def print_summary(summary) -> None:
         print(f"{'model':<16} {'accuracy':>9} {'mean len':>9} {'trunc':>6} {'RKL(S‖T)':>9}")
         for name, r in rows:
             rkl = f"{r.teacher_rkl:9.4f}" if r.teacher_rkl is not None else f"{'-':>9}"
+            if getattr(r, "decoding", "greedy") != "greedy":  # a served teacher, scored on the reference answers
+                name = "teacher (forced)"
             print(f"{name:<16} {r.accuracy:9.3f} {r.mean_length:9.2f} {r.truncation_rate:6.3f} {rkl}")
+        if any(getattr(r, "decoding", "greedy") != "greedy" for _, r in rows):
+            print("teacher (forced): a served teacher's greedy accuracy from its argmax on the reference answers")
+    for fault in getattr(summary, "faults", []):
+        print(f"resumed after a failure at {fault}")
     where = f"run folder: {summary.run_dir}"
     at = f"after step {summary.steps_done} of {summary.steps}"
     status = summary.status
@@ -51,6 +58,19 @@ def print_summary(summary) -> None:
         print(f"checkpoint: {summary.checkpoint}; continue with: {summary.resume_command}")
 
 
+def _resume_hint(run_dir: Path | None) -> str:
+    """'; continue from step-N with: opd distill --resume RUN' when the run has a checkpoint."""
+    from opd.checkpoint import list_checkpoints
+
+    if run_dir is None:
+        return ""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return (f"; {run_dir} holds no checkpoint yet: start the run again (logging.overwrite=true reuses "
+                "that folder)")
+    return f"; continue from its last checkpoint ({ckpts[-1].name}) with: opd distill --resume {run_dir}"
+
+
 def run(args: argparse.Namespace) -> int:
     from opd.config.load import load_config
 
@@ -67,9 +87,14 @@ def run(args: argparse.Namespace) -> int:
             config = None
         cfg, resume = load_config(config, overrides), None  # a bad config stops here, before torch loads
 
+    from opd.interrupts import RunAborted
     from opd.train import distill
 
-    summary = distill(load_config(None) if cfg is None else cfg, resume=resume)
+    try:
+        summary = distill(load_config(None) if cfg is None else cfg, resume=resume)
+    except RunAborted as err:  # a second Ctrl-C: one line and how to go on, not the traceback of wherever it hit
+        print(f"\nopd distill: {err}{_resume_hint(err.run_dir)}", file=sys.stderr)
+        return 130
     if not _is_main_process():
         return summary.exit_code  # under `accelerate launch` the first process prints the summary
     print_summary(summary)

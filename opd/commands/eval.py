@@ -13,6 +13,12 @@ its newest checkpoint), its ``final/`` folder or a checkpoint folder — or when
 field names (``data.prompt_field`` / ``answer_field``), the verifier, ``max_new_tokens``
 (``eval.max_new_tokens``, else ``rollout.max_new_tokens``), the held-out size and batch size.
 Explicit options always win. The settings actually used are printed above the results.
+
+Without a run folder the completion length comes from the data (:func:`length_from_data`): a built-in
+task's longest answer plus EOS, or — for a prompt file scored by exact match — the longest reference
+answer in each model's tokens plus EOS and a little headroom; with any other verifier
+``--max-new-tokens`` is required. Whenever more than 5 % of a model's completions were cut at the limit
+before the model stopped, a warning says so (they score as wrong, so the accuracy is not the model's).
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import argparse
 import copy
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 #: The built-in tasks ``--task`` accepts (opd/tasks/): their held-out sets and verifiers.
 BUILTIN_TASKS = ("arith", "arith_chat", "fork", "route", "modes", "long")
+#: Above this share of completions cut at ``max_new_tokens``, ``opd eval`` warns (they score as wrong).
+TRUNCATION_WARNING = 0.05
 NAME = "eval"
 HELP = "evaluate checkpoints on a held-out set (a task, a run's own, or a whole prompt file)"
 
@@ -67,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=FromRun("every row of --prompts; else the run's eval.size; else 500 for arith"),
                         help="score the first N prompts of the held-out set")
     parser.add_argument("--max-new-tokens", type=int,
-                        default=FromRun("the run's eval.max_new_tokens or rollout.max_new_tokens, else 8"),
+                        default=FromRun("the run's eval.max_new_tokens or rollout.max_new_tokens; without a run: "
+                                        "from the data (a built-in task's longest answer + EOS; a --prompts file's "
+                                        "longest reference answer + EOS + headroom), required for other verifiers"),
                         help="greedy completion length limit")
     parser.add_argument("--batch-size", type=int, default=FromRun("the run's eval.batch_size, else 500"),
                         help="prompts per generation batch")
@@ -147,10 +158,11 @@ class Settings:
     cfg: Any  # opd.config.schema.Config: data and eval sections as the task builder reads them
     eval_only: bool
     size: int | None
-    max_new_tokens: int
+    max_new_tokens: int | None  # None: taken from the data (length_from_data) once the tasks are built
     batch_size: int
     source: str  # where the defaults came from
     run: Path | None = None  # the run folder whose config gave the defaults
+    length_source: str = ""  # where max_new_tokens came from, for the header (empty: an option or the run)
 
 
 def settings(args: argparse.Namespace, located: list[Located]) -> Settings:
@@ -198,9 +210,18 @@ def settings(args: argparse.Namespace, located: list[Located]) -> Settings:
     if _given(args.answer_field):
         d.answer_field = args.answer_field
     if _given(args.verifier):
+        if d.task not in ("jsonl", "hf") and args.verifier != "auto":  # never ignored silently (as opd distill)
+            raise ValueError(f"--verifier {args.verifier} is not used by the built-in task {d.task}: it scores "
+                             "completions with its own verifier; drop --verifier, or pass --prompts FILE to score "
+                             "your own prompts with it")
         d.verifier = args.verifier
     e.size = size
-    max_new = args.max_new_tokens if _given(args.max_new_tokens) else (e.max_new_tokens or cfg.rollout.max_new_tokens)
+    if _given(args.max_new_tokens):
+        max_new: int | None = args.max_new_tokens
+    elif run is not None:
+        max_new = e.max_new_tokens or cfg.rollout.max_new_tokens
+    else:  # no run: the length comes from the data (run() sets it once the held-out sets are built)
+        max_new = None
     batch = args.batch_size if _given(args.batch_size) else e.batch_size
     source = f"defaults from {run / 'config.yaml'}" if run is not None else "opd's defaults (no run folder)"
     return Settings(cfg=cfg, eval_only=eval_only, size=size, max_new_tokens=max_new, batch_size=batch, source=source,
@@ -232,6 +253,48 @@ def other_run_notes(s: Settings, located: list[Located]) -> list[str]:
     return notes
 
 
+def length_from_data(s: Settings, held_out: list[tuple[Any, list]], tokenizers: list[Any]) -> tuple[int, str]:
+    """``max_new_tokens`` for an evaluation without a run folder, and a note saying where it came from.
+
+    * a built-in task that states its longest completion (``task.max_new_tokens``: answer + EOS) → that,
+      or more where a model's tokenizer spells an answer in more tokens;
+    * reference answers scored by exact match (``auto`` / ``exact_match``; e.g. ``--prompts FILE``,
+      ``arith_chat``) → ``L + 1 + max(2, (L + 1) // 4)`` with ``L`` the longest answer in tokens of any
+      of the models' tokenizers: room for the answer and EOS, plus headroom for whitespace the
+      verifier strips (a longer completion cannot match anyway).
+
+    Raises:
+        ValueError: any other verifier (``contains``, ``python:...``, ``none``): the data says nothing
+            about how long a completion may be; the message asks for ``--max-new-tokens``.
+    """
+    task, examples = held_out[0]
+    answers = [ex.answer for _, exs in held_out for ex in exs]
+    declared = getattr(task, "max_new_tokens", None)
+    if isinstance(declared, int) and declared > 0:  # counted in the task's own tokens: a model's may need more
+        own = max((len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for tok in tokenizers
+                   for a in set(answers) if a is not None), default=0)
+        return max(declared, own), "the task's longest answer + EOS"
+    d = s.cfg.data
+    exact = d.verifier in ("auto", "exact_match")
+    if not exact or not answers or any(a is None for a in answers):
+        what = d.path if s.eval_only else f"the task {d.task}"
+        raise ValueError(f"opd eval without a run folder takes the completion length from the reference answers, but "
+                         f"{what} is scored with verifier {d.verifier} (no answer bounds a completion's length); "
+                         "pass --max-new-tokens N")
+    longest = max(len(tok(a, add_special_tokens=False)["input_ids"]) for tok in tokenizers for a in set(answers))
+    need = longest + 1
+    value = need + max(2, need // 4)
+    return value, f"from the data: longest answer {longest} tokens + EOS + headroom"
+
+
+def truncation_warning(model: str, rate: float, max_new_tokens: int) -> str | None:
+    """The warning printed when more than :data:`TRUNCATION_WARNING` of a model's completions were cut."""
+    if rate <= TRUNCATION_WARNING:
+        return None
+    return (f"opd eval: warning: {rate:.1%} of {model}'s completions hit max_new_tokens={max_new_tokens} before the "
+            "model stopped and score as wrong; raise --max-new-tokens")
+
+
 def describe(s: Settings, n: int, eos_tokens: list[str | None]) -> str:
     """One line saying what is scored and how."""
     d = s.cfg.data
@@ -249,8 +312,9 @@ def describe(s: Settings, n: int, eos_tokens: list[str | None]) -> str:
     verifier = "the task's own" if builtin else "exact_match (auto)" if d.verifier == "auto" else d.verifier
     cut = f", completion cut at EOS {eos}" if builtin or d.verifier in ("auto", "exact_match",
                                                                                  "contains") else ""
-    return (f"held-out: {what} · verifier: {verifier}{cut} · greedy, max_new_tokens {s.max_new_tokens}, batch "
-            f"{s.batch_size} · {s.source}")
+    length = f" ({s.length_source})" if s.length_source else ""
+    return (f"held-out: {what} · verifier: {verifier}{cut} · greedy, max_new_tokens {s.max_new_tokens}{length}, "
+            f"batch {s.batch_size} · {s.source}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +378,8 @@ def run(args: argparse.Namespace) -> int:
     for tok in tokenizers:  # every task is built (and its file checked) before any model is loaded
         task_for(tok.eos_token)
     n = len(next(iter(tasks.values()))[1])
+    if s.max_new_tokens is None:
+        s.max_new_tokens, s.length_source = length_from_data(s, list(tasks.values()), tokenizers)
     print(describe(s, n, [tok.eos_token for tok in tokenizers]))
     for note in [loc.note for loc in located if loc.note] + other_run_notes(s, located):
         print(f"note: {note}")
@@ -327,6 +393,9 @@ def run(args: argparse.Namespace) -> int:
                      samples=args.samples)
         acc = f"{r.accuracy:9.3f}" if not math.isnan(r.accuracy) else f"{'n/a':>9}"
         print(f"{loc.arg:<{width}} {acc} {r.mean_length:9.2f} {r.truncation_rate:6.3f} {r.n:5d}", flush=True)
+        warning = truncation_warning(loc.arg, r.truncation_rate, s.max_new_tokens)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         results.append({"model": loc.arg, "path": path, "run": None if loc.run is None else str(loc.run),
                         **r.as_metrics("eval"), "samples": list(r.samples)})
         for sample in r.samples:

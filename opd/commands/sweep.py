@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(f"opd sweep: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches the runs too: each saves what it can; say how to go on
+        print(f"\nopd sweep: interrupted; the finished runs in {out} are kept: run the same command again to "
+              "continue (finished runs are skipped, unfinished ones start again)", file=sys.stderr)
+        return 130
     for f in outcome.files:
         print(f)
     return 1 if outcome.failed else 0

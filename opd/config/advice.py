@@ -49,8 +49,8 @@ def _ignored_knobs(cfg: Config) -> list[Problem]:
                                  tuple(keys)))
     knobs = [
         ("route1.beta", "jsd" in (r1.divergence, r1.off_policy_divergence), "route1.divergence=jsd"),
-        ("route1.alpha", bool({"skl", "srkl"} & {r1.divergence, r1.off_policy_divergence}),
-         "route1.divergence=skl or srkl"),
+        ("route1.alpha", bool({"skl", "srkl", "srkl_sg"} & {r1.divergence, r1.off_policy_divergence}),
+         "route1.divergence=skl, srkl or srkl_sg"),
         ("route1.mu", "akl" in (r1.divergence, r1.off_policy_divergence), "route1.divergence=akl"),
         ("route1.uld_coef", cfg.teacher.tokenizer == "own", "teacher.tokenizer=own"),
         ("route1.fkl_entropy_min", r1.fkl_coef > 0, "route1.fkl_coef > 0"),
@@ -68,7 +68,9 @@ def _ignored_knobs(cfg: Config) -> list[Problem]:
         ("route2.reward_high", r2.reward == "clipped", "route2.reward=clipped"),
         ("route2.box_cox_alpha", r2.reward == "box_cox", "route2.reward=box_cox"),
         ("route2.extrapolation_lambda", r2.reward == "extrapolated", "route2.reward=extrapolated"),
-        ("route2.gamma", r2.credit in ("discounted", "gae"), "route2.credit=discounted or gae"),
+        ("route2.gamma", r2.credit in ("discounted", "gae", "window"), "route2.credit=discounted, gae or window"),
+        ("route2.window", r2.credit == "window", "route2.credit=window"),
+        ("route2.f_divergence", r2.reward == "f_corrected", "route2.reward=f_corrected"),
         ("route2.lam", r2.credit == "gae", "route2.credit=gae"),
         ("route2.value", uses_value(cfg), "route2.baseline=value or route2.credit=gae"),
         ("route2.value_coef", r2.credit == "gae" and r2.value == "decomposed", "route2.credit=gae, value=decomposed"),
@@ -92,12 +94,13 @@ def _ignored_knobs(cfg: Config) -> list[Problem]:
         *[(f"rollout.{k}", cfg.rollout.server is not None, "rollout.server")
           for k in ("sync_dir", "server_timeout", "server_retries")],
         *[(f"teacher.{k}", served, "a teacher server (teacher.server, or URLs in teacher.routes)")
-          for k in ("protocol", "server_dtype", "server_timeout", "server_retries")],
+          for k in ("protocol", "server_dtype", "payload", "server_timeout", "server_retries")],
         ("teacher.context_template", cfg.teacher.use_context and not _chat(cfg), "teacher.use_context=true on plain "
          "prompts (a conversation gets its teacher-only context as a system message)"),
         *[(f"data.{k}", _chat(cfg), "data.format=chat (or data.task=arith_chat)") for k in ("messages_field",
                                                                                             "train_turns")],
         ("outcome.normalize_std", cfg.outcome.adv_tau > 0, "outcome.adv_tau > 0"),
+        *_data_knobs(cfg),
     ] + [(f"routing.{k}", rt.kind == "cr_opd", "routing.kind=cr_opd") for k in section_keys("routing") if k != "kind"]
     m = cfg.monitor
     knobs += [(f"monitor.{key}", getattr(m, f"{detector}_action") != "off", f"monitor.{detector}_action ≠ off")
@@ -202,7 +205,7 @@ def warning_problems(cfg: Config) -> list[Problem]:
         add("teacher.model=self without use_context is the initial student: this only regularises towards the "
             "starting point; set teacher.use_context=true for self-distillation", "teacher.model",
             "teacher.use_context")
-    if cfg.data.context_field is not None and not t.use_context:
+    if cfg.data.context_field is not None and not t.use_context and cfg.data.task in ("jsonl", "hf"):
         add(f"data.context_field={cfg.data.context_field!r} is set but teacher.use_context=false, so the "
             "context is never shown; set teacher.use_context=true", "data.context_field", "teacher.use_context")
     m = cfg.monitor
@@ -219,6 +222,18 @@ def warning_problems(cfg: Config) -> list[Problem]:
         add(f"train.warmup_steps={cfg.train.warmup_steps} ≥ train.steps={cfg.train.steps}: the learning rate "
             "never reaches its peak", "train.warmup_steps", "train.steps")
     return P + _chat_and_tokenizer_warnings(cfg) + _ignored_knobs(cfg)
+
+
+def _data_knobs(cfg: Config) -> list[tuple[str, bool, str]]:
+    """The data options only some tasks read (opd/build.py: a built-in task reads none of the file options;
+    its verifier is refused by validation instead, since it decides what the accuracy means)."""
+    task = cfg.data.task
+    user = task in ("jsonl", "hf")
+    files = "data.task=jsonl or hf (a built-in task has its own prompts and fields)"
+    return [*[(f"data.{k}", user, files) for k in ("path", "eval_path", "prompt_field", "answer_field",
+                                                   "context_field")],
+            *[(f"data.{k}", task == "hf", "data.task=hf") for k in ("split", "eval_split")],
+            *[(f"data.{k}", task == "arith", "data.task=arith") for k in ("digits", "reverse_operands")]]
 
 
 def _chat(cfg: Config) -> bool:

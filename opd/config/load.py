@@ -12,7 +12,11 @@ booleans (YAML 1.1 would read ``1e-3`` as a string and ``precision: no`` as ``fa
 of a string option keeps its text when YAML would read something else
 (``teacher.context_template=Hint: {context}``).
 
-Every problem — unknown sections or keys (with a suggestion), wrong types, out-of-range values,
+A key written twice in one YAML mapping is refused (PyYAML would keep the last one silently), and
+so is an option written as two arguments (``train.steps 3``: the message says ``train.steps=3``).
+
+Every problem — unknown sections or keys (with a suggestion; names other trainers use, such as
+``save_every``, point at the opd option in whichever section it is), wrong types, out-of-range values,
 incompatible combinations (:mod:`opd.config.validate`) — is collected and raised together as one
 :class:`ConfigError`, each line naming where the value came from (preset, file or override).
 The schema introspection and type conversion live in :mod:`opd.config.fields`.
@@ -45,11 +49,12 @@ from opd.config.fields import (
 from opd.config.presets import PRESETS
 from opd.config.schema import SECTIONS, Config
 from opd.config.validate import collect_problems, format_problem
+from opd.io import atomic_write_text
 
 __all__ = [
     "ConfigError", "FieldSpec", "Problem", "coerce_value", "config_from_dict", "config_to_dict",
-    "dump_config", "field_specs", "get_value", "load_config", "parse_override", "section_keys",
-    "suggest", "with_overrides",
+    "dump_config", "field_specs", "get_value", "load_config", "parse_override", "read_yaml", "section_keys",
+    "suggest", "with_overrides", "yaml_where",
 ]
 
 
@@ -65,8 +70,29 @@ _FLOAT_RE = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |\.(?:nan|NaN|NAN))$""", re.X)
 
 
-class _Loader(yaml.SafeLoader):
-    """Safe loader with YAML 1.2 booleans, integers and floats (``1e-3`` is a float; ``no`` a string)."""
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error (PyYAML would
+    keep the last value silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first written at line {first + 1}); keep one of them",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Loader(_UniqueKeys):
+    """Safe loader with YAML 1.2 booleans, integers and floats (``1e-3`` is a float; ``no`` a string),
+    and unique keys."""
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -90,7 +116,7 @@ _Dumper.add_implicit_resolver(_BOOL, _BOOL_RE, list("tTfF"))
 _Dumper.add_implicit_resolver(_FLOAT, _FLOAT_RE, list("-+0123456789."))
 
 
-def _yaml_where(err: yaml.YAMLError) -> str:
+def yaml_where(err: yaml.YAMLError) -> str:
     """' at line L, column C: what' for a YAML syntax error (one line, 1-based positions)."""
     mark, context_mark = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
     what = getattr(err, "problem", None) or str(err)
@@ -100,8 +126,13 @@ def _yaml_where(err: yaml.YAMLError) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else f": {what}"
 
 
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 — a SafeLoader subclass
+def read_yaml(text: str, *, yaml12: bool = True) -> Any:
+    """Parse YAML as opd's files are read: a key written twice in one mapping raises ``yaml.YAMLError``
+    (say where with :func:`yaml_where`) instead of keeping the last value. ``yaml12``: YAML 1.2 scalars
+    (config files); False keeps PyYAML's YAML 1.1 scalars (sweep specs, whose run names come from the
+    values as written: ``3e-4`` stays ``3e-4``)."""
+    return yaml.load(text, Loader=_Loader if yaml12 else _UniqueKeys)  # noqa: S506 — SafeLoader subclasses
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +150,33 @@ def _is_str_option(spec: FieldSpec) -> bool:
                                 and str in get_args(spec.type))
 
 
+#: names other trainers (HF Trainer, TRL, torchtune, ...) give to an opd option, in any section:
+#: ``logging.save_every`` is answered with ``train.checkpoint_every``, not with a near spelling
+#: (``save_every`` is closest to ``train.log_every``, which does something else)
+_ALIASES: dict[str, str] = {
+    **dict.fromkeys(("save_every", "save_steps", "save_interval", "save_freq", "ckpt_every", "checkpoint_interval",
+                     "checkpoint_steps", "checkpoint_freq"), "train.checkpoint_every"),
+    **dict.fromkeys(("eval_every", "eval_steps", "eval_interval", "eval_freq"), "eval.every"),
+    **dict.fromkeys(("logging_steps", "log_interval", "log_freq"), "train.log_every"),
+    **dict.fromkeys(("max_steps", "num_steps", "total_steps", "training_steps"), "train.steps"),
+    **dict.fromkeys(("learning_rate",), "train.lr"),
+    **dict.fromkeys(("output_dir", "out_dir", "save_dir", "log_dir", "checkpoint_dir"), "logging.run_dir"),
+    **dict.fromkeys(("num_generations", "num_samples", "n_samples", "group_size"), "rollout.samples_per_prompt"),
+    **dict.fromkeys(("max_tokens", "max_completion_length", "max_length"), "rollout.max_new_tokens"),
+    **dict.fromkeys(("batch_size", "train_batch_size", "prompts_per_batch"), "rollout.prompts_per_step"),
+    **dict.fromkeys(("resume", "resume_from_checkpoint"), "`opd distill --resume RUN_DIR`"),
+}
+
+
+def _alias(key: str, specs: Mapping[str, FieldSpec]) -> str | None:
+    """The opd option another trainer's name ``key`` means, with what it does, or None."""
+    target = _ALIASES.get(key)
+    if target is None:
+        return None
+    spec = specs.get(target)
+    return target if spec is None else f"{target} ({spec.doc.split(';')[0].split('(')[0].strip()})"
+
+
 def _unknown(parts: tuple[str, ...]) -> str:
     specs, name = field_specs(), ".".join(parts)
     top = [s.path for s in specs.values() if s.section is None]
@@ -127,13 +185,13 @@ def _unknown(parts: tuple[str, ...]) -> str:
         return f"{name}: {head} is a top-level option and has no keys; write {head}=VALUE"
     if head not in SECTIONS:
         owners = [p for p in specs if p.endswith("." + head)]
-        hint = owners[0] if len(owners) == 1 else suggest(head, [*SECTIONS, *top])
+        hint = _alias(head, specs) or (owners[0] if len(owners) == 1 else suggest(head, [*SECTIONS, *top]))
         return (f"{name}: unknown {'option' if len(parts) == 1 else 'section'}"
                 + (f"; did you mean {hint}?" if hint else f"; the sections are: {', '.join(SECTIONS)}"))
     key = parts[1]
     close = suggest(key, section_keys(head))
     elsewhere = [p for p in specs if p.endswith("." + key)]
-    hint = f"{head}.{close}" if close else (elsewhere[0] if elsewhere else None)
+    hint = _alias(key, specs) or (f"{head}.{close}" if close else (elsewhere[0] if elsewhere else None))
     return (f"{name}: unknown key" + (f"; did you mean {hint}?" if hint else
                                       f"; the keys of {head} are: {', '.join(section_keys(head))}"))
 
@@ -195,15 +253,33 @@ def _mapping_entries(data: Mapping[str, Any], source: str) -> list[_Entry]:
     return [_Entry((str(key),), value, source) for key, value in data.items()]
 
 
-def _read_file(path: str | Path) -> list[_Entry]:
+def _looks_like_option(text: str) -> bool:
+    """``train.steps`` (or any ``section.key``, ``seed``): an option's name, not a file or a value."""
+    head = text.split(".", 1)[0]
+    return text in field_specs() or ("." in text and head in SECTIONS)
+
+
+def _bare_value(text: str | None) -> bool:
+    """An argument that can only be the value of the option before it (``3`` in ``train.steps 3``)."""
+    return text is not None and "=" not in text and not _looks_like_option(text.strip())
+
+
+def _read_file(path: str | Path, overrides: Sequence[str] = ()) -> list[_Entry]:
     p = Path(path)
     source = f"file '{path}'"
+    if p.is_dir():
+        raise ConfigError([f"config file '{path}' is a folder; give a YAML file (e.g. examples/*.yaml)"])
     if not p.is_file():
+        text = str(path)
+        if _looks_like_option(text):  # `opd distill train.steps 3`: an option written as two arguments
+            value = overrides[0] if overrides and _bare_value(overrides[0]) else "VALUE"
+            raise ConfigError([f"config file '{path}' does not exist, and {text} is an option: write {text}={value} "
+                               "(one argument, no spaces around '=')"])
         raise ConfigError([f"config file '{path}' does not exist (looked in {p.resolve().parent})"])
     try:
-        data = _yaml_load(p.read_text(encoding="utf-8"))
+        data = read_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ConfigError([f"{source} is not valid YAML{_yaml_where(err)}"]) from None
+        raise ConfigError([f"{source} is not valid YAML{yaml_where(err)}"]) from None
     if data is None:
         return []
     if not isinstance(data, Mapping):
@@ -217,22 +293,35 @@ def parse_override(text: str) -> tuple[str, Any]:
     list (``[0.9,0.95]``) or mapping (``{math: path}``); ``null`` is None."""
     key, sep, raw = text.partition("=")
     key = key.strip()
+    if not sep and _looks_like_option(key):
+        raise ConfigError([f"override {text!r} is not of the form section.key=value: write {key}=VALUE (one "
+                           "argument, no spaces around '=')"])
     if not sep or not key:
         raise ConfigError([f"override {text!r} is not of the form section.key=value (e.g. route2.gamma=0.9)"])
     if not raw.strip():
         raise ConfigError([f"override {text!r} has no value; write {key}=null for none, or {key}=\"\" for an "
                            "empty string"])
     try:
-        return key, _yaml_load(raw)
+        return key, read_yaml(raw)
     except yaml.YAMLError as err:
-        raise ConfigError([f"override {text!r}: the value is not valid YAML{_yaml_where(err)}; quote it"]) from None
+        raise ConfigError([f"override {text!r}: the value is not valid YAML{yaml_where(err)}; quote it"]) from None
 
 
 def _override_entries(overrides: Sequence[str]) -> list[_Entry]:
     if isinstance(overrides, str):
         raise ConfigError([f"overrides must be a list of strings, got the string {overrides!r}"])
     entries, problems = [], []
-    for text in overrides:
+    texts = list(overrides)
+    values_of_pairs: set[int] = set()
+    for i, text in enumerate(texts):
+        if i in values_of_pairs:
+            continue  # the `3` of `train.steps 3`, reported with its key
+        nxt = texts[i + 1] if i + 1 < len(texts) else None
+        if "=" not in text and _looks_like_option(text.strip()) and _bare_value(nxt):
+            problems.append(f"overrides '{text}' '{nxt}' are one option written as two arguments: write "
+                            f"{text.strip()}={nxt} (no spaces around '=')")
+            values_of_pairs.add(i + 1)
+            continue
         try:
             key, value = parse_override(text)
         except ConfigError as err:
@@ -275,7 +364,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     Raises:
         ConfigError: listing every problem, each with the source of the offending value.
     """
-    file_entries = _read_file(path) if path is not None else []
+    file_entries = _read_file(path, overrides) if path is not None else []
     override_entries = _override_entries(overrides)
     method = None
     for entry in file_entries + override_entries:
@@ -342,6 +431,4 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     for section in SECTIONS:
         doc = (hints[section].__doc__ or "").strip().splitlines()[0]
         chunks.append(f"# {doc}\n" + dump({section: data[section]}))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(chunks), encoding="utf-8")
+    atomic_write_text(path, "\n".join(chunks), what="the configuration")  # a full disk names the file

@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from opd.math.credit import CREDIT_KINDS
+from opd.math.f_rewards import F_DIVERGENCE_NAMES
+
 
 def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
         low: float | None = None, high: float | None = None,
@@ -77,7 +80,8 @@ class DataConfig:
     eval_seed: int = opt(0, "seed of the held-out split; fixed across run seeds so that runs are compared on the same "
                          "prompts (the run's `seed` drives the training stream and sampling)")
     verifier: str = opt("auto", "how completions are scored: auto (the task's own), exact_match, contains, none, "
-                        "or python:module:function taking (example, completion) -> float")
+                        "or python:module:function taking (example, completion) -> float; task=jsonl/hf only (a "
+                        "built-in task uses its own, and another value is refused)")
     digits: int = opt(3, "arith: operand digits", low=1, high=9)
     reverse_operands: bool = opt(True, "arith: write operands least-significant digit first (see opd/tasks/arith.py)")
     length: int | None = opt(None, "case tasks (fork, route, modes, long): input digits, so the answer has about as "
@@ -156,8 +160,13 @@ class TeacherConfig:
                         "caller-chosen-id log-probs, temperature applied by the server) or vllm (vLLM's "
                         "OpenAI-compatible /v1/completions with prompt_logprobs; k up to the server's "
                         "--max-logprobs)", choices=("opd", "vllm"))
-    server_dtype: str = opt("float32", "protocol=opd: dtype of the log-probs the server sends back (ids are int32)",
-                            choices=("float32", "float16"))
+    server_dtype: str = opt("float32", "protocol=opd: dtype of the log-probs (payload=logprobs) or hidden states "
+                            "(payload=hidden; bfloat16 only there) the server sends back (ids are int32)",
+                            choices=("float32", "float16", "bfloat16"))
+    payload: str = opt("logprobs", "protocol=opd: what the server sends per token: logprobs (sampled / top-k / "
+                       "chosen-id log-probs; full distribution only for V <= 8192) or hidden (the teacher's final hidden "
+                       "states, H values; the trainer holds the teacher's head and computes every log-prob, any "
+                       "support, full vocabulary included: docs/serving.md)", choices=("logprobs", "hidden"))
     server_timeout: float = opt(120.0, "seconds one request to a teacher server may take before it is retried",
                                 low=0.0, low_open=True)
     server_retries: int = opt(3, "retries of a failed request to a teacher server (exponential back-off) before the "
@@ -198,7 +207,7 @@ class SupportConfig:
 class Route1Config:
     """Route 1: a direct distributional loss at every visited state."""
     divergence: str = opt("rkl", "per-token divergence D(π_T ‖ π_S) on the support (none = route 1 off)",
-                          choices=("none", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "k3"))
+                          choices=("none", "fkl", "rkl", "jsd", "skl", "srkl", "srkl_sg", "tvd", "akl", "k3"))
     coef: float = opt(1.0, "weight of the route-1 term", low=0.0)
     beta: float = opt(0.5, "generalized JSD β (0 = forward KL, 1 = reverse KL; GKD convention)", low=0.0, high=1.0)
     alpha: float = opt(0.1, "skew KL / skew reverse KL α (DistiLLM)", low=0.0, high=1.0)
@@ -209,8 +218,8 @@ class Route1Config:
     chunk_size: int = opt(0, "memory-efficient path: tokens per chunk (0 = auto: chunked only when the vocabulary is large)", low=0)
     off_policy_divergence: str | None = opt(
         None, "divergence on the off-policy rows (teacher samples / dataset answers; rollout.on_policy_fraction < 1); "
-        "null = route1.divergence on every row. DistiLLM-2 (arXiv 2503.07067): skl on teacher outputs, srkl on "
-        "the student's", choices=("fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "k3"))
+        "null = route1.divergence on every row. DistiLLM-2 (arXiv 2503.07067): skl on teacher outputs, srkl_sg "
+        "(srkl with α·π_S detached in the mixture, as its released trainer) on the student's", choices=("fkl", "rkl", "jsd", "skl", "srkl", "srkl_sg", "tvd", "akl", "k3"))
     fkl_coef: float = opt(0.0, "add c·1[H_T > fkl_entropy_min]·FKL on the same support to the divergence, H_T the "
                           "teacher's entropy there (EOPD arXiv 2603.07079: forward KL where the teacher is uncertain; "
                           "0 = off)", low=0.0)
@@ -218,7 +227,8 @@ class Route1Config:
                                  "adds it wherever the teacher is not certain)", low=0.0)
     logprob_floor: float | None = opt(None, "clamp student and teacher log-probs on the support to ≥ this before the "
                                       "divergence (verl log_prob_min_clamp = -10; the clamp stops the gradient)")
-    clamp_low: float | None = opt(None, "clamp the per-token divergence from below (verl clamps top-k FKL at 0)")
+    clamp_low: float | None = opt(None, "clamp the per-token divergence from below (verl clamps top-k FKL at 0; "
+                                  "not applied with a tail bucket, support.norm=tail, where the value is a true KL)")
     clamp_high: float | None = opt(None, "clamp the per-token divergence from above (verl loss_max_clamp = 10)")
 
 
@@ -226,8 +236,14 @@ class Route1Config:
 class Route2Config:
     """Route 2: policy-gradient-style update from the per-token log-ratio reward."""
     coef: float = opt(0.0, "weight of the route-2 term (0 = off)", low=0.0)
-    reward: str = opt("log_ratio", "per-token reward r_t", choices=("log_ratio", "clipped", "box_cox", "extrapolated",
-                                                                   "constant", "entropy_rank"))
+    reward: str = opt("log_ratio", "per-token reward r_t (f_corrected: OPD+'s de-biased f-divergence reward "
+                      "−(f(u) − u f'(u)), u = π_T(y_t)/π_S(y_t), f = route2.f_divergence; arXiv 2606.01039. "
+                      "contrastive: RLCSD's log π(y_t|correct hint) − log π(y_t|wrong hint), the teacher read with "
+                      "the example's context and regularization.reference with another prompt's; arXiv 2606.11709)",
+                      choices=("log_ratio", "clipped", "box_cox", "extrapolated", "constant", "entropy_rank",
+                               "f_corrected", "contrastive"))
+    f_divergence: str = opt("rkl", "reward=f_corrected: the f of D_f(π_T ‖ π_S) = E_{π_S}[f(π_T/π_S)] "
+                            "(opd/math/f_rewards.py; rkl gives log-ratio − 1)", choices=F_DIVERGENCE_NAMES)
     reward_logprobs: str = opt("current", "student log-probs in the log-ratio reward: the current student's (recomputed "
                                "in the loss's forward pass) or the sampler's μ (behaviour; tinker builds r_t = log π_T − "
                                "log μ from the sampling client's log-probs). They agree when μ = π_S (one update per "
@@ -239,8 +255,10 @@ class Route2Config:
     reward_high: float | None = opt(None, "clipped reward: upper bound")
     box_cox_alpha: float = opt(0.5, "PowerOPD Box–Cox α (> 0 bounds the reward below by −1/α)", low=0.0)
     extrapolation_lambda: float = opt(1.0, "G-OPD λ (1 = plain OPD, > 1 = ExOPD); needs regularization.reference", low=0.0)
-    credit: str = opt("immediate", "temporal credit estimator", choices=("immediate", "return_to_go", "discounted", "gae"))
-    gamma: float = opt(1.0, "discount γ (discounted, gae)", low=0.0, high=1.0)
+    credit: str = opt("immediate", "temporal credit estimator (window: Σ_{k<route2.window} γ^k r_{t+k}, the "
+                      "near-future window of arXiv 2606.00305)", choices=CREDIT_KINDS)
+    window: int = opt(4, "credit=window: tokens W of the near-future window (1 = immediate)", low=1)
+    gamma: float = opt(1.0, "discount γ (discounted, gae, window)", low=0.0, high=1.0)
     lam: float = opt(0.95, "GAE λ", low=0.0, high=1.0)
     baseline: str = opt("none", "baseline subtracted from the credit", choices=(
         "none", "batch_mean", "group_mean", "leave_one_out", "value"))
@@ -293,6 +311,9 @@ class GatesConfig:
     entropy_low: float | None = opt(None, "TIP Q3: low-entropy threshold (default: the batch median)")
     divergence_high: float | None = opt(None, "TIP Q3: high-divergence threshold (default: the batch median)")
     coverage_gate: bool = opt(False, "keep only tokens whose sample is in the teacher's top-k")
+    trust_min: float | None = opt(None, "TrOPD trust region (arXiv 2606.01249): keep only tokens whose decoding "
+                                  "agreement min(π_T(y_t)/π_S(y_t), 1) is at least this (null = off)",
+                                  low=0.0, high=1.0)
     position: str = opt("uniform", "position weights", choices=("uniform", "linear_decay", "prefix", "drift",
                                                                "drift_share"))
     prefix_fraction: float = opt(0.3, "position=prefix: keep the first fraction of each completion", low=0.0, high=1.0, low_open=True)

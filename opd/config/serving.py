@@ -21,7 +21,7 @@ def served_student_topk(cfg: Config, *, support_used: bool) -> bool:
     teacher logits."""
     t = cfg.teacher
     return (support_used and cfg.support.kind == "student_topk" and teacher_is_served(cfg)
-            and t.protocol == "opd" and not t.routes and t.access != "full")
+            and t.protocol == "opd" and not t.routes and t.access != "full" and t.payload != "hidden")
 
 
 def serving_problems(cfg: Config, *, support_used: bool) -> list[Problem]:
@@ -40,6 +40,12 @@ def serving_problems(cfg: Config, *, support_used: bool) -> list[Problem]:
         P.append(Problem("rollout.engine=vllm pushes the student's full weights to vLLM, which does not take peft "
                          "LoRA adapters from opd yet; use rollout.engine=hf with student.lora_rank > 0",
                          ("rollout.engine", "student.lora_rank")))
+    if t.payload == "hidden" and t.protocol != "opd":
+        P.append(Problem("teacher.payload=hidden needs teacher.protocol=opd (opd serve-teacher sends hidden states; "
+                         "vLLM's server does not)", ("teacher.payload", "teacher.protocol")))
+    if t.server_dtype == "bfloat16" and t.payload != "hidden":
+        P.append(Problem("teacher.server_dtype=bfloat16 is for hidden states (teacher.payload=hidden); log-probs "
+                         "travel as float32 or float16", ("teacher.server_dtype", "teacher.payload")))
     if not teacher_is_served(cfg):
         return P
     if t.server and t.model == "self":

@@ -49,6 +49,7 @@ __all__ = [
 Access = Literal["sampled", "topk", "full"]
 ACCESS_ORDER: tuple[str, ...] = ("sampled", "topk", "full")
 VERIFIERS: tuple[str, ...] = ("auto", "exact_match", "contains", "none")
+_USER_DATA = ("jsonl", "hf")  # the data.task values that read a prompt file or dataset (opd/data.py)
 _PYTHON_VERIFIER = re.compile(r"^python:[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # the thresholds each failure detector reads (monitor section; opd.monitor.detectors)
 MONITOR_THRESHOLDS: dict[str, tuple[str, ...]] = {
@@ -281,6 +282,14 @@ def _combination_problems(cfg: Config) -> list[Problem]:
         elif r2.reward_low is not None and r2.reward_high is not None and r2.reward_low > r2.reward_high:
             add(f"route2.reward_low={r2.reward_low} > route2.reward_high={r2.reward_high}; swap them",
                 "route2.reward_low", "route2.reward_high")
+    if on2 and r2.reward == "contrastive" and not reg.reference:
+        add("route2.reward=contrastive (RLCSD) scores the wrong hint with a reference copy of the model, but "
+            "regularization.reference is unset; set regularization.reference=initial", "route2.reward",
+            "regularization.reference")
+    if on2 and r2.reward == "contrastive" and not cfg.teacher.use_context:
+        add("route2.reward=contrastive (RLCSD) contrasts a correct hint with a wrong one, but teacher.use_context is "
+            "off; set teacher.use_context=true (and data.context_field for your data)", "route2.reward",
+            "teacher.use_context")
     if on2 and r2.reward == "extrapolated" and not reg.reference:
         add("route2.reward=extrapolated (G-OPD) scores against a reference policy, but "
             "regularization.reference is unset; set regularization.reference=initial (or a model path)",
@@ -325,6 +334,10 @@ def _combination_problems(cfg: Config) -> list[Problem]:
                 "but rollout.on_policy_fraction=1 leaves none; lower rollout.on_policy_fraction "
                 "(0 = pure SFT, method=sft-teacher) or set sft_coef=0",
                 "regularization.sft_coef", "rollout.on_policy_fraction")
+    if d.task not in _USER_DATA and d.verifier != "auto":  # a built-in task has its own verifier
+        add(f"data.verifier={d.verifier} is not used by data.task={d.task}: a built-in task scores completions with "
+            "its own verifier (data.verifier=auto); remove data.verifier, or set data.task=jsonl (or hf) and "
+            "data.path to score your own prompts with it", "data.verifier", "data.task")
     if d.task in ("jsonl", "hf") and not d.path:
         what = "the JSONL prompt file" if d.task == "jsonl" else "a dataset id or local dataset folder"
         add(f"data.task={d.task} needs data.path ({what})", "data.task", "data.path")

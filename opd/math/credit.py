@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from opd.math._checks import check_ndim, check_range, check_same_shape
+from opd.math.window_credit import windowed_returns
 
-CreditKind = Literal["immediate", "return_to_go", "discounted", "gae"]
+CreditKind = Literal["immediate", "return_to_go", "discounted", "gae", "window"]
 BaselineKind = Literal["none", "batch_mean", "group_mean", "leave_one_out", "value"]
 CREDIT_KINDS: tuple[str, ...] = get_args(CreditKind)
 BASELINES: tuple[str, ...] = get_args(BaselineKind)
@@ -234,12 +235,13 @@ def decomposed_value(rkl_BT: Tensor, continuation_BT: Tensor, gamma: float) -> T
 def temporal_credit(rewards_BT: Tensor, mask_BT: Tensor, *, kind: CreditKind, gamma: float = 1.0,
                     lam: float = 1.0, values_BT: Tensor | None = None,
                     baseline: BaselineKind = "none", group_index_B: Tensor | None = None,
-                    length_normalize: bool = False) -> Tensor:
+                    length_normalize: bool = False, window: int = 1) -> Tensor:
     """Advantages ``A_BT`` (detached, 0 on masked positions) for the named credit rule.
 
     Returns ``R_t`` by ``kind`` — ``immediate``: ``r_t``; ``return_to_go``: ``Σ_{t'≥t} r_{t'}``
     (``gamma`` ignored); ``discounted``: :func:`discounted_returns` with ``gamma``; ``gae``:
-    :func:`gae_advantages` with ``gamma``, ``lam`` and ``values_BT`` (required) — then subtracts
+    :func:`gae_advantages` with ``gamma``, ``lam`` and ``values_BT`` (required); ``window``:
+    :func:`opd.math.window_credit.windowed_returns` ``Σ_{k<window} γ^k r_{t+k}`` — then subtracts
     the ``baseline`` computed from those ``R``: ``none``; ``batch_mean``; ``group_mean`` /
     ``leave_one_out`` (need ``group_index_B``); ``value`` (``R_t − V(s_t)`` with ``values_BT``;
     not allowed with ``gae``, which already subtracts ``V``). ``length_normalize`` replaces the
@@ -267,6 +269,8 @@ def temporal_credit(rewards_BT: Tensor, mask_BT: Tensor, *, kind: CreditKind, ga
                    else discounted_returns(rewards_BT, mask_BT, 1.0))
     elif kind == "discounted":
         returns = discounted_returns(rewards_BT, mask_BT, gamma)
+    elif kind == "window":
+        returns = windowed_returns(rewards_BT, mask_BT, window, gamma)
     else:
         returns, _ = gae_advantages(rewards_BT, values_BT, mask_BT, gamma=gamma, lam=lam)
 

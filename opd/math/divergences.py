@@ -18,6 +18,9 @@ Formulas (docs/methods.md §1, §4.1):
             ``JSD_β/β → FKL`` as β → 0 and ``JSD_β/(1−β) → RKL`` as β → 1)
 * ``skl``   ``KL(T ‖ αT + (1−α)S)``                                DistiLLM skew KL, arXiv 2402.03898
 * ``srkl``  ``KL(S ‖ (1−α)T + αS)``                                DistiLLM skew reverse KL
+* ``srkl_sg`` the value of ``srkl`` with the student's share ``α·p_S`` of the mixture under
+            stop-gradient, as DistiLLM-2's released trainer computes it (arXiv 2503.07067):
+            ``∇ = Σ ∇p_S (log p_S − log m)`` with ``m = (1−α)p_T + α·sg(p_S)``
 * ``tvd``   ``½ Σ |p_T − p_S|``                                    f-DISTILL, arXiv 2307.15190
 * ``akl``   ``w_head·FKL + w_tail·RKL``                            AKL, arXiv 2404.02657 (see below)
 
@@ -33,6 +36,12 @@ Logit gradients (identities checked in the tests): ``∂FKL/∂z = p_S − p_T``
   adds forward KL where the teacher's entropy is high; the hard gate and τ are **[INFER]**);
 * ``clamp_low`` / ``clamp_high``: the per-token value is clamped (verl clamps top-k FKL at 0 from
   below and every distillation loss at ``±loss_max_clamp``; a clamped token has no gradient).
+
+With ``tail_bucket`` (the support's last entry is the tail bucket ``1 − Σ_{u∈S} π(u)``,
+``support.norm=tail``) the floor applies to the top-k entries only and ``clamp_low`` is not applied:
+the bucket is not a token log-prob, and the value is then a true divergence ≥ 0 (the guard is for
+the restricted sum without a bucket, which can be negative). This is verl's tail mode: it floors
+the top-k log-probs, appends ``log(1 − Σ p)`` unfloored, and does not clamp from below.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from torch import Tensor
 
 from opd.math._checks import check_range, check_same_shape
 
-Divergence = Literal["fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl"]
+Divergence = Literal["fkl", "rkl", "jsd", "skl", "srkl", "srkl_sg", "tvd", "akl"]
 DIVERGENCE_NAMES: tuple[str, ...] = get_args(Divergence)
 
 _Mask = Tensor | None  # None means "every entry is kept" (the fast path: no masking ops)
@@ -102,6 +111,23 @@ def skew_reverse_kl(student_logp: Tensor, teacher_logp: Tensor, alpha: float = 0
     return _kl_sum(s, _prob(s, ks), ks, log_m, km)
 
 
+def skew_reverse_kl_sg(student_logp: Tensor, teacher_logp: Tensor, alpha: float = 0.1,
+                       valid: Tensor | None = None) -> Tensor:
+    """Skew reverse KL with a stop-gradient on the student inside the mixture (DistiLLM-2, arXiv 2503.07067).
+
+    Value ``KL(S ‖ m)``, ``m = (1−α)T + α·sg(S)`` — equal to :func:`skew_reverse_kl` — but the
+    gradient treats ``m`` as a constant: ``∇ = Σ_v ∇p_S(v) (log p_S(v) − log m(v))`` (the
+    ``Σ p_S ∇log p_S`` part is 0). The released DistiLLM-2 trainer detaches the student's log-probs
+    in the mixture of its student-side term; :func:`skew_reverse_kl` differentiates through them
+    (DistiLLM, arXiv 2402.03898), which adds ``−α Σ_v (p_S/m) ∇p_S``. α = 0 is RKL; teacher ==
+    student still gives zero value and zero gradient (``log p_S = log m`` there).
+    """
+    check_range("alpha", alpha, 0.0, 1.0)
+    s, t, ks, kt = _prepare(student_logp, teacher_logp, valid)
+    log_m, km = _log_mix(t, kt, s.detach(), ks, 1.0 - alpha)
+    return _kl_sum(s, _prob(s, ks), ks, log_m, km)
+
+
 def total_variation(student_logp: Tensor, teacher_logp: Tensor, valid: Tensor | None = None) -> Tensor:
     """Total variation ``TVD = ½ Σ_v |p_T(v) − p_S(v)|`` (f-DISTILL, Wen et al., arXiv 2307.15190)."""
     s, t, ks, kt = _prepare(student_logp, teacher_logp, valid)
@@ -143,6 +169,7 @@ _FUNCTIONS: dict[str, Callable[..., Tensor]] = {
     "jsd": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: generalized_jsd(s, t, beta, valid),
     "skl": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: skew_kl(s, t, alpha, valid),
     "srkl": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: skew_reverse_kl(s, t, alpha, valid),
+    "srkl_sg": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: skew_reverse_kl_sg(s, t, alpha, valid),
     "tvd": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: total_variation(s, t, valid),
     "akl": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: adaptive_kl(s, t, mu, valid),
 }
@@ -154,13 +181,15 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = _FUNCTIONS
 class DivergenceShaping:
     """Optional shaping of a per-token divergence (module docstring): a log-prob floor, an added
     teacher-entropy-gated forward-KL term and a clamp of the per-token value. The default is no
-    shaping (:attr:`plain`)."""
+    shaping (:attr:`plain`). ``tail_bucket``: the last support entry is a tail bucket (module
+    docstring): it is not floored, and ``clamp_low`` is not applied."""
 
     fkl_coef: float = 0.0
     fkl_entropy_min: float = 0.0
     logprob_floor: float | None = None
     clamp_low: float | None = None
     clamp_high: float | None = None
+    tail_bucket: bool = False
 
     def __post_init__(self) -> None:
         check_range("fkl_coef", self.fkl_coef, 0.0)
@@ -190,6 +219,9 @@ def _shaped(fn: Callable[..., Tensor], shaping: DivergenceShaping, student_logp:
         floor = shaping.logprob_floor
         keep_s = s != float("-inf") if valid is None else (s != float("-inf")) & valid.bool()
         keep_t = t != float("-inf") if valid is None else (t != float("-inf")) & valid.bool()
+        if shaping.tail_bucket:  # the bucket 1 − Σ p is no token log-prob: never floored (verl)
+            entry = torch.arange(s.shape[-1], device=s.device) < s.shape[-1] - 1
+            keep_s, keep_t = keep_s & entry, keep_t & entry
         s = torch.where(keep_s, s.clamp(min=floor), s)
         t = torch.where(keep_t, t.clamp(min=floor), t)
     d = fn(s, t, valid)
@@ -198,8 +230,9 @@ def _shaped(fn: Callable[..., Tensor], shaping: DivergenceShaping, student_logp:
         fkl = forward_kl(s, t, valid)
         zero = torch.zeros((), dtype=fkl.dtype, device=fkl.device)
         d = d + shaping.fkl_coef * torch.where(gate, fkl, zero)  # where: an ungated inf/NaN never leaks
-    if shaping.clamp_low is not None or shaping.clamp_high is not None:
-        d = d.clamp(min=shaping.clamp_low, max=shaping.clamp_high)
+    low = None if shaping.tail_bucket else shaping.clamp_low  # with a bucket d is a divergence ≥ 0
+    if low is not None or shaping.clamp_high is not None:
+        d = d.clamp(min=low, max=shaping.clamp_high)
     return d
 
 

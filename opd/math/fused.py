@@ -20,8 +20,10 @@ The matmuls run in fp32 (inputs are upcast per chunk), which avoids the bf16 log
 makes fused-JSD gradients 4–23 % off (Liger-Kernel issue #1432, https://github.com/linkedin/Liger-Kernel/issues/1432).
 
 :func:`dense_linear_divergence` is the same computation with the logits materialised (the reference
-and the small-vocabulary path); :func:`fused_linear_token_logprobs` gives ``log π(y_n | h_n)`` with a
-chunked, recomputing backward (route R2's sampled-token log-probs).
+and the small-vocabulary path); :func:`fused_linear_token_logprobs` (:mod:`opd.math.fused_token`,
+re-exported here) gives ``log π(y_n | h_n)`` with a chunked, recomputing backward (route R2's
+sampled-token log-probs). Every log-softmax subtracts the row max first (precise at large logits,
+:mod:`opd.math.chunking`); a float64 student (hidden states or head) is computed in float64.
 """
 
 from __future__ import annotations
@@ -32,29 +34,24 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from opd.math._checks import check_ndim
+from opd.math.chunking import (
+    CHUNK_ELEMENTS,
+    MIN_CHUNK_TOKENS,
+    auto_chunk_size,
+    check_chunk,
+    check_head,
+    compute_dtype,
+    log_softmax_inplace,
+)
 from opd.math.divergences import DivergenceShaping, resolve_divergence
+from opd.math.fused_token import fused_linear_token_logprobs
 from opd.math.reduce import masked_sum
 from opd.math.support import SupportSpec, support_from_logprobs, tempered_log_softmax
 
+__all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK_TOKENS", "auto_chunk_size", "dense_linear_divergence",
+           "fused_linear_divergence", "fused_linear_token_logprobs"]
+
 ExtraFn = Callable[[Tensor, Tensor | None, slice], dict[str, Tensor]]
-#: Elements of one ``[chunk, V]`` fp32 buffer when ``chunk_size`` is None: 2**22 (16 MiB), i.e.
-#: 131 tokens at V = 32,000. The peak memory of the chunked path is a small multiple of this (the
-#: divergence's temporaries, and glibc's fragmentation) plus the ``[V, H]`` weight gradient.
-CHUNK_ELEMENTS = 1 << 22
-#: Fewest tokens per automatic chunk: every chunk re-reads the ``[V, H]`` weights and the weight
-#: gradient, and the matmuls do about ``chunk/2`` FLOP per byte of them, so much smaller chunks are
-#: bandwidth-bound (measured: at V = 128,000 on 2 CPU cores, 32 tokens/chunk was ~1.6x slower than 64).
-MIN_CHUNK_TOKENS = 64
-
-
-def auto_chunk_size(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS,
-                    min_tokens: int = MIN_CHUNK_TOKENS) -> int:
-    """``max(min_tokens, chunk_elements // V)`` tokens per chunk (chosen with bench/fused_divergence.py)."""
-    if vocab_size < 1 or chunk_elements < 1 or min_tokens < 1:
-        raise ValueError(f"vocab_size, chunk_elements and min_tokens must be >= 1, got "
-                         f"{vocab_size}, {chunk_elements}, {min_tokens}")
-    return max(min_tokens, chunk_elements // vocab_size)
 
 
 def fused_linear_divergence(
@@ -149,42 +146,14 @@ def dense_linear_divergence(
                  teacher_hidden_NH, teacher_weight_VH, teacher_logits_NV, teacher_topk_ids_NK,
                  teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn,
                  student_topk_ids_NK)
-    rows, spec = slice(0, student_hidden_NH.shape[0]), args.spec
-    z = student_hidden_NH.float() @ student_weight_VH.float().T
+    rows, spec, dt = slice(0, student_hidden_NH.shape[0]), args.spec, args.dtype
+    z = student_hidden_NH.to(dt) @ student_weight_VH.to(dt).T
     if student_bias_V is not None:
-        z = z + student_bias_V.float()
+        z = z + student_bias_V.to(dt)
     s_logp = tempered_log_softmax(z, spec.student_temperature)
     per_token, extras = _chunk_divergence(args, s_logp, rows)
     loss = masked_sum(per_token, args.weights)
     return loss, per_token.detach(), {k: v.detach() for k, v in extras.items()}
-
-
-def fused_linear_token_logprobs(
-    hidden_NH: Tensor,
-    weight_VH: Tensor,
-    ids_N: Tensor,
-    *,
-    bias_V: Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """``log π(ids_N[n] | h_n) = z_n[y_n]/τ − logsumexp(z_n/τ)``, ``z_n = h_n Wᵀ + b``, as fp32 ``[N]``.
-
-    Differentiable w.r.t. ``hidden_NH``, ``weight_VH`` and ``bias_V`` without keeping ``[N, V]``: the
-    forward keeps the per-token logsumexp, the backward recomputes each chunk's logits and applies
-    ``∂ log π(y)/∂z = (e_y − softmax(z/τ))/τ``. Ids must lie in ``[0, V)``.
-    """
-    _check_head("hidden_NH", hidden_NH, "weight_VH", weight_VH, "bias_V", bias_V)
-    N, V = hidden_NH.shape[0], weight_VH.shape[0]
-    if ids_N.shape != (N,):
-        raise ValueError(f"ids_N has shape {tuple(ids_N.shape)}; expected ({N},) to match hidden_NH "
-                         f"{tuple(hidden_NH.shape)}")
-    if ids_N.numel() and (int(ids_N.min()) < 0 or int(ids_N.max()) >= V):
-        raise ValueError(f"ids_N must lie in [0, V = {V}), got range [{int(ids_N.min())}, {int(ids_N.max())}]")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    chunk_size = _check_chunk(chunk_size, V)
-    return _FusedTokenLogprobs.apply(hidden_NH, weight_VH, bias_V, ids_N.long(), float(temperature), chunk_size)
 
 
 # ----------------------------------------------------------------------------- internals
@@ -195,7 +164,7 @@ class _Args:
 
     def __init__(self, h, W, weights, spec, divergence, beta, alpha, mu, shaping, th, tW, t_logits, topk_ids,
                  topk_logprobs, sampled, b, tb, chunk_size, extra_fn, student_ids=None):
-        _check_head("student_hidden_NH", h, "student_weight_VH", W, "student_bias_V", b)
+        check_head("student_hidden_NH", h, "student_weight_VH", W, "student_bias_V", b)
         N, V = h.shape[0], W.shape[0]
         if weights.shape != (N,):
             raise ValueError(f"weights_N has shape {tuple(weights.shape)}; expected ({N},) to match "
@@ -206,7 +175,7 @@ class _Args:
             if t_logits is not None:
                 raise ValueError("pass the teacher either as teacher_hidden_NH + teacher_weight_VH or as "
                                  "teacher_logits_NV, not both")
-            _check_head("teacher_hidden_NH", th, "teacher_weight_VH", tW, "teacher_bias_V", tb)
+            check_head("teacher_hidden_NH", th, "teacher_weight_VH", tW, "teacher_bias_V", tb)
             if th.shape[0] != N or tW.shape[0] != V:
                 raise ValueError(f"teacher_hidden_NH {tuple(th.shape)} / teacher_weight_VH {tuple(tW.shape)} "
                                  f"must have N = {N} rows / V = {V} rows like the student's")
@@ -228,7 +197,7 @@ class _Args:
                              "teacher_logits_NV, or teacher_topk_ids_NK with teacher_topk_logprobs_NK")
         if spec.kind in ("sampled", "teacher_topk_sampled") and sampled is None:
             raise ValueError(f"support kind {spec.kind!r} needs the sampled tokens: pass sampled_ids_N")
-        chunk_size = _check_chunk(chunk_size, V)
+        chunk_size = check_chunk(chunk_size, V)
         self.div_fn = resolve_divergence(divergence, beta=beta, alpha=alpha, mu=mu, shaping=shaping)
         # full-support RKL / FKL (also as JSD at β = 1 / 0): closed-form logit gradient per chunk
         # (only for the plain divergence: a shaped one goes through autograd)
@@ -237,31 +206,13 @@ class _Args:
         plain = shaping is None or shaping.plain
         self.closed_form = ("rkl" if rkl else "fkl" if fkl else None) if (spec.kind == "full" and plain) else None
         self.h, self.W, self.b = h, W, b
-        self.weights = weights.detach().float()
+        self.dtype = compute_dtype(h, W)  # fp32, or fp64 for a float64 student
+        self.weights = weights.detach().to(self.dtype)
         self.spec, self.chunk_size, self.extra_fn = spec, chunk_size, extra_fn
         self.th, self.tb, self.t_buf, self.p_buf = th, tb, None, None
-        self.tW = None if tW is None else tW.detach().float()
+        self.tW = None if tW is None else tW.detach().to(self.dtype)
         self.t_logits, self.topk_ids, self.topk_logprobs, self.sampled = t_logits, topk_ids, topk_logprobs, sampled
         self.student_ids = student_ids
-
-
-def _check_head(h_name: str, h: Tensor, w_name: str, W: Tensor, b_name: str, b: Tensor | None) -> None:
-    check_ndim(h_name, h, 2)
-    check_ndim(w_name, W, 2)
-    if h.shape[1] != W.shape[1]:
-        raise ValueError(f"{h_name} has shape {tuple(h.shape)} and {w_name} has shape {tuple(W.shape)}; "
-                         "their last (hidden) dimensions must be equal")
-    if b is not None and b.shape != (W.shape[0],):
-        raise ValueError(f"{b_name} has shape {tuple(b.shape)}; expected ({W.shape[0]},) to match "
-                         f"{w_name} {tuple(W.shape)}")
-
-
-def _check_chunk(chunk_size: int | None, vocab_size: int) -> int:
-    if chunk_size is None:
-        return auto_chunk_size(vocab_size)
-    if int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1 or None (auto), got {chunk_size}")
-    return int(chunk_size)
 
 
 def _chunk_divergence(args: _Args, s_logp: Tensor, rows: slice) -> tuple[Tensor, dict[str, Tensor]]:
@@ -332,18 +283,18 @@ def _teacher_chunk(args: _Args, rows: slice) -> Tensor | None:
     t_logp = None
     if args.th is not None:
         with torch.no_grad():
-            th_c = args.th[rows].detach().float()
+            th_c = args.th[rows].detach().to(args.dtype)
             if args.t_buf is not None:  # the chunked path reuses one buffer for every chunk
                 t_logp = torch.matmul(th_c, args.tW.T, out=args.t_buf[: th_c.shape[0]])
             else:
                 t_logp = th_c @ args.tW.T
             if args.tb is not None:
-                t_logp += args.tb.detach().float()
-            _log_softmax_(t_logp, spec.teacher_temperature)
+                t_logp += args.tb.detach().to(args.dtype)
+            log_softmax_inplace(t_logp, spec.teacher_temperature)
     elif args.t_logits is not None:
-        # the chunk's math runs in fp32 like the student's chunk: a float64 (or half) teacher is cast
+        # the chunk's math runs in the student's compute dtype: a teacher of another dtype is cast
         # here, so the in-place closed-form gradient never mixes dtypes (it would fail in ``dz @ W``)
-        t_logp = tempered_log_softmax(args.t_logits[rows].detach().float(), spec.teacher_temperature)
+        t_logp = tempered_log_softmax(args.t_logits[rows].detach().to(args.dtype), spec.teacher_temperature)
     return t_logp
 
 
@@ -354,27 +305,27 @@ def _run_chunks(args: _Args, needs: tuple[bool, bool, bool]):
     allocated per chunk would land inside the hole freed by the chunk's ``[chunk, V]`` temporaries
     and fragment the heap (glibc), growing the resident memory by about one such tensor per chunk.
     """
-    h, N = args.h.detach(), args.h.shape[0]
-    W32 = args.W.detach().float()
-    b32 = None if args.b is None else args.b.detach().float()
+    h, N, dt = args.h.detach(), args.h.shape[0], args.dtype
+    W32 = args.W.detach().to(dt)  # "32": the compute dtype, fp32 unless the student is float64
+    b32 = None if args.b is None else args.b.detach().to(dt)
     grad_h = torch.zeros(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None
-    grad_W = torch.zeros(W32.shape, dtype=torch.float32, device=h.device) if needs[1] else None
-    grad_b = torch.zeros(W32.shape[0], dtype=torch.float32, device=h.device) if needs[2] else None
+    grad_W = torch.zeros(W32.shape, dtype=dt, device=h.device) if needs[1] else None
+    grad_b = torch.zeros(W32.shape[0], dtype=dt, device=h.device) if needs[2] else None
     tau = args.spec.student_temperature
-    loss = torch.zeros((), dtype=torch.float32, device=h.device)
-    per_token_N = torch.zeros(N, dtype=torch.float32, device=h.device)
+    loss = torch.zeros((), dtype=dt, device=h.device)
+    per_token_N = torch.zeros(N, dtype=dt, device=h.device)
     extras_N: dict[str, Tensor] = {}
     # the student's and the teacher's [chunk, V] logits live in two buffers reused by every chunk
     C = min(args.chunk_size, N)
-    s_buf = torch.empty(C, W32.shape[0], dtype=torch.float32, device=h.device)
+    s_buf = torch.empty(C, W32.shape[0], dtype=dt, device=h.device)
     args.t_buf = None if args.th is None else torch.empty_like(s_buf)
     for start in range(0, N, args.chunk_size):
         rows = slice(start, min(N, start + args.chunk_size))
-        h_c = h[rows].float()
+        h_c = h[rows].to(dt)
         s_logp = torch.matmul(h_c, W32.T, out=s_buf[: h_c.shape[0]])
         if b32 is not None:
             s_logp += b32
-        _log_softmax_(s_logp, tau)  # the logits' buffer now holds log softmax(z/τ)
+        log_softmax_inplace(s_logp, tau)  # the logits' buffer now holds log softmax(z/τ)
         w_c = args.weights[rows]
         with_grad = any(needs) and bool((w_c != 0).any())
         dz = None
@@ -433,65 +384,3 @@ class _FusedLinearDivergence(torch.autograd.Function):
         if bool(grad_loss == 1.0):
             return (*grads, None, None)
         return (*(None if g is None else g * grad_loss.to(g.dtype) for g in grads), None, None)
-
-
-class _FusedTokenLogprobs(torch.autograd.Function):
-    """Chunked ``log softmax(hWᵀ + b)/τ`` at given ids, recomputing each chunk's logits in backward."""
-
-    @staticmethod
-    def forward(ctx, h, W, b, ids, temperature, chunk_size):
-        N = h.shape[0]
-        W32 = W.float()
-        b32 = None if b is None else b.float()
-        out = torch.empty(N, dtype=torch.float32, device=h.device)
-        lse = torch.empty(N, dtype=torch.float32, device=h.device)
-        for start in range(0, N, chunk_size):
-            rows = slice(start, min(N, start + chunk_size))
-            z = _scaled_logits(h[rows], W32, b32, temperature)
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            out[rows] = z.gather(-1, ids[rows, None])[:, 0] - lse[rows]
-        ctx.save_for_backward(h, W, b, ids, lse)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        h, W, b, ids, lse = ctx.saved_tensors
-        tau, N = ctx.temperature, h.shape[0]
-        need_h, need_W, need_b = ctx.needs_input_grad[:3]
-        W32 = W.float()
-        b32 = None if b is None else b.float()
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_W = torch.zeros(W32.shape, dtype=torch.float32, device=h.device) if need_W else None
-        grad_b = torch.zeros(W32.shape[0], dtype=torch.float32, device=h.device) if need_b else None
-        g = grad_out.float() / tau
-        for start in range(0, N, ctx.chunk_size):
-            rows = slice(start, min(N, start + ctx.chunk_size))
-            z = _scaled_logits(h[rows], W32, b32, tau)
-            dz = torch.exp_(z.sub_(lse[rows, None])).mul_(-g[rows, None])  # −g·softmax, in place
-            dz.scatter_add_(-1, ids[rows, None], g[rows, None])  # + g·e_y
-            if grad_h is not None:
-                grad_h[rows] = (dz @ W32).to(h.dtype)
-            if grad_W is not None:
-                grad_W.addmm_(dz.T, h[rows].float())
-            if grad_b is not None:
-                grad_b += dz.sum(dim=0)
-        return (grad_h, None if grad_W is None else grad_W.to(W.dtype),
-                None if grad_b is None else grad_b.to(b.dtype), None, None, None)
-
-
-def _log_softmax_(x: Tensor, temperature: float) -> Tensor:
-    """``x ← log_softmax(x / τ)`` over the last dim, in place (no grad), saving a ``[chunk, V]`` buffer."""
-    if temperature != 1.0:
-        x /= temperature
-    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
-
-
-def _scaled_logits(h: Tensor, W32: Tensor, b32: Tensor | None, temperature: float) -> Tensor:
-    z = h.float() @ W32.T
-    if b32 is not None:
-        z += b32
-    if temperature != 1.0:
-        z /= temperature
-    return z

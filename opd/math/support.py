@@ -57,8 +57,11 @@ class SupportSpec:
     """How the per-token support is built (see the module docstring).
 
     ``k`` is the top-k size for the top-k kinds (clamped to ``V``; ignored for ``full`` and
-    ``sampled``, and when explicit ``teacher_topk_ids`` fix the teacher's part). Temperatures divide
-    the logits before the log-softmax (no ``τ²`` factor, as in TRL GKD).
+    ``sampled``). It holds whatever the teacher returns: explicit ``teacher_topk_ids`` (or
+    ``student_topk_ids``) with more than ``k`` columns are cut to their ``k`` most likely ids
+    (:func:`slice_topk`), so a served teacher that returns more ids than asked for cannot widen
+    the support. Temperatures divide the logits before the log-softmax (no ``τ²`` factor, as in
+    TRL GKD).
     """
 
     kind: SupportKind = "full"
@@ -134,8 +137,9 @@ def build_support(
             ``spec.teacher_temperature``. Required by ``full``, ``student_topk`` and ``union``.
         teacher_topk_ids, teacher_topk_logprobs: ``[..., K]`` the teacher's top-k ids and its
             full-vocabulary log-probs there (temperature already applied by the producer; ``-1`` ids
-            are padding). If given, the ids fix the teacher's part of the support; the log-probs
-            are used only when ``teacher_logits`` is absent. Without teacher logits, ``sampled`` and
+            are padding). If given, their ``spec.k`` most likely ids (:func:`slice_topk`) fix the
+            teacher's part of the support, however many columns there are; the log-probs are read
+            only when ``teacher_logits`` is absent. Without teacher logits, ``sampled`` and
             ``teacher_topk_sampled`` look ``y_t`` up among these ids, so append the sampled token's
             teacher log-prob as a column (as vLLM ``prompt_logprobs`` returns it).
     """
@@ -177,7 +181,8 @@ def support_from_logprobs(
         valid = torch.ones((), dtype=torch.bool, device=student_logp.device).expand(*lead, V)
         return SupportDistributions(student_logp, teacher_logp, valid, ids)
 
-    ids = _support_ids(student_logp, spec, sampled_ids, teacher_logp, teacher_topk_ids, student_topk_ids)
+    ids = _support_ids(student_logp, spec, sampled_ids, teacher_logp, teacher_topk_ids, student_topk_ids,
+                       teacher_topk_logprobs)
     valid = ids >= 0
     safe_ids = torch.where(valid, ids, torch.zeros((), dtype=ids.dtype, device=ids.device))
     neg_inf = torch.full((), _NEG_INF, dtype=student_logp.dtype, device=student_logp.device)
@@ -272,20 +277,58 @@ def _check_id_range(name: str, ids: Tensor, V: int) -> None:
         raise ValueError(f"{name} holds ids >= V = {V} (max {int(ids.max())}); ids must lie in [-1, V)")
 
 
-def _support_ids(student_logp, spec, sampled_ids, teacher_logp, topk_ids, student_ids=None) -> Tensor:
-    """``[..., K']`` long ids of the support; ``-1`` marks padding (duplicates, missing tokens)."""
+def slice_topk(ids: Tensor, logprobs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` most likely columns of a top-k signal: ``(ids, logprobs)`` of shape ``[..., min(k, K)]``.
+
+    ``ids [..., K]`` (``-1`` = padding) and ``logprobs [..., K]`` are what a teacher returned (a
+    served teacher may return more than the ``k`` ids asked for, or append the sampled token as an
+    extra column). Repeated ids keep their first occurrence and become padding ``(-1, -inf)``. With
+    ``K ≤ k`` every column is kept in place; otherwise the kept columns are the valid ids with the
+    highest log-probs, in descending order (ties by position), padding last. A pure function: the
+    support builder and the feedback path both cut with it.
+    """
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k}")
+    check_same_shape(ids=ids, logprobs=logprobs)
+    clean = _dedup(ids.long().clamp(min=-1))
+    valid = clean >= 0
+    lp = logprobs.detach()
+    if ids.shape[-1] <= k:
+        return clean, torch.where(valid, lp, torch.full((), _NEG_INF, dtype=lp.dtype, device=lp.device))
+    # valid ids sort before padding even at log-prob -inf (a zero-probability id is still an id)
+    key = torch.where(valid, lp.nan_to_num(nan=_NEG_INF).clamp(min=torch.finfo(lp.dtype).min),
+                      torch.full((), _NEG_INF, dtype=lp.dtype, device=lp.device))
+    order = key.sort(dim=-1, descending=True, stable=True).indices[..., : min(int(k), ids.shape[-1])]
+    kept_ids = clean.gather(-1, order)
+    kept_lp = torch.where(kept_ids >= 0, lp.gather(-1, order),
+                          torch.full((), _NEG_INF, dtype=lp.dtype, device=lp.device))
+    return kept_ids, kept_lp
+
+
+def _support_ids(student_logp, spec, sampled_ids, teacher_logp, topk_ids, student_ids=None,
+                 topk_logprobs=None) -> Tensor:
+    """``[..., K']`` long ids of the support; ``-1`` marks padding (duplicates, missing tokens).
+
+    Given id columns are cut to the ``k`` most likely (:func:`slice_topk`): the teacher's by its
+    log-probs, the student's by the current student's (its top-k among them while it has not moved).
+    """
     k = min(spec.k, student_logp.shape[-1])
+
+    def at(logp: Tensor, ids: Tensor) -> Tensor:
+        safe = ids.long().clamp(min=0)
+        return logp.detach().gather(-1, safe)
 
     def teacher_ids() -> Tensor:
         if topk_ids is not None:
-            return _dedup(topk_ids.long().clamp(min=-1))
+            scores = at(teacher_logp, topk_ids) if teacher_logp is not None else topk_logprobs
+            return slice_topk(topk_ids, scores, k)[0]
         return teacher_logp.topk(k, dim=-1).indices
 
     if spec.kind == "teacher_topk":
         return teacher_ids()
     if spec.kind == "student_topk":
         if student_ids is not None:
-            return _dedup(student_ids.long().clamp(min=-1))
+            return slice_topk(student_ids, at(student_logp, student_ids), k)[0]
         return student_logp.detach().topk(k, dim=-1).indices
     if spec.kind == "union":
         return _union(teacher_ids(), student_logp.detach().topk(k, dim=-1).indices)

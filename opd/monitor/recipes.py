@@ -60,7 +60,7 @@ def _repetition(cfg: Config) -> Recipe:
 
 def _entropy(cfg: Config) -> Recipe:
     overrides = []
-    if route1_on(cfg) and cfg.route1.divergence in ("rkl", "srkl"):
+    if route1_on(cfg) and cfg.route1.divergence in ("rkl", "srkl", "srkl_sg"):
         overrides += ["route1.divergence=jsd", "route1.beta=0.5"]
     if cfg.regularization.entropy_coef == 0:
         overrides.append(f"regularization.entropy_coef={ENTROPY_COEF:g}")

@@ -124,7 +124,13 @@ class Objective:
         dense = student.logits_BTV is not None
         if not dense and (student.hidden_BTH is None or student.head_weight_VH is None):
             raise ValueError("StudentOutputs needs logits_BTV, or hidden_BTH with head_weight_VH")
-        logp_BTV = torch.log_softmax(student.logits_BTV.float(), dim=-1) if dense else None
+        # padding is zeroed before any log-softmax / exp / LM head: a NaN or ±1e4 there (fully masked
+        # attention rows) would otherwise reach the gradient as 0·NaN or 0·inf (StudentOutputs.without_padding)
+        student = student.without_padding(base_mask_BT)
+        logp_BTV = None
+        if dense:  # log-softmax in fp32 (a float64 student stays float64)
+            logits = student.logits_BTV
+            logp_BTV = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
         # On the chunked path, when nothing differentiates through log π_S(y_t) and nothing needs it
         # before the loss, it is read off the route-1 pass's chunks instead of a separate pass over
         # the LM head (one [N, V] projection fewer per step).
@@ -243,5 +249,6 @@ class Objective:
         r1, reg, g = cfg.route1, cfg.regularization, cfg.gates
         return (self.route1_on and not self.route2_on and reg.ref_kl_coef == 0 and reg.sft_coef == 0
                 and reg.mismatch_coef == 0 and g.position not in ("drift", "drift_share") and not g.logprob_gate
+                and g.trust_min is None
                 and "k3" not in (r1.divergence, r1.off_policy_divergence)
                 and cfg.support.student_temperature == 1.0)

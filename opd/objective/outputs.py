@@ -7,9 +7,10 @@ all import from here, and nothing here imports them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from opd.config.schema import Config
@@ -31,6 +32,24 @@ class StudentOutputs:
     head_weight_VH: Tensor | None = None
     head_bias_V: Tensor | None = None
     continuation_BT: Tensor | None = None
+
+    def without_padding(self, mask_BT: Tensor) -> "StudentOutputs":
+        """These outputs with the positions outside ``mask_BT`` replaced by 0 (logits, hidden states, value
+        head), through ``torch.where``: whatever a padded position holds (NaN from a fully masked attention
+        row, ±1e4) never enters a log-softmax, an ``exp`` or the LM head, so the loss and every gradient —
+        the output head's included — equal those of a clean-padding batch (the gradient there is 0)."""
+        keep = mask_BT.bool()
+        if bool(keep.all()):
+            return self
+
+        def clean(x: Tensor | None, m: Tensor) -> Tensor | None:
+            if x is None:
+                return None
+            return torch.where(m.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+        return replace(self, logits_BTV=clean(self.logits_BTV, keep[..., None]),
+                       hidden_BTH=clean(self.hidden_BTH, keep[..., None]),
+                       continuation_BT=clean(self.continuation_BT, keep))
 
 
 @dataclass(frozen=True)

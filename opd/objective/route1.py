@@ -48,9 +48,12 @@ class Route1Result:
 
 
 def shaping_of(obj: ObjectiveView) -> DivergenceShaping:
-    r1 = obj.cfg.route1
+    """The route-1 shaping; a support with a tail bucket (``support.norm=tail``) floors only its top-k
+    entries and is not clamped from below (verl's tail mode, :class:`DivergenceShaping`)."""
+    r1, spec = obj.cfg.route1, obj.support_spec()
     return DivergenceShaping(fkl_coef=r1.fkl_coef, fkl_entropy_min=r1.fkl_entropy_min,
-                             logprob_floor=r1.logprob_floor, clamp_low=r1.clamp_low, clamp_high=r1.clamp_high)
+                             logprob_floor=r1.logprob_floor, clamp_low=r1.clamp_low, clamp_high=r1.clamp_high,
+                             tail_bucket=spec.norm == "tail" and spec.kind != "full")
 
 
 def k3_estimator(student_logp_BT: Tensor, teacher_logp_BT: Tensor, shaping: DivergenceShaping,

@@ -1,7 +1,9 @@
 """Route 2: reward → temporal credit → routing → policy-gradient surrogate (docs/methods.md §3.1–§3.4).
 
     r_t   = per-token reward (route2.reward; the log-ratio log π_T(y_t) − log π_S(y_t) by default,
-            with the student's current or the sampler's log-probs, route2.reward_logprobs)
+            with the student's current or the sampler's log-probs, route2.reward_logprobs; or OPD+'s
+            de-biased f-divergence reward, reward=f_corrected; or RLCSD's correct- minus wrong-hint
+            contrast, reward=contrastive, with the wrong-hint scores in ``reference``)
     r̃_t   = r_t, or OPDVR's verifier sign gate (outcome.sign_gate)
     A_t   = credit(r̃; γ, λ, baseline, value) → whitening / clipping → teacher_tau·A + adv_tau·A^outcome
     L_t   = −ρ_t · sg[A_t]   (ρ = π_S/μ with the route2.is_correction rule; CR-OPD routes the
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from opd.math import credit, policy_gradient, rewards, routing
+from opd.math import contrast, credit, f_rewards, policy_gradient, rewards, routing
 from opd.math.reduce import masked_mean, masked_sum
 from opd.objective.outputs import ObjectiveView, StudentOutputs
 from opd.objective.weights import reward_student_logprobs
@@ -46,13 +48,23 @@ def route2_term(
     teacher_free = r2.reward in rewards.TEACHER_FREE_REWARDS
     if r2.reward == "entropy_rank" and student_entropy_BT is None:
         raise ValueError("route2.reward=entropy_rank needs the student's entropy (the dense path)")
-    reward_BT = rewards.per_token_reward(
-        r2.reward, reward_student_logprobs(obj, rollouts, sampled_logp_BT), feedback.sampled_logprobs_BT.float(),
-        reference_logprobs_BT=ref_BT, low=r2.reward_low, high=r2.reward_high, alpha=r2.box_cox_alpha,
-        lam=r2.extrapolation_lambda, value=r2.constant_reward, entropy_BT=student_entropy_BT,
-        # teacher-free rewards are ranked over the tokens that are actually trained
-        mask_BT=rows_BT & gate_keep_BT if teacher_free else rows_BT,
-    )
+    if r2.reward == "contrastive":  # RLCSD: correct-hint teacher minus wrong-hint reference (opd/math/contrast.py)
+        if ref_BT is None:
+            raise ValueError("route2.reward=contrastive needs the wrong-hint scores (regularization.reference)")
+        reward_BT = contrast.contrastive_reward(feedback.sampled_logprobs_BT.float(), ref_BT, rows_BT)
+    elif r2.reward == "f_corrected":  # OPD+: the de-biased f-divergence reward (opd/math/f_rewards.py)
+        reward_BT = f_rewards.corrected_f_reward(
+            reward_student_logprobs(obj, rollouts, sampled_logp_BT), feedback.sampled_logprobs_BT.float(),
+            f=r2.f_divergence, mask_BT=rows_BT,
+        )
+    else:
+        reward_BT = rewards.per_token_reward(
+            r2.reward, reward_student_logprobs(obj, rollouts, sampled_logp_BT), feedback.sampled_logprobs_BT.float(),
+            reference_logprobs_BT=ref_BT, low=r2.reward_low, high=r2.reward_high, alpha=r2.box_cox_alpha,
+            lam=r2.extrapolation_lambda, value=r2.constant_reward, entropy_BT=student_entropy_BT,
+            # teacher-free rewards are ranked over the tokens that are actually trained
+            mask_BT=rows_BT & gate_keep_BT if teacher_free else rows_BT,
+        )
     if cfg.outcome.sign_gate:  # OPDVR: the verifier decides the sign, the teacher the size
         if outcome_rewards_B is None:
             raise ValueError("outcome.sign_gate needs the verifier's rewards for the rollouts "
@@ -76,12 +88,12 @@ def route2_term(
         credit_reward_BT = torch.nn.functional.pad(reward_BT[:, 1:], (0, 1))
         credit_mask_BT = torch.nn.functional.pad(rows_BT[:, 1:], (0, 1))
     kind = r2.credit
-    gamma = r2.gamma if kind in ("discounted", "gae") else (1.0 if kind == "return_to_go" else 0.0)
+    gamma = r2.gamma if kind in ("discounted", "gae", "window") else (1.0 if kind == "return_to_go" else 0.0)
     adv_BT = credit.temporal_credit(
         credit_reward_BT, credit_mask_BT, kind=kind, gamma=gamma, lam=r2.lam,
         values_BT=values_BT if (kind == "gae" or r2.baseline == "value") else None,
         baseline=r2.baseline, group_index_B=rollouts.group_index_B.to(device),
-        length_normalize=r2.length_normalize,
+        length_normalize=r2.length_normalize, window=r2.window,
     ) * rows_BT
 
     if obj.needs_value_head:

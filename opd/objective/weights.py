@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from opd.math import gates
+from opd.math import gates, trust
 from opd.math.reduce import reduction_weights
 from opd.objective.outputs import ObjectiveView, TokenCounts
 from opd.types import Feedback, Rollouts
@@ -57,6 +57,11 @@ def token_weights(
         if feedback.topk_ids_BTK is None:
             raise ValueError("gates.coverage_gate needs the teacher's top-k (teacher.access topk or full)")
         keep_BT &= gates.teacher_coverage_gate(ids_BT, feedback.topk_ids_BTK)
+    if g.trust_min is not None:  # TrOPD: only where the teacher would accept the student's token
+        if sampled_logp_BT is None:
+            raise ValueError("gates.trust_min needs the student's sampled-token log-probs (the dense path)")
+        keep_BT &= trust.trust_region_mask(sampled_logp_BT.detach(), feedback.sampled_logprobs_BT.float(),
+                                           base_mask_BT, g.trust_min)
     if g.entropy_gate != "none":
         if student_entropy_BT is None:
             raise ValueError("gates.entropy_gate needs the student's logits (the dense path)")

@@ -133,7 +133,8 @@ def _answers(run: RunData) -> dict[str, tuple[str, bool]]:  # noqa: C901 — one
                   else "route 2 (log-ratio policy gradient)" if r2_on else "SFT only", False)
     div = c("route1.divergence")
     params = {"jsd": f", β={c('route1.beta')}", "skl": f", α={c('route1.alpha')}",
-              "srkl": f", α={c('route1.alpha')}", "akl": f", μ={c('route1.mu')}"}.get(div, "")
+              "srkl": f", α={c('route1.alpha')}", "srkl_sg": f", α={c('route1.alpha')}",
+              "akl": f", μ={c('route1.mu')}"}.get(div, "")
     r2 = (f"route 2 reward {c('route2.reward')}" + (f" (Box–Cox α={c('route2.box_cox_alpha')})"
                                                     if c("route2.reward") == "box_cox" else "")) if r2_on else ""
     a["divergence"] = ("; ".join(x for x in (f"{div}{params} × {c('route1.coef')}" if r1_on else "", r2) if x)
@@ -218,7 +219,10 @@ def _answers(run: RunData) -> dict[str, tuple[str, bool]]:  # noqa: C901 — one
     accs = [r for r in run.evals if isinstance(r.get("eval/accuracy"), (int, float))]
     a["pass@1"] = ((f"{accs[0]['eval/accuracy']:.3f} → {accs[-1]['eval/accuracy']:.3f} (steps "
                     f"{int(accs[0]['step'])} → {int(accs[-1]['step'])})"
-                    + (f"; teacher {run.teacher_eval['teacher/accuracy']:.3f}" if run.teacher_eval else ""), False)
+                    + (f"; teacher {run.teacher_eval['teacher/accuracy']:.3f}"
+                       + (" (served: its argmax on the reference answers, teacher-forced)"
+                          if run.teacher_eval.get("decoding") == "teacher-forced" else "")
+                       if run.teacher_eval else ""), False)
                    if accs else ("no evaluation logged", True))
     a["pass@k"] = ("not measured (greedy pass@1 only)", True)
     a["seeds"] = (f"seed {c('seed')} (prompts, sampling and initialisation); one seed — rerun with other seeds "

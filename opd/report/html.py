@@ -11,7 +11,7 @@ from typing import Any
 
 from opd.report.checklist import Item
 from opd.report.compare import SUMMARY_COLUMNS, config_differences, summary_rows
-from opd.report.load import FINISHED, RunData, run_status
+from opd.report.load import FINISHED, RunData, fault_note, run_status
 from opd.report.plots import Plot
 from opd.report.samples import mark, sample_groups
 
@@ -111,11 +111,13 @@ def _samples(run: RunData, limit: int = 8) -> str:
 
 def _status(run: RunData, single: bool) -> str:
     status, why = run_status(run)
+    faults = fault_note(run)
+    resumed = f'<div class="status"><b>{_e(faults)}.</b></div>' if faults else ""
     if status in FINISHED:
-        return ""
+        return resumed
     who = "This run" if single else f"Run {_e(run.name)}"
-    return (f'<div class="status"><b>{who} did not finish: {_e(status)}.</b> {_e(why)}. Its curves and "accuracy '
-            'after" stop at its last logged step.</div>')
+    return resumed + (f'<div class="status"><b>{who} did not finish: {_e(status)}.</b> {_e(why)}. Its curves and '
+                      '"accuracy after" stop at its last logged step.</div>')
 
 
 def _warnings(run: RunData) -> str:

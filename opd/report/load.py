@@ -27,7 +27,7 @@ import yaml
 
 from opd.report.run_info import read_json
 
-__all__ = ["FINISHED", "RunData", "load_run", "run_status", "series"]
+__all__ = ["FINISHED", "RunData", "fault_note", "load_run", "run_status", "series"]
 
 
 def _number(v: Any) -> Any:
@@ -88,6 +88,7 @@ class RunData:
     applied_config: dict[str, Any] | None = None
     warnings: list[str] | None = None  # warnings.json: None when the run folder has none
     notes: list[str] = field(default_factory=list)  # what reading the folder had to work around
+    faults: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl "fault" records (failed sessions)
 
     @property
     def name(self) -> str:
@@ -126,7 +127,7 @@ def load_run(path: str | Path) -> RunData:
         events=_jsonl(p / "events.jsonl", notes), samples=_jsonl(p / "samples.jsonl", notes),
         info=read_json(p / "run_info.json"), summary=read_json(p / "summary.json"),
         applied_config=_config(p / "config.applied.yaml"), warnings=_warnings(p / "warnings.json"),
-        notes=notes,
+        notes=notes, faults=[r for r in records if r.get("kind") == "fault"],
     )
 
 
@@ -176,6 +177,22 @@ def run_status(run: RunData) -> tuple[str, str]:
         "unfinished": f"ended {at} without saying why",
     }.get(status, f"{status} {at}")
     return status, why
+
+
+def fault_note(run: RunData) -> str:
+    """One sentence on the failures that stopped earlier sessions of a run that was then resumed
+    (empty when there were none): a finished run's numbers are then those of several sessions."""
+    if not run.faults:
+        return ""
+    s = run.summary or {}
+    # the fault of the session that wrote summary.json is already its status; name only the earlier ones
+    earlier = run.faults[:-1] if s.get("status") == "failed" and s.get("error") == run.faults[-1].get("error") \
+        else run.faults
+    if not earlier:
+        return ""
+    said = "; ".join(f"at step {f.get('steps_done', f.get('step'))}: {f.get('error')}" for f in earlier)
+    return (f"This run failed {len(earlier)} time{'s' if len(earlier) > 1 else ''} and was resumed from its last "
+            f"checkpoint ({said})")
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from opd.report.checklist import Item
 from opd.report.compare import SUMMARY_COLUMNS, config_differences, summary_rows
-from opd.report.load import FINISHED, RunData, run_status
+from opd.report.load import FINISHED, RunData, fault_note, run_status
 from opd.report.samples import mark, sample_groups
 
 __all__ = ["render_markdown"]
@@ -59,11 +59,13 @@ def _samples(run: RunData, limit: int) -> list[str]:
 
 def _status(run: RunData, single: bool) -> list[str]:
     status, why = run_status(run)
+    faults = fault_note(run)
+    resumed = [f"> **{faults}.**", ""] if faults else []
     if status in FINISHED:
-        return []
+        return resumed
     who = "This run" if single else f"Run `{run.name}`"
-    return [f"> **{who} did not finish: {status}.** {why}. Its curves and \"accuracy after\" stop at its last "
-            "logged step.", ""]
+    return resumed + [f"> **{who} did not finish: {status}.** {why}. Its curves and \"accuracy after\" stop at its "
+                      "last logged step.", ""]
 
 
 def _warnings(run: RunData) -> list[str]:

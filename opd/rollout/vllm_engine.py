@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,29 +48,116 @@ from opd.rollout.generate import _finish, encode_prompts, stop_token_ids
 from opd.tasks.base import Example
 from opd.types import Rollouts
 
-__all__ = ["VLLMEngine", "VLLMServerEngine", "import_vllm", "sampling_args", "write_weights"]
+__all__ = ["ROTARY_RELOAD_FILTER", "VLLMEngine", "VLLMServerEngine", "engine_log_quieted", "import_vllm",
+           "sampling_args", "write_weights"]
 
 _DOC = "docs/serving.md"
+#: Environment variables through which a user takes charge of vLLM's own logging (then opd leaves it be).
+_VLLM_LOGGING_VARS = ("VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL", "VLLM_LOGGING_CONFIG_PATH")
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's ``"RotaryEmbedding: Failed to load weights"`` warning, which every in-place weight
+    reload (``reload_weights``, once per push) logs although nothing is missing.
+
+    Why it appears: when a reload ends, vLLM (``finalize_layerwise_processing``) looks at every module
+    that owns tensors and warns for each one that received no element from the pushed weights.
+    ``RotaryEmbedding`` owns one tensor, its ``cos_sin_cache`` — a table computed from the config
+    (``rope_theta``, head size, positions), not a trained weight — and a Hugging Face ``state_dict``
+    has no rotary entry (``inv_freq`` is a non-persistent buffer), so nothing is loaded into it and
+    vLLM puts the existing table back (``_place_kernel_tensors``). The table depends only on the
+    config, which a push never changes, so the warning is harmless; that every *trained* weight
+    arrives is checked by ``tests/test_vllm.py``: after pushes of updated weights vLLM's greedy
+    tokens equal the updated HF model's and its log-probs agree within 1e-4.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
+#: The filter :func:`import_vllm` puts on vLLM's reload logger (filters survive vLLM's logging set-up).
+ROTARY_RELOAD_FILTER = _RotaryReloadFilter()
+
+
+def _quiet_vllm_logging() -> bool:
+    """Before vLLM is imported: vLLM logs only errors (to stderr, one line each), not its warnings and
+    INFO lines on stdout — unless the user set one of ``VLLM_CONFIGURE_LOGGING``,
+    ``VLLM_LOGGING_LEVEL``, ``VLLM_LOGGING_CONFIG_PATH``. True when opd quieted it."""
+    if any(var in os.environ for var in _VLLM_LOGGING_VARS) or "vllm" in sys.modules:
+        return False
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"  # vLLM installs no handler and never resets these levels
+    log = logging.getLogger("vllm")
+    log.setLevel(logging.ERROR)
+    log.propagate = False
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("vllm: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+    return True
+
+
+@contextmanager
+def engine_log_quieted(enabled: bool = True) -> Iterator[None]:
+    """While vLLM is imported and started, capture what it writes to the process's stdout and stderr —
+    Python warnings, C++ warnings (NUMA binding, missing preload libraries), checkpoint-loading bars —
+    at the file-descriptor level, and show it only if the start fails (then it explains the error).
+    A no-op when ``enabled`` is False (the user configured vLLM's logging)."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        except BaseException:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def import_vllm():
     """``vllm`` with the in-process engine (no child process) unless the caller chose otherwise; on a
-    machine without a GPU the CPU KV cache defaults to 1 GiB. A clear error when it is missing."""
+    machine without a GPU the CPU KV cache defaults to 1 GiB. A clear error when it is missing.
+
+    A run's terminal shows opd's progress, not vLLM's log: unless the user configured vLLM's logging
+    (``VLLM_LOGGING_LEVEL=INFO`` shows it all), vLLM reports only errors, its import and start-up
+    output is held back (:func:`engine_log_quieted`), and the per-push rotary warning is dropped
+    (:data:`ROTARY_RELOAD_FILTER`).
+    """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not one INFO line per weight push in the run's output
+    quiet = _quiet_vllm_logging()
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     try:
-        import vllm
+        with engine_log_quieted(quiet and "vllm" not in sys.modules):
+            import vllm
     except ImportError as err:
         raise ImportError(
             f"rollout.engine=vllm needs vLLM ({err}); install it with `pip install -e \".[vllm]\"` (CPU) or the "
             f"vllm build for your GPU ({_DOC})"
         ) from err
-    # every in-place reload warns "RotaryEmbedding: Failed to load weights": the rotary cos/sin cache is
-    # derived, not a checkpoint weight, and vLLM puts the existing one back (greedy outputs after a
-    # reload equal the updated model's: tests/test_vllm.py)
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+    reload_log = logging.getLogger(_RELOAD_LOGGER)
+    if ROTARY_RELOAD_FILTER not in reload_log.filters:
+        reload_log.addFilter(ROTARY_RELOAD_FILTER)
     return vllm
 
 
@@ -201,7 +291,8 @@ class VLLMEngine:
             if max_model_len is not None:
                 kwargs["max_model_len"] = max_model_len
             threads = torch.get_num_threads()
-            llm = vllm.LLM(**kwargs)
+            with engine_log_quieted(logging.getLogger("vllm").level >= logging.ERROR):
+                llm = vllm.LLM(**kwargs, use_tqdm_on_load=False)
             if torch.get_num_threads() != threads:  # vLLM's CPU worker may lower the process's threads
                 torch.set_num_threads(threads)
         mode = getattr(getattr(llm.llm_engine, "model_config", None), "logprobs_mode", "processed_logprobs")

@@ -9,7 +9,9 @@ Endpoints (docs/serving.md has the field-by-field format):
   that it agrees with the student's before training (:func:`opd.tokenization.check_tokenizers_agree`);
 * ``POST /v1/score`` — a :class:`~opd.serve.payload.ScoreRequest`; answers a
   :class:`~opd.serve.payload.ScoreAnswer` (sampled-token, top-k and caller-chosen-id log-probs at
-  the requested temperature). A malformed request gets HTTP 400 with one line saying why.
+  the requested temperature), or with ``payload=hidden`` a :class:`~opd.serve.hidden.HiddenAnswer`
+  (final hidden states). A malformed request gets HTTP 400 with one line saying why;
+* ``GET /v1/head`` — the output head (fp32 weight and bias, and its digest) for ``payload=hidden``.
 
 Concurrent requests are batched (:class:`~opd.serve.batcher.Batcher`).
 """
@@ -26,12 +28,25 @@ from fastapi.responses import JSONResponse
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from opd.rollout import lm_head_vocab_size
+from opd.rollout import HeadNotLinearError, lm_head_of, lm_head_vocab_size
 from opd.serve.batcher import Batcher
-from opd.serve.payload import PROTOCOL, ScoreRequest
+from opd.serve.hidden import encode_head, head_digest, score_hidden, weights_digest
+from opd.serve.payload import PAYLOADS, PROTOCOL, ScoreRequest
 from opd.serve.scoring import score_request
 
-__all__ = ["build_app", "tokenizer_files"]
+__all__ = ["build_app", "hidden_payload_info", "tokenizer_files"]
+
+
+def hidden_payload_info(model: nn.Module) -> dict[str, Any] | None:
+    """What ``payload=hidden`` needs announced (``hidden_size``, ``head_sha256``, ``weights_sha256``) and
+    the ``GET /v1/head`` body (``head``); None when the model's head is not a plain linear layer
+    (:func:`opd.rollout.lm_head_of` says why), so hidden states would not reproduce its logits."""
+    try:
+        weight, bias = lm_head_of(model)
+    except HeadNotLinearError:
+        return None
+    return {"hidden_size": int(weight.shape[1]), "head_sha256": head_digest(weight, bias),
+            "weights_sha256": weights_digest(model.state_dict().items()), "head": encode_head(weight, bias)}
 
 
 def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
@@ -63,8 +78,14 @@ def build_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, name: str
         p.requires_grad_(False)
     vocab = lm_head_vocab_size(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    hidden_info = hidden_payload_info(model)
 
     def score(request: ScoreRequest):
+        if request.payload == "hidden":
+            if hidden_info is None:
+                raise ValueError("unreachable: hidden requests are refused at parsing when there is no linear head")
+            return score_hidden(model, request, weights_sha256=hidden_info["weights_sha256"], pad_id=int(pad_id),
+                                max_batch_tokens=max_batch_tokens)
         return score_request(model, request, pad_id=int(pad_id), max_batch_tokens=max_batch_tokens)
 
     batcher = Batcher(score, max_tokens=max_batch_tokens, max_wait=batch_wait)
@@ -87,7 +108,16 @@ def build_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, name: str
                 "special_token_ids": {role: getattr(tokenizer, f"{role}_token_id", None)
                                       for role in ("bos", "eos", "pad", "unk")},
                 "max_batch_tokens": max_batch_tokens, "batches": batcher.batches,
-                "requests_scored": batcher.requests_scored}
+                "requests_scored": batcher.requests_scored,
+                "payloads": list(PAYLOADS) if hidden_info is not None else ["logprobs"],
+                **({} if hidden_info is None else {k: v for k, v in hidden_info.items() if k != "head"})}
+
+    @app.get("/v1/head")
+    async def head_endpoint():
+        if hidden_info is None:
+            return JSONResponse(status_code=404, content={"error": "this model's output layer is not a plain linear "
+                                                          "head: payload=hidden is not served"})
+        return hidden_info["head"]
 
     @app.get("/v1/tokenizer")
     async def tokenizer_endpoint() -> dict[str, Any]:
@@ -98,6 +128,9 @@ def build_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, name: str
         try:
             body = await raw.json()
             request = ScoreRequest.from_json(body, vocab_size=vocab)
+            if request.payload == "hidden" and hidden_info is None:
+                raise ValueError("this model's output layer is not a plain linear head (soft-capping, a logit scale "
+                                 "or another layer): payload=hidden is not served; ask for payload=logprobs")
         except ValueError as err:  # includes JSON decode errors and BadAnswer (a ValueError)
             return JSONResponse(status_code=400, content={"error": str(err)})
         answer = await batcher.submit(request)

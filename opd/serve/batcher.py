@@ -4,7 +4,7 @@ Requests that arrive while the model is busy (several training processes, severa
 teachers on one server) wait in a queue; one worker takes every waiting request — up to
 ``max_tokens`` completion tokens, after waiting at most ``max_wait`` seconds for more once the
 first has arrived — merges those that ask the same thing (temperature, top-k, number of
-caller-chosen ids, dtype) into one :class:`~opd.serve.payload.ScoreRequest`, scores it once, and
+caller-chosen ids, dtype, payload) into one :class:`~opd.serve.payload.ScoreRequest`, scores it once, and
 hands each caller its own rows. The model is only ever used by that one worker (one thread), so
 requests never run concurrently on it.
 """
@@ -17,32 +17,37 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from opd.serve.hidden import HiddenAnswer
 from opd.serve.payload import ScoreAnswer, ScoreRequest
 
 __all__ = ["Batcher", "merge_requests", "split_answer"]
 
 
 def _key(r: ScoreRequest) -> tuple:
-    return (r.temperature, r.topk, None if r.token_ids is None else r.token_ids.shape[1], r.dtype)
+    return (r.temperature, r.topk, None if r.token_ids is None else r.token_ids.shape[1], r.dtype, r.payload)
 
 
 def merge_requests(requests: list[ScoreRequest]) -> ScoreRequest:
     """One request holding every sequence of ``requests`` (which must agree on :func:`_key`)."""
     first = requests[0]
     if any(_key(r) != _key(first) for r in requests):
-        raise ValueError("only requests with the same temperature, topk, token_ids width and dtype can be merged")
+        raise ValueError("only requests with the same temperature, topk, token_ids width, dtype and payload can be merged")
     token_ids = None if first.token_ids is None else np.concatenate([r.token_ids for r in requests])
     return ScoreRequest(prompts=[p for r in requests for p in r.prompts],
                         completions=[c for r in requests for c in r.completions], topk=first.topk,
-                        token_ids=token_ids, temperature=first.temperature, dtype=first.dtype)
+                        token_ids=token_ids, temperature=first.temperature, dtype=first.dtype,
+                        payload=first.payload)
 
 
-def split_answer(answer: ScoreAnswer, requests: list[ScoreRequest]) -> list[ScoreAnswer]:
+def split_answer(answer: ScoreAnswer | HiddenAnswer, requests: list[ScoreRequest]) -> list:
     """The rows of a merged answer, given back per original request."""
     out, start = [], 0
     for r in requests:
         sl = slice(start, start + r.n_tokens)
         start += r.n_tokens
+        if isinstance(answer, HiddenAnswer):
+            out.append(answer.take(sl))
+            continue
 
         def cut(a: np.ndarray | None, sl: slice = sl) -> np.ndarray | None:
             return None if a is None else a[sl]

@@ -5,8 +5,9 @@ given as token ids; the answer holds, for every completion token (padding is nev
 teacher's log-probabilities at temperature ``τ``. docs/serving.md documents the format field by
 field; this module is its one implementation (the server and the client both use it).
 
-Arrays travel as ``{"data": base64, "dtype": "int32" | "float16" | "float32", "shape": [...]}``:
-ids as int32, log-probs as float16 or float32 (the caller chooses). A top-32 answer at float16 costs
+Arrays travel as ``{"data": base64, "dtype": "int32" | "float16" | "bfloat16" | "float32", "shape": [...]}``:
+ids as int32, log-probs as float16 or float32 (the caller chooses); ``bfloat16`` (the upper 16 bits of
+the float32, rounded to nearest even) carries hidden states (``payload=hidden``, :mod:`opd.serve.hidden`). A top-32 answer at float16 costs
 ``32·(4 + 2) + 2 = 194`` bytes per token before base64 (×4/3 on the wire), against ``4·V`` for a
 full fp32 distribution (128 kB at V = 32000).
 """
@@ -23,6 +24,7 @@ import numpy as np
 from opd.serve.client import BadAnswer
 
 __all__ = [
+    "PAYLOADS",
     "PROTOCOL",
     "ScoreAnswer",
     "ScoreRequest",
@@ -32,18 +34,38 @@ __all__ = [
 
 #: The protocol version a server announces at ``GET /v1/info`` and a client checks.
 PROTOCOL = "opd-score/1"
-_DTYPES = {"int32": np.int32, "float16": np.float16, "float32": np.float32}
+#: What ``POST /v1/score`` can return: log-probs (:class:`ScoreAnswer`) or final hidden states
+#: (:class:`opd.serve.hidden.HiddenAnswer`; the caller holds the teacher's head).
+PAYLOADS = ("logprobs", "hidden")
+_DTYPES = {"int32": np.int32, "float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+
+
+def _to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bit patterns (``uint16``), round to nearest even (NaN stays NaN)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def _from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (``uint16``) → float32 (exact)."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def encode_array(values: Any, dtype: str) -> dict[str, Any]:
     """``values`` (array-like) as a JSON object ``{data, dtype, shape}`` (little-endian)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype == "bfloat16":
+        values = _to_bfloat16_bits(np.asarray(values, dtype=np.float32))
     arr = np.ascontiguousarray(np.asarray(values, dtype=np.dtype(_DTYPES[dtype]).newbyteorder("<")))
     return {"data": base64.b64encode(arr.tobytes()).decode("ascii"), "dtype": dtype, "shape": list(arr.shape)}
 
 
-def decode_array(obj: Any, name: str, *, dtypes: Sequence[str] = ("int32", "float16", "float32"),
+def decode_array(obj: Any, name: str, *, dtypes: Sequence[str] = ("int32", "float16", "bfloat16", "float32"),
                  shape: Sequence[int | None] | None = None) -> np.ndarray:
     """The array an :func:`encode_array` object holds (a writable copy; floats widened to float32).
 
@@ -72,6 +94,8 @@ def decode_array(obj: Any, name: str, *, dtypes: Sequence[str] = ("int32", "floa
         if len(shape) != len(dims) or any(s is not None and s != d for s, d in zip(shape, dims)):
             want = ["*" if s is None else s for s in shape]
             raise BadAnswer(f"{name} has shape {dims}, expected {want}")
+    if dtype == "bfloat16":
+        return _from_bfloat16_bits(arr.astype(np.uint16))  # a native-endian, writable copy
     out = arr.astype(np.float32 if dtype != "int32" else np.int64)  # a native-endian, writable copy
     return out
 
@@ -88,7 +112,12 @@ class ScoreRequest:
         token_ids: per completion token, ``M`` caller-chosen ids whose log-probs to return (e.g. the
             student's top-k), as an ``[N, M]`` array; None = none.
         temperature: ``τ``; every log-prob is ``log_softmax(z / τ)``.
-        dtype: float dtype of the log-probs in the answer (``float16`` or ``float32``).
+        dtype: float dtype of the log-probs in the answer (``float16`` or ``float32``), or of the hidden
+            states (``payload="hidden"``: also ``bfloat16``).
+        payload: ``"logprobs"`` (the default) or ``"hidden"``: the answer is the teacher's final hidden
+            states at every completion position (:class:`opd.serve.hidden.HiddenAnswer`), and the
+            caller applies the teacher's head itself; ``topk``, ``token_ids`` and ``temperature`` are
+            then not used (the caller's head applies the temperature).
     """
 
     prompts: list[list[int]]
@@ -97,6 +126,7 @@ class ScoreRequest:
     token_ids: np.ndarray | None = None
     temperature: float = 1.0
     dtype: str = "float32"
+    payload: str = "logprobs"
 
     @property
     def n_tokens(self) -> int:
@@ -113,6 +143,8 @@ class ScoreRequest:
         }
         if self.token_ids is not None:
             body["token_ids"] = encode_array(self.token_ids, "int32")
+        if self.payload != "logprobs":
+            body["payload"] = self.payload
         return body
 
     @classmethod
@@ -140,9 +172,16 @@ class ScoreRequest:
         temperature = body.get("temperature", 1.0)
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        payload = body.get("payload", "logprobs")
+        if payload not in PAYLOADS:
+            raise ValueError(f"payload must be one of {', '.join(PAYLOADS)}, got {payload!r}")
         dtype = body.get("dtype", "float32")
-        if dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+        allowed = ("float16", "bfloat16", "float32") if payload == "hidden" else ("float16", "float32")
+        if dtype not in allowed:
+            raise ValueError(f"dtype must be one of {', '.join(allowed)} for payload={payload}, got {dtype!r}")
+        if payload == "hidden" and (topk or body.get("token_ids") is not None):
+            raise ValueError("payload=hidden returns hidden states only: send topk=0 and no token_ids (the caller "
+                             "computes every log-prob from the hidden states and the teacher's head)")
         token_ids = None
         if body.get("token_ids") is not None:
             token_ids = decode_array(body["token_ids"], "token_ids", dtypes=("int32",), shape=(sum(c_len), None))
@@ -154,7 +193,7 @@ class ScoreRequest:
             completions.append(flat_c[j:j + lc].tolist())
             i, j = i + lp, j + lc
         return cls(prompts=prompts, completions=completions, topk=topk, token_ids=token_ids,
-                   temperature=float(temperature), dtype=dtype)
+                   temperature=float(temperature), dtype=dtype, payload=payload)
 
 
 @dataclass(frozen=True)

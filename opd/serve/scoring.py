@@ -24,7 +24,7 @@ from torch import nn
 from opd.rollout import completion_forward, lm_head_vocab_size, model_device
 from opd.serve.payload import ScoreAnswer, ScoreRequest
 
-__all__ = ["score_request", "split_batches"]
+__all__ = ["pad_rows", "score_request", "split_batches"]
 
 
 def split_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -46,7 +46,9 @@ def split_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` ``[len(rows), longest]`` of token-id rows, padded on the left (prompts) or the
+    right (completions) with ``pad_id``."""
     width = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -78,8 +80,8 @@ def score_request(model: nn.Module, request: ScoreRequest, *, pad_id: int = 0,
             group = [i for i in group if request.completions[i]]
             if not group:
                 continue
-            p_ids, p_mask = _pad([request.prompts[i] for i in group], pad_id, left=True)
-            c_ids, c_mask = _pad([request.completions[i] for i in group], pad_id, left=False)
+            p_ids, p_mask = pad_rows([request.prompts[i] for i in group], pad_id, left=True)
+            c_ids, c_mask = pad_rows([request.completions[i] for i in group], pad_id, left=False)
             logits = completion_forward(model, p_ids.to(device), p_mask.to(device), c_ids.to(device),
                                         c_mask.bool().to(device)).float()
             if request.temperature != 1.0:

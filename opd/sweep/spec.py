@@ -38,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from opd.config.load import read_yaml, yaml_where
+
 __all__ = ["Cell", "SpecError", "SweepSpec", "format_value", "load_spec", "parse_grid_arg", "parse_seeds",
            "spec_from_mapping"]
 
@@ -155,14 +157,18 @@ def parse_seeds(value: Any) -> list[int]:
         raise SpecError(f"seeds must be an integer n (seeds 0 … n−1) or a list of integers, got {value!r}")
     if isinstance(value, int):
         if value < 1:
-            raise SpecError(f"seeds must be at least 1, got {value}")
+            raise SpecError(f"seeds is a count of seeds and must be at least 1, got {value}, which runs nothing"
+                            + ("; for the seed 0 alone write a list: seeds: [0] in a spec, --seeds 0, on the command "
+                               "line" if value == 0 else ""))
         return list(range(value))
     if isinstance(value, str):
         try:
             parts = [int(p) for p in value.split(",") if p.strip()]
         except ValueError:
             raise SpecError(f"seeds {value!r}: write a count (5) or a comma-separated list (0,1,2)") from None
-        return list(range(parts[0])) if len(parts) == 1 and "," not in value else parts
+        if len(parts) == 1 and "," not in value:  # a count: `--seeds 0` would run nothing
+            return parse_seeds(parts[0])
+        return parse_seeds(parts)  # a list: `--seeds ,` is empty, `--seeds 1,1` has a duplicate
     if isinstance(value, Sequence) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
         if len(set(value)) != len(value):
             raise SpecError(f"seeds {list(value)} has duplicates")
@@ -264,9 +270,9 @@ def load_spec(path: str | Path | None, *, extra_grid: Sequence[tuple[str, list[s
     if not p.is_file():
         raise SpecError(f"sweep spec {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise SpecError(f"{p} is not valid YAML: {err}") from None
+        data = read_yaml(p.read_text(encoding="utf-8"), yaml12=False) or {}
+    except yaml.YAMLError as err:  # a duplicate key included: it is refused, never silently the last value
+        raise SpecError(f"{p} is not valid YAML{yaml_where(err)}") from None
     if not isinstance(data, Mapping):
         raise SpecError(f"{p} must hold a mapping of sweep keys ({', '.join(_KEYS)})")
     spec = spec_from_mapping(data, default_name=p.stem, extra_grid=extra_grid)

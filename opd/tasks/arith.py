@@ -23,7 +23,10 @@ Held-out set: ``eval_size`` distinct operand pairs drawn once from ``seed``; tra
 redraws any pair that is in it, so the two never overlap.
 
 Verifier: exact match of the completion text before the first EOS with the answer; a completion
-without EOS (truncated) scores 0. Decode completions with ``skip_special_tokens=False``.
+without EOS (truncated) scores 0. Decode completions with ``skip_special_tokens=False``. The EOS
+string is the scored model's own (``eos_token``, default ``"$"`` of :func:`arith_tokenizer`): a model
+with another tokenizer (``builtin:arith_bpe/teacher`` ends with ``"</s>"``) is scored through
+:func:`opd.evaluate.verifier_texts`, which rewrites each completion's own stop token into this one.
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ class ArithTask:
         seed: seed of the held-out set and of the training stream.
         context: ``"answer"`` gives every example a teacher-only hint (the reversed answer
             and ``"|"``); ``"none"`` gives no teacher context.
+        eos_token: the EOS string that ends a completion for :meth:`verify` (the scored model's
+            tokenizer's; default ``"$"``).
     """
 
     name = "arith"
@@ -105,6 +110,7 @@ class ArithTask:
         eval_size: int = 500,
         seed: int = 0,
         context: Literal["answer", "none"] = "answer",
+        eos_token: str = ARITH_EOS,
     ):
         if not isinstance(digits, int) or not 1 <= digits <= 12:
             raise ValueError(f"digits must be an integer in [1, 12], got {digits!r}")
@@ -121,6 +127,9 @@ class ArithTask:
         self.eval_size = eval_size
         self.seed = seed
         self.context = context
+        if not isinstance(eos_token, str) or not eos_token:
+            raise ValueError(f"eos_token must be a non-empty string (the tokenizer's EOS), got {eos_token!r}")
+        self.eos_token = eos_token
         self.max_new_tokens = digits + 2
         rng = random.Random(f"arith-eval:{digits}:{seed}")
         pairs: dict[tuple[int, int], None] = {}  # insertion-ordered set
@@ -180,7 +189,7 @@ class ArithTask:
         return [self.example(a, b) for a, b in self._eval_pairs[:n]]
 
     def verify(self, example: Example, completion: str) -> float:
-        """1.0 when the completion up to its first EOS (``"$"``) equals ``example.answer``.
+        """1.0 when the completion up to its first EOS (:attr:`eos_token`) equals ``example.answer``.
 
         ``completion`` is the generated text after the prompt, decoded with special tokens kept;
         anything after the first EOS (e.g. padding) is ignored. No EOS means the rollout was
@@ -188,5 +197,5 @@ class ArithTask:
         """
         if example.answer is None:
             raise ValueError("example.answer is None; arith examples always carry the reference answer")
-        head, sep, _ = completion.partition(ARITH_EOS)
+        head, sep, _ = completion.partition(self.eos_token)
         return 1.0 if sep and head == example.answer else 0.0

@@ -109,7 +109,12 @@ class CaseTask(ABC):
     default_length = 6
     min_length, max_length = 2, 12  # the shipped checkpoints were trained at length 6 (long: 2-12)
 
-    def __init__(self, length: int | None = None, eval_size: int = 500, seed: int = 0):
+    def __init__(self, length: int | None = None, eval_size: int = 500, seed: int = 0, eos_token: str = CASE_EOS):
+        if not isinstance(eos_token, str) or not eos_token:
+            raise ValueError(f"{self.name}: eos_token must be a non-empty string (the tokenizer's EOS), "
+                             f"got {eos_token!r}")
+        #: the EOS string that ends a completion (the scored model's tokenizer's; default ``"$"``)
+        self.eos_token = eos_token
         length = self.default_length if length is None else length
         if not isinstance(length, int) or not self.min_length <= length <= self.max_length:
             raise ValueError(f"{self.name}: length must be an integer in [{self.min_length}, {self.max_length}], "
@@ -174,7 +179,7 @@ class CaseTask(ABC):
         """The strategy of an accepted completion (e.g. ``"a"``), ``"wrong…"`` (``fork``: ``"wrong_a"`` /
         ``"wrong_b"`` when the path was chosen but not completed), or ``"truncated"`` (no EOS).
         ``completion`` is decoded with special tokens kept."""
-        head, sep, _ = completion.partition(CASE_EOS)
+        head, sep, _ = completion.partition(self.eos_token)
         if not sep:
             return "truncated"
         x = example.fields["x"]
@@ -226,7 +231,7 @@ class RouteTask(CaseTask):
         return "".join(digits)
 
     def strategy(self, example: Example, completion: str) -> str:
-        head, sep, _ = completion.partition(CASE_EOS)
+        head, sep, _ = completion.partition(self.eos_token)
         if not sep:
             return "truncated"
         x = example.fields["x"]
@@ -269,11 +274,13 @@ class LongTask(RouteTask):
 CASE_TASKS: dict[str, type[CaseTask]] = {t.name: t for t in (ForkTask, RouteTask, ModesTask, LongTask)}
 
 
-def make_case_task(name: str, length: int | None = None, eval_size: int = 500, seed: int = 0) -> CaseTask:
-    """The case task ``name`` (``fork``, ``route``, ``modes``, ``long``)."""
+def make_case_task(name: str, length: int | None = None, eval_size: int = 500, seed: int = 0,
+                   eos_token: str = CASE_EOS) -> CaseTask:
+    """The case task ``name`` (``fork``, ``route``, ``modes``, ``long``); ``eos_token``: the EOS string
+    of the scored model's tokenizer."""
     if name not in CASE_TASKS:
         raise ValueError(f"unknown case task {name!r}; choose one of {sorted(CASE_TASKS)}")
-    return CASE_TASKS[name](length=length, eval_size=eval_size, seed=seed)
+    return CASE_TASKS[name](length=length, eval_size=eval_size, seed=seed, eos_token=eos_token)
 
 
 def case_checkpoint(case: str, name: str) -> Path:

@@ -92,7 +92,9 @@ def _merge_feedback(parts: list[tuple[list[int], Feedback]], batch: int, access:
             ids[idx] = _pad_last(fb.topk_ids_BTK.to(device), k, 0)
             lps[idx] = _pad_last(fb.topk_logprobs_BTK.to(device), k, float("-inf"))
         merged["topk_ids_BTK"], merged["topk_logprobs_BTK"] = ids, lps
-    if access == "full":
+    if access == "full" and _hidden_mergeable(parts):
+        merged.update(_merge_hidden(parts, batch, t, device))
+    elif access == "full":
         logits_parts = []
         for rows, fb in parts:
             if fb.logits_BTV is not None:
@@ -106,3 +108,60 @@ def _merge_feedback(parts: list[tuple[list[int], Feedback]], batch: int, access:
             full[torch.as_tensor(rows, device=device)] = _pad_last(lg, v, float("-inf"))
         merged["logits_BTV"] = full
     return Feedback(access=access, sampled_logprobs_BT=sampled, **merged)
+
+
+def _hidden_mergeable(parts: list[tuple[list[int], Feedback]]) -> bool:
+    """Every part holds the hidden-state accessor, with heads of one vocabulary size."""
+    return (all(fb.logits_BTV is None and fb.hidden_BTH is not None and fb.head_weight_VH is not None
+                for _, fb in parts)
+            and len({fb.head_weight_VH.shape[0] for _, fb in parts}) == 1)
+
+
+def _merge_hidden(parts: list[tuple[list[int], Feedback]], batch: int, t: int,
+                  device: torch.device) -> dict[str, Tensor | None]:
+    """One hidden-state accessor for rows scored by teachers with different heads, never ``[B, T, V]``.
+
+    Parts that share one head (the same tensor or equal values) share its columns; otherwise the heads
+    are laid side by side, ``W' = [W_1 | … | W_G | b_1 … b_G]`` (``[V, G·H + G]``), and the hidden state
+    of a row scored by teacher ``g`` is placed in block ``g`` with a 1 in bias column ``g``:
+    ``h' W'ᵀ = h W_gᵀ + b_g`` — each row's own (tempered) logits, exactly, at ``G·H`` values per token.
+    """
+    heads: list[tuple[Tensor, Tensor | None]] = []
+    block_of: list[int] = []
+    for _, fb in parts:
+        w, b = fb.head_weight_VH, fb.head_bias_V
+        for g, (hw, hb) in enumerate(heads):
+            same_bias = (hb is None and b is None) or (hb is not None and b is not None and torch.equal(hb, b.to(hb)))
+            if same_bias and (hw is w or (hw.shape == w.shape and torch.equal(hw, w.to(hw)))):
+                block_of.append(g)
+                break
+        else:
+            block_of.append(len(heads))
+            heads.append((w, b))
+    dtype = torch.promote_types(heads[0][0].dtype, parts[0][1].hidden_BTH.dtype)
+    if len(heads) == 1:
+        hidden = torch.zeros(batch, t, heads[0][0].shape[1], dtype=dtype, device=device)
+        for rows, fb in parts:
+            hidden[torch.as_tensor(rows, device=device)] = fb.hidden_BTH.to(device, dtype)
+        w, b = heads[0]
+        return {"hidden_BTH": hidden, "head_weight_VH": w.to(device), "head_bias_V": None if b is None else b.to(device)}
+    sizes = [w.shape[1] for w, _ in heads]
+    offsets = [sum(sizes[:g]) for g in range(len(heads))]
+    with_bias = any(b is not None for _, b in heads)
+    width = sum(sizes) + (len(heads) if with_bias else 0)
+    hidden = torch.zeros(batch, t, width, dtype=dtype, device=device)
+    for (rows, fb), g in zip(parts, block_of):
+        idx = torch.as_tensor(rows, device=device)
+        block = torch.zeros(len(rows), t, width, dtype=dtype, device=device)
+        block[..., offsets[g]:offsets[g] + sizes[g]] = fb.hidden_BTH.to(device, dtype)
+        if with_bias:  # the bias column is 1 only at real tokens (hidden is 0 at padding, so are its logits)
+            real = (fb.hidden_BTH != 0).any(dim=-1).to(device, dtype)
+            block[..., sum(sizes) + g] = real
+        hidden[idx] = block
+    v = heads[0][0].shape[0]
+    weight = torch.zeros(v, width, dtype=dtype, device=device)
+    for g, (w, b) in enumerate(heads):
+        weight[:, offsets[g]:offsets[g] + sizes[g]] = w.to(device, dtype)
+        if b is not None:
+            weight[:, sum(sizes) + g] = b.to(device, dtype)
+    return {"hidden_BTH": hidden, "head_weight_VH": weight, "head_bias_V": None}

@@ -12,7 +12,9 @@ with 0 at padding. The teacher prompt is built from the rollouts' examples exact
 in-process teacher builds it (:func:`~opd.teachers.teacher_prompt_texts`, the student's tokenizer:
 a served teacher must share it — checked against the server before training where the protocol
 allows). ``access="full"`` asks for all ``V`` log-probs per token, so it is refused above
-:data:`FULL_VOCAB_LIMIT`; use a top-k support there.
+:data:`FULL_VOCAB_LIMIT`; use a top-k support there, or the hidden-state payload: with a
+:class:`~opd.teachers.hidden_head.HiddenBackend` (``teacher.payload=hidden``) the server sends final
+hidden states and every log-prob is computed here from the teacher's head, chunk by chunk.
 
 Two protocols (:mod:`opd.teachers.served_backends`): ``opd`` (``opd serve-teacher``; also returns
 the log-probs of caller-chosen ids, :meth:`ServedTeacher.score_token_ids`) and ``vllm`` (vLLM's
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from opd.errors import FeedbackUnavailable
 from opd.rollout import encode_prompts
 from opd.serve.payload import ScoreAnswer
 from opd.teachers.base import check_request, teacher_prompt_texts
@@ -93,9 +96,39 @@ class ServedTeacher:
     def close(self) -> None:
         self.backend.close()
 
+    @property
+    def payload(self) -> str:
+        """``"logprobs"`` or ``"hidden"`` (the backend's: :class:`opd.teachers.hidden_head.HiddenBackend`)."""
+        return getattr(self.backend, "payload", "logprobs")
+
+    def _sequences(self, rollouts: Rollouts) -> tuple[list[list[int]], list[list[int]]]:
+        return rollout_sequences(rollouts, self.tokenizer, use_context=self.use_context,
+                                 context_template=self.context_template)
+
+    def logprobs_needed(self, access: Access, topk: int) -> int:
+        """Log-probs per token a request for ``access`` asks of the server: ``V`` (full), ``min(topk, V)``
+        (topk) or 0 (sampled: only the completion token's, which every server returns)."""
+        return self.vocab_size if access == "full" else (min(topk, self.vocab_size) if access == "topk" else 0)
+
+    def check_access(self, access: Access, topk: int, *, why: str = "") -> None:
+        """Refuse, before any request, feedback the server will not give (vLLM: ``--max-logprobs``).
+
+        Raises:
+            FeedbackUnavailable: one line naming the server flag (or the setting) that would allow it.
+        """
+        k = self.logprobs_needed(access, topk)
+        if k == 0 or self.payload == "hidden" or getattr(self.backend, "serves_logprobs", lambda _k: True)(k):
+            return
+        what = f"teacher.access={access}" + (f" with teacher.topk={topk}" if access == "topk" else "")
+        lower = ("teacher.access=sampled" if access == "full" else
+                 "teacher.topk (and support.k) at most the server's limit, or teacher.access=sampled")
+        raise FeedbackUnavailable(
+            f"the teacher server {self.url} refuses {k} log-probs per token, which {what} needs"
+            f"{f' for {why}' if why else ''}: restart it with --max-logprobs {k} (vLLM's default is 20; -1: no "
+            f"limit), or set {lower}")
+
     def _answer(self, rollouts: Rollouts, topk: int, token_ids_BTK: Tensor | None = None) -> ScoreAnswer:
-        prompts, completions = rollout_sequences(rollouts, self.tokenizer, use_context=self.use_context,
-                                                 context_template=self.context_template)
+        prompts, completions = self._sequences(rollouts)
         chosen = None
         if token_ids_BTK is not None:
             chosen = token_ids_BTK.cpu()[rollouts.completion_mask_BT.cpu().bool()].numpy()
@@ -106,19 +139,25 @@ class ServedTeacher:
 
         Raises:
             ValueError: ``access="full"`` with a vocabulary above :data:`FULL_VOCAB_LIMIT`.
+            opd.errors.FeedbackUnavailable: the server refuses the log-probs per token the access
+                needs (checked before the request, :meth:`check_access`).
             opd.errors.ServiceError: the server stayed unreachable or kept answering garbage.
         """
         check_request(access, topk)
+        if self.payload == "hidden":  # hidden states on the wire, the head applied here (opd.teachers.hidden_head)
+            return self.backend.feedback(*self._sequences(rollouts), rollouts, access=access, topk=topk)
         device = rollouts.completion_ids_BT.device
         mask = rollouts.completion_mask_BT.cpu().bool()
         v = self.vocab_size
         if access == "full" and v > FULL_VOCAB_LIMIT:
             raise ValueError(
                 f"access=full from a teacher server would send all V={v} log-probs per token (limit "
-                f"{FULL_VOCAB_LIMIT}); use a top-k support (support.kind=teacher_topk with teacher.access=topk)"
+                f"{FULL_VOCAB_LIMIT}); use a top-k support (support.kind=teacher_topk with teacher.access=topk), "
+                "or teacher.payload=hidden (the server sends hidden states, the trainer applies the head)"
             )
         k = min(topk, v)
-        ask = v if access == "full" else (k if access == "topk" else 0)
+        ask = self.logprobs_needed(access, topk)
+        self.check_access(access, topk)
         answer = self._answer(rollouts, ask)
         fields: dict[str, Tensor] = {"sampled_logprobs_BT": _scatter(answer.sampled_logprobs_N, mask).float()}
         if access != "sampled":
@@ -149,6 +188,8 @@ class ServedTeacher:
         if not getattr(self.backend, "scores_chosen_ids", False):
             raise ValueError(f"teacher.protocol={self.backend.protocol} cannot score caller-chosen token ids; "
                              "use teacher.protocol=opd (opd serve-teacher)")
+        if self.payload == "hidden":
+            return self.backend.token_logprobs(*self._sequences(rollouts), rollouts, token_ids_BTK)
         answer = self._answer(rollouts, 0, token_ids_BTK)
         mask = rollouts.completion_mask_BT.cpu().bool()
         return _scatter(answer.token_logprobs_NM, mask).float().to(rollouts.completion_ids_BT.device)

@@ -68,7 +68,14 @@ class OPDBackend:
                 raise BadAnswer("/v1/info lacks protocol / vocab_size (is this an opd serve-teacher server?)")
             return body
 
-        info = self.client.get("/v1/info", valid_info)
+        try:
+            info = self.client.get("/v1/info", valid_info)
+        except ServiceRejected as err:
+            if err.status != 404:
+                raise
+            raise ServiceRejected(f"{err}; `opd serve-teacher` answers GET /v1/info, so this is not one: if it is a "
+                                  "vLLM (OpenAI-compatible) server, set teacher.protocol=vllm", err.status,
+                                  err.detail) from None
         if info["protocol"] != PROTOCOL:
             raise ValueError(f"teacher server {self.url} speaks {info['protocol']!r}, this opd speaks {PROTOCOL!r}; "
                              "run the same opd version on both sides")
@@ -88,6 +95,10 @@ class OPDBackend:
                 check_tokenizers_agree(self.tokenizer, load_tokenizer(tmp))
         self._checked = True
         return info
+
+    def serves_logprobs(self, k: int) -> bool:
+        """``opd serve-teacher`` returns any number of log-probs per token (up to ``V``)."""
+        return True
 
     def score(self, prompts: list[list[int]], completions: list[list[int]], topk: int,
               token_ids: np.ndarray | None = None) -> ScoreAnswer:
@@ -131,6 +142,8 @@ class VLLMBackend:
         self.check_tokenizer = check_tokenizer
         self.temper_here: bool | None = None if self.temperature != 1.0 else False  # decided by the probe
         self._tokenizer_checked = False
+        # the largest prompt_logprobs the server answered / the smallest it refused (serves_logprobs)
+        self._served_k, self._refused_k = 0, math.inf
 
     @property
     def url(self) -> str:
@@ -145,7 +158,15 @@ class VLLMBackend:
             def first_model(body: Any) -> str:
                 return str(body["data"][0]["id"])
 
-            self.model = self.client.get("/v1/models", first_model)
+            try:
+                self.model = self.client.get("/v1/models", first_model)
+            except ServiceRejected as err:
+                if err.status != 404:
+                    raise
+                # `opd serve-teacher` has no /v1/models: the usual cause is the protocol, not the server
+                raise ServiceRejected(f"{err}; a vLLM (OpenAI-compatible) server answers GET /v1/models, so this is "
+                                      "not one: if it is `opd serve-teacher`, set teacher.protocol=opd",
+                                      err.status, err.detail) from None
         return self.model
 
     def _check_tokenizer(self) -> None:
@@ -214,12 +235,39 @@ class VLLMBackend:
 
         return self.client.post("/v1/completions", body, parse)
 
+    def _probe_sequence(self) -> list[int]:
+        """A short sequence of ordinary tokens (the BOS when the tokenizer adds one) for probe requests."""
+        tok = self.tokenizer
+        special = set(tok.all_special_ids)
+        ids = [i for i in sorted(tok.get_vocab().values()) if i not in special][:4]
+        seq = list(tok(tok.decode(ids)).input_ids)
+        return seq if len(seq) >= 2 else seq + ids[:2]
+
+    def serves_logprobs(self, k: int) -> bool:
+        """Whether the server returns ``k`` prompt log-probs per token. vLLM refuses a request above its
+        ``--max-logprobs`` (default 20) with HTTP 400, so the first question about a new ``k`` is one
+        tiny probe request; the answers are remembered (a server that gives ``k`` gives any less)."""
+        if k <= self._served_k:
+            return True
+        if k >= self._refused_k:
+            return False
+        try:
+            self._request([self._probe_sequence()], k)
+        except ServiceRejected:
+            self._refused_k = k
+            return False
+        self._served_k = k
+        return True
+
     def check(self) -> None:
-        """Reach the server: its model name and (``check_tokenizer``) the probe-text tokenizer check."""
+        """Reach the server: its model name, (``check_tokenizer``) the probe-text tokenizer check and
+        (``τ ≠ 1``) the temperature probe — all before the first step."""
         self._model_name()
         if self.check_tokenizer and not self._tokenizer_checked:
             self._check_tokenizer()
             self._tokenizer_checked = True
+        if self.temper_here is None:
+            self._probe_temperature(self._probe_sequence())
 
     def _ensure_ready(self, sequences: list[list[int]], completions: list[list[int]]) -> bool:
         """Tokenizer check and temperature probe before the first real request; False when there is

@@ -23,6 +23,7 @@ CASES = [(name, KNOBS) for name in DIVERGENCE_NAMES] + [
     ("jsd", dict(beta=1.0, alpha=0.1, mu=0.5)),
     ("skl", dict(beta=0.5, alpha=0.0, mu=0.5)),
     ("srkl", dict(beta=0.5, alpha=0.9, mu=0.5)),
+    ("srkl_sg", dict(beta=0.5, alpha=0.9, mu=0.5)),
     ("akl", dict(beta=0.5, alpha=0.1, mu=0.0)),
 ]
 
@@ -49,6 +50,8 @@ def naive_token(name, ps, pt, beta, alpha, mu):
         return naive_kl(pt, alpha * pt + (1 - alpha) * ps)
     if name == "srkl":
         return naive_kl(ps, (1 - alpha) * pt + alpha * ps)
+    if name == "srkl_sg":  # DistiLLM-2's released trainer: the student inside the mixture is detached
+        return naive_kl(ps, (1 - alpha) * pt + alpha * ps.detach())
     if name == "tvd":
         return 0.5 * (pt - ps).abs().sum()
     assert name == "akl"
@@ -298,7 +301,7 @@ def test_nonnegative_and_teacher_detached(name, knobs):
 
 
 def test_dispatch_table_and_resolve():
-    assert set(DIVERGENCES) == set(DIVERGENCE_NAMES) == {"fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl"}
+    assert set(DIVERGENCES) == set(DIVERGENCE_NAMES) == {"fkl", "rkl", "jsd", "skl", "srkl", "srkl_sg", "tvd", "akl"}
     s, t = torch.log_softmax(torch.randn(4, 6), -1), torch.log_softmax(torch.randn(4, 6), -1)
     assert torch.equal(divergence("jsd", s, t, beta=0.3), generalized_jsd(s, t, 0.3))
     assert torch.equal(divergence("skl", s, t, alpha=0.3), skew_kl(s, t, 0.3))
@@ -348,3 +351,23 @@ def test_shaping_floor_entropy_gated_fkl_and_clamp_match_the_hand_formula():
     assert DivergenceShaping().plain and not shaping.plain
     with pytest.raises(ValueError, match="clamp_low"):
         DivergenceShaping(clamp_low=1.0, clamp_high=0.0)
+
+
+def test_srkl_sg_is_srkl_in_value_with_the_released_distillm_2_gradient():
+    """DistiLLM-2 (arXiv 2503.07067), released trainer: ``m = (1−α)p_T + α·sg(p_S)``. Same value as srkl;
+    the gradient w.r.t. the logits is the closed form ``p_S ⊙ (g − Σ p_S g)``, ``g = log p_S − log m``
+    (only ``p_S`` in front of the log-ratio is differentiated), which differs from srkl's."""
+    torch.manual_seed(3)
+    zs = (2 * torch.randn(4, 9, dtype=torch.float64)).requires_grad_(True)
+    zt = 2 * torch.randn(4, 9, dtype=torch.float64)
+    a = 0.3
+    s, t = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    sg = divergence("srkl_sg", s, t, alpha=a)
+    torch.testing.assert_close(sg, skew_reverse_kl(s, t, alpha=a), rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(sg.sum(), zs, retain_graph=True)
+    p = s.detach().exp()
+    g_ratio = s.detach() - torch.log((1 - a) * t.exp() + a * p)
+    closed = p * (g_ratio - (p * g_ratio).sum(-1, keepdim=True))
+    torch.testing.assert_close(g, closed, rtol=1e-10, atol=1e-12)
+    (g_srkl,) = torch.autograd.grad(skew_reverse_kl(s, t, alpha=a).sum(), zs)
+    assert float((g - g_srkl).abs().max()) > 1e-3

@@ -9,19 +9,19 @@ source does not pin **[INFER]** (our reconstruction) or **[MEMORY]** (recalled, 
 docs/methods.md §0 explains the tags and §4 lists every preset.
 
 The presets live in one module per family (:mod:`.foundations`, :mod:`.estimators`,
-:mod:`.stability`, :mod:`.self_distillation`, :mod:`.frameworks`); ``opd methods`` and
+:mod:`.stability`, :mod:`.self_distillation`, :mod:`.frameworks`, :mod:`.recent`); ``opd methods`` and
 ``opd config-help`` print them (:mod:`opd.config.docs`).
 """
 
 from __future__ import annotations
 
 from opd.config.fields import suggest
-from opd.config.presets import estimators, foundations, frameworks, self_distillation, stability
+from opd.config.presets import estimators, foundations, frameworks, recent, self_distillation, stability
 from opd.config.presets.base import Preset
 
 __all__ = ["PRESETS", "Preset", "unknown_method_message"]
 
-_BY_NAME = {p.name: p for module in (foundations, estimators, stability, self_distillation, frameworks)
+_BY_NAME = {p.name: p for module in (foundations, estimators, stability, self_distillation, frameworks, recent)
             for p in module.PRESETS}
 # the order of `opd methods`: the first twelve presets as they were introduced, then the rest by family
 _ORDER = (
@@ -32,6 +32,7 @@ _ORDER = (
     "eopd", "stable-opd", "tip", "lightning-opd",
     "sdft", "sdpo",
     "verl-fkl-topk", "verl-k3", "nemo-rl-opd", "prime-rl-hybrid", "slime-opd",
+    "opd-plus", "tropd", "tropd-clip", "mopd", "async-opd", "bridging", "topd", "rlcsd",
 )
 if set(_ORDER) != set(_BY_NAME) or len(_ORDER) != len(_BY_NAME):
     raise RuntimeError(f"preset order and preset modules disagree: {sorted(set(_ORDER) ^ set(_BY_NAME))}")

@@ -46,7 +46,10 @@ PRESETS: tuple[Preset, ...] = (
         notes="TRL samples at temperature 0.9 but computes the loss at temperature 1 (teacher.temperature and "
               "support.student_temperature stay 1). Off-policy rows are dataset answers (TRL seq_kd=False; "
               "rollout.off_policy_source=teacher is seq_kd=True). TRL's max_new_tokens=128 is task-dependent "
-              "and left to the task.",
+              "and left to the task. Deliberate difference: opd's on-policy split is deterministic per batch "
+              "(the first round(λ·n) prompts of every batch are the student's samples), where TRL draws one "
+              "Bernoulli(λ) per batch (the whole batch is on-policy or none of it): the same fraction in "
+              "expectation, without whole off-policy steps.",
         values={
             "rollout": {"on_policy_fraction": 0.5, "off_policy_source": "answer", "temperature": 0.9,
                         "teacher_mix": 0.0},
@@ -71,7 +74,10 @@ PRESETS: tuple[Preset, ...] = (
               "differs: its policy-gradient return also contains r_t, is discounted (gamma 0.95) before length "
               "normalisation and whitened, and each rollout batch gets 4 PPO epochs "
               "(rollout.updates_per_rollout=4). The pre-training loss L_PT needs a pre-training corpus and is "
-              "not included. α = 0.2 is [MEMORY] (LMOps' script default).",
+              "not included. α = 0.2 is [MEMORY] (LMOps' script default). Deliberate difference from the "
+              "paper: the single-step term RKL_t is unweighted, as in LMOps (its single-step regulariser "
+              "carries no importance weight for the teacher-mixed sampling); the paper's gradient weights it "
+              "by ρ_t = π_S/mix like the policy-gradient term [MEMORY].",
         values={
             "rollout": {"on_policy_fraction": 1.0, "teacher_mix": 0.2},
             "teacher": {"access": "full"},
@@ -117,22 +123,32 @@ PRESETS: tuple[Preset, ...] = (
     ),
     Preset(
         name="distillm-2",
-        summary="DistiLLM-2's contrastive loss: skew forward KL (raises the likelihood of the teacher's "
-                "responses) on teacher-generated rows and skew reverse KL (lowers it where the student errs) on "
-                "student-generated rows, half of each, α = 0.1, full vocabulary.",
+        summary="DistiLLM-2's contrastive loss as its released trainer computes it: skew forward KL (raises the "
+                "likelihood of the teacher's responses) on teacher-generated rows and skew reverse KL with the "
+                "student's share of the mixture detached (lowers it where the student errs) on student-generated "
+                "rows, half of each, α = 0.1, full vocabulary; a token mean per sequence, summed over each "
+                "teacher/student pair.",
         citation="Ko et al., 'DistiLLM-2: A Contrastive Approach Boosts the Distillation of LLMs', arXiv "
                  "2503.07067 (ICML 2025); code jongwooko/distillm-2",
-        formula="L = mean_{t, y~π_T} KL(π_T ‖ α·π_T + (1−α)·π_S)  +  mean_{t, y~π_S} KL(π_S ‖ (1−α)·π_T + α·π_S)  "
-                "(one token mean over both kinds of rows)",
-        notes="[INFER]: the 50/50 mix of teacher and student rows (rollout.on_policy_fraction=0.5) and a fixed "
-              "α = 0.1 — the paper uses a curriculum for α and regenerates the student's outputs once per epoch "
-              "(batch on-policy) rather than every step; the CALD loss form is [MEMORY].",
+        formula="L = mean_pairs [ mean_{t, y~π_T} KL(π_T ‖ α·π_T + (1−α)·π_S)  +  mean_{t, y~π_S} KL(π_S ‖ "
+                "(1−α)·π_T + α·sg(π_S)) ]  = 2 · mean_rows mean_t D_row (route1.coef=2, gates.reduction="
+                "sequence_mean)",
+        notes="As the released trainer: the student-side skew reverse KL detaches α·π_S inside the mixture "
+              "(route1.divergence=srkl_sg; srkl differentiates through it, which adds −α Σ_v (π_S/m)·∇π_S to the "
+              "gradient, as DistiLLM-1 does), and the loss is a per-sequence token mean summed over the "
+              "chosen (teacher) + rejected (student) pair, averaged over pairs — 2 × the mean over rows of "
+              "per-sequence means when half the rows are teacher samples (rollout.on_policy_fraction=0.5 "
+              "splits every batch exactly). route1.coef=1 gates.reduction=token_mean gives opd's earlier "
+              "one-token-mean form (about half the scale, and longer sequences weigh more). [INFER]: the 50/50 "
+              "mix and a fixed α = 0.1 — the paper uses a curriculum for α and regenerates the student's "
+              "outputs once per epoch (batch on-policy) rather than every step.",
         values={
             "rollout": {"on_policy_fraction": 0.5, "off_policy_source": "teacher", "teacher_mix": 0.0},
             "teacher": {"access": "full"},
             "support": {"kind": "full"},
-            "route1": {"divergence": "srkl", "off_policy_divergence": "skl", "alpha": 0.1, "coef": 1.0},
+            "route1": {"divergence": "srkl_sg", "off_policy_divergence": "skl", "alpha": 0.1, "coef": 2.0},
             "route2": dict(ROUTE2_OFF),
+            "gates": {"reduction": "sequence_mean"},
         },
     ),
     Preset(

@@ -20,7 +20,11 @@ PRESETS: tuple[Preset, ...] = (
         formula="L = mean_t clip(Σ_{v∈TopK_T} π_T(v)·(max(log π_T(v), −10) − max(log π_S(v), −10)), 0, 10),  K = 128",
         notes="verl clamps the top-k FKL at 0 because the restricted sum can be negative (support.norm=none); "
               "with verl's default use_policy_gradient=True the same value would instead be a reward — verl "
-              "itself recommends the supervised use for this loss.",
+              "itself recommends the supervised use for this loss. With support.norm=tail (verl's tail bucket) "
+              "the −10 floor applies to the top-k entries only — the bucket log(1 − Σ_{TopK} π) keeps its exact "
+              "mass — and clamp_low is not applied (the value is then a true KL ≥ 0), as in verl's tail mode. "
+              "With a top-k-only teacher, opd floors the teacher's bucket at the resolution of 1 − Σ, "
+              "log(K·eps) (≈ 1.5e-5 at K = 128 in fp32), where verl's floor is 1e-7.",
         values={
             "rollout": dict(ON_POLICY),
             "teacher": {"access": "topk", "topk": 128},

@@ -1,0 +1,176 @@
+"""opd.threads: the thread count from the CPUs actually available (affinity mask, cgroup quota), the
+OpenMP spin default (set only when the user chose nothing, read by libgomp in the opd process and
+its children), and exact resume with these defaults — even where fewer CPUs are available at resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import opd.threads as threads
+from opd.cli import main as opd_main
+from opd.runlog import read_metrics
+from opd.threads import (DEFAULT_SPINCOUNT, available_cpus, cgroup_cpu_limit, choose_threads, openmp_defaults,
+                         parse_cfs_quota, parse_cpu_max, set_openmp_defaults)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------ cgroup quota
+@pytest.mark.parametrize("text, cpus", [("max 100000\n", None), ("200000 100000\n", 2.0), ("150000 100000", 1.5),
+                                        ("50000 100000", 0.5), ("300000", 3.0)])
+def test_parse_cpu_max(text, cpus):
+    assert parse_cpu_max(text) == cpus
+
+
+@pytest.mark.parametrize("text", ["", "a b", "0 100000", "100000 0", "1 2 3"])
+def test_parse_cpu_max_refuses_what_it_cannot_read(text):
+    with pytest.raises(ValueError):
+        parse_cpu_max(text)
+
+
+def test_parse_cfs_quota():
+    assert parse_cfs_quota("-1\n", "100000\n") is None
+    assert parse_cfs_quota("250000", "100000") == 2.5
+    with pytest.raises(ValueError):
+        parse_cfs_quota("0", "100000")
+
+
+def _cgroup_v2(root: Path, text: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "cpu.max").write_text(text)
+    return root
+
+
+def _cgroup_v1(root: Path, quota: str, period: str = "100000", folder: str = "cpu") -> Path:
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / folder / "cpu.cfs_quota_us").write_text(quota + "\n")
+    (root / folder / "cpu.cfs_period_us").write_text(period + "\n")
+    return root
+
+
+def test_cgroup_limit_reads_v2_then_v1_and_ignores_what_is_missing_or_garbled(tmp_path):
+    assert cgroup_cpu_limit(_cgroup_v2(tmp_path / "v2", "300000 100000\n")) == 3.0
+    assert cgroup_cpu_limit(_cgroup_v1(tmp_path / "v1", "150000")) == 1.5
+    assert cgroup_cpu_limit(_cgroup_v1(tmp_path / "v1b", "400000", folder="cpu,cpuacct")) == 4.0
+    assert cgroup_cpu_limit(_cgroup_v1(tmp_path / "v1none", "-1")) is None
+    assert cgroup_cpu_limit(tmp_path / "absent") is None
+    assert cgroup_cpu_limit(_cgroup_v2(tmp_path / "garbled", "lots\tof words here\n")) is None
+
+
+# ------------------------------------------------------------------------------ thread count
+@pytest.mark.parametrize("affinity, cgroup, expected", [
+    (range(8), None, 8),                       # no quota: the affinity mask
+    (range(8), "200000 100000", 2),            # docker --cpus=2 on an 8-CPU machine
+    (range(8), "150000 100000", 1),            # 1.5 CPUs: rounded down
+    (range(8), "50000 100000", 1),             # half a CPU: still one thread
+    (range(2), "800000 100000", 2),            # taskset to 2 CPUs under a larger quota
+    ({3, 5, 7}, "max 100000", 3),              # an affinity mask of 3 CPUs
+])
+def test_available_cpus_is_the_smaller_of_affinity_and_quota(tmp_path, monkeypatch, affinity, cgroup, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
+    root = _cgroup_v2(tmp_path, cgroup) if cgroup else tmp_path / "none"
+    naive = len(set(affinity))
+    if cgroup and not cgroup.startswith("max"):
+        quota, period = (int(x) for x in cgroup.split())
+        naive = max(1, min(naive, quota // period))
+    assert available_cpus(root) == naive == expected
+
+
+def test_choose_threads_prefers_the_setting_then_the_resumed_run_then_the_cpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    root = _cgroup_v2(tmp_path, "200000 100000")
+    assert choose_threads(None, cgroup_root=root).threads == 2
+    assert choose_threads(3, recorded=1, cgroup_root=root).threads == 3
+    kept = choose_threads(None, recorded=1, cgroup_root=root)
+    assert (kept.threads, kept.warning) == (1, None)
+    more = choose_threads(None, recorded=4, cgroup_root=root)
+    assert more.threads == 4 and "keeps its 4 CPU threads" in more.warning and "only 2 CPUs" in more.warning
+    with pytest.raises(ValueError, match="train.threads must be >= 1"):
+        choose_threads(0)
+
+
+# ------------------------------------------------------------------------------ OpenMP spin default
+@pytest.mark.parametrize("environ, added", [
+    ({}, {"GOMP_SPINCOUNT": str(DEFAULT_SPINCOUNT)}),
+    ({"PATH": "/bin"}, {"GOMP_SPINCOUNT": str(DEFAULT_SPINCOUNT)}),
+    ({"GOMP_SPINCOUNT": "300000"}, {}),
+    ({"GOMP_SPINCOUNT": ""}, {}),               # set, even empty: the user's choice
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, {}),        # a wait policy implies its own spin count
+])
+def test_the_spin_default_is_added_only_when_the_user_chose_no_wait_policy(environ, added):
+    before = dict(environ)
+    assert openmp_defaults(environ) == added and environ == before  # pure
+    target = dict(environ)
+    assert set_openmp_defaults(target) == added
+    assert target == {**before, **added}
+
+
+def test_the_opd_command_sets_the_default_and_children_inherit_it(monkeypatch, capsys):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert opd_main(["methods"]) == 0
+    capsys.readouterr()
+    assert os.environ["GOMP_SPINCOUNT"] == str(DEFAULT_SPINCOUNT)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                           capture_output=True, text=True, check=True)  # e.g. a sweep's `opd distill` child
+    assert child.stdout.strip() == str(DEFAULT_SPINCOUNT)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "777")
+    assert opd_main(["methods"]) == 0
+    assert os.environ["GOMP_SPINCOUNT"] == "777"
+
+
+@pytest.mark.parametrize("user, shown", [({}, str(DEFAULT_SPINCOUNT)), ({"GOMP_SPINCOUNT": "777"}, "777")])
+def test_libgomp_in_an_opd_process_runs_with_the_spin_count(user, shown):
+    """OMP_DISPLAY_ENV makes libgomp print the values it read when torch loaded it: the opd process
+    itself (torch is imported after the command line is read) runs with opd's default or the user's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(user, OMP_DISPLAY_ENV="VERBOSE")
+    proc = subprocess.run([sys.executable, "-m", "opd.cli", "bias-lab", "--vocab", "2", "--horizon", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if "OPENMP DISPLAY ENVIRONMENT" not in proc.stderr + proc.stdout:
+        pytest.skip("this torch build's OpenMP runtime is not libgomp (no OMP_DISPLAY_ENV output)")
+    assert f"GOMP_SPINCOUNT = '{shown}'" in proc.stderr + proc.stdout
+
+
+# ------------------------------------------------------------------------------ exact resume
+SMOKE = [
+    "student.model=builtin:arith/smoke_student", "teacher.model=builtin:arith/smoke_teacher", "data.digits=2",
+    "rollout.prompts_per_step=16", "eval.size=20", "eval.every=0", "logging.progress=false", "logging.report=false",
+    "train.steps=4",  # no train.threads: the default choice is under test
+]
+
+
+def _train_records(run: Path) -> list[dict]:
+    drop = {"time", "seconds", "tokens_per_s"}  # wall-clock fields differ between runs
+    return [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(run, "train")]
+
+
+def test_default_threads_resume_exactly_even_with_fewer_cpus_at_resume(tmp_path, monkeypatch, capsys):
+    """Both runs start with the CPUs available (2 here); the resumed half sees only 1 CPU, keeps the
+    2 threads its run started with (results depend on the count), says so, and ends exactly where
+    the uninterrupted run ends."""
+    monkeypatch.setattr(threads, "available_cpus", lambda *a, **k: 2)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert opd_main(["distill", *SMOKE, f"logging.run_dir={full}"]) == 0
+    assert torch.get_num_threads() == 2
+    assert opd_main(["distill", *SMOKE, f"logging.run_dir={part}", "train.stop_after=2"]) == 0
+    assert json.loads((part / "run_info.json").read_text())["torch_threads"] == 2
+    monkeypatch.setattr(threads, "available_cpus", lambda *a, **k: 1)
+    torch.set_num_threads(1)
+    capsys.readouterr()
+    assert opd_main(["distill", "--resume", str(part)]) == 0
+    assert torch.get_num_threads() == 2
+    assert "keeps its 2 CPU threads" in capsys.readouterr().out
+    assert _train_records(part) == _train_records(full)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
