@@ -1,7 +1,8 @@
 """opd on a shared CPU: the demo alone, two at once, and beside a served teacher, with opd's OpenMP
 defaults (opd/threads.py) and with the old behaviour.
 
-    python bench/contention.py                  # a few minutes on 2 quiet cores (not yet timed there)
+    python bench/contention.py                  # about 1.5 min on 2 quiet cores
+    python bench/contention.py --steps 60       # 2 min on 2 quiet cores (docs/guarantees.md's table)
     python bench/contention.py --steps 12       # 13 min on 2 cores ~85 % busy with other work
 
 Each scenario starts fresh ``opd distill`` processes on the demo (reduced: ``--steps`` steps, no
@@ -16,8 +17,9 @@ the sum of its steps' ``seconds`` in ``metrics.jsonl`` (no start-up, no evaluati
   server and the server for the run, on the same cores.
 
 Each scenario runs twice: ``default`` (opd's settings: ``GOMP_SPINCOUNT`` left to the ``opd``
-command, which sets a short spin; the thread count from the CPUs available) and ``old``
-(``GOMP_SPINCOUNT=300000``, libgomp's own default, as before opd set one, and
+command, which sets a short spin; the thread count from the CPUs available, lowered while other
+processes use some of them — opd.threads.ThreadGovernor) and ``old`` (a fixed count, so no
+adaptation: ``GOMP_SPINCOUNT=300000``, libgomp's own default, as before opd set one, and
 ``train.threads`` = the affinity mask's size, torch's own choice, which ignores a cgroup quota; on a
 machine without a quota the old and new thread choices are the same number). Printed: seconds per
 run, the ratio to ``alone (default)``, and the share of the CPUs that processes outside this bench

@@ -21,6 +21,16 @@ Two decisions, both made before any work runs:
   machine's count. The thread count *does* change results (floating-point reductions are split
   differently), so a resumed run keeps the count of the run it continues (:func:`choose_threads`).
 
+* **Adapting to other work** (:class:`ThreadGovernor`). No spin count keeps both the speed of a run
+  alone and its fair share beside another: measured on 2 quiet cores (``bench/contention.py``), 30
+  demo steps took 2.7 s alone with 2 threads and a 10⁴ spin, but two such runs at once took 17 s each
+  (6.5×); a 10³ spin, ``OMP_WAIT_POLICY=PASSIVE`` or 1 thread keep two runs near 4.2 s each but cost
+  1.4–1.5× alone. So a run whose ``train.threads`` is unset measures, every couple of seconds, how
+  many CPUs *other* processes used (``/proc/stat`` minus this process's own time) and runs on the
+  CPUs left free (:func:`adapt_threads`): one thread per free CPU, at least 1, at most
+  :func:`available_cpus` — no barrier then waits for a descheduled partner. A change of count is
+  recorded in ``metrics.jsonl`` (kind ``threads``).
+
 This module imports nothing heavy at the top: the ``opd`` command calls it before torch is loaded.
 """
 
@@ -28,18 +38,21 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "CGROUP_ROOT", "DEFAULT_SPINCOUNT", "ThreadChoice", "apply_threads", "available_cpus", "choose_threads",
-    "cgroup_cpu_limit", "openmp_defaults", "parse_cfs_quota", "parse_cpu_max", "set_openmp_defaults",
+    "CGROUP_ROOT", "DEFAULT_SPINCOUNT", "CpuSample", "ThreadChoice", "ThreadGovernor", "adapt_threads",
+    "apply_threads", "available_cpus", "choose_threads", "cgroup_cpu_limit", "openmp_defaults", "others_cpus",
+    "parse_cfs_quota", "parse_cpu_max", "parse_proc_stat", "read_cpu_sample", "set_openmp_defaults",
 ]
 
 #: libgomp spin iterations before a waiting thread sleeps (libgomp's own default is 300000).
-#: Measured with bench/contention.py: keeps the speed of a run alone on its cores and removes the
-#: collapse when the cores are shared.
+#: Measured with bench/contention.py: keeps the speed of a run alone on its cores; beside other work
+#: it helps little (two demo runs at once: 6.5× alone vs 8.3× with libgomp's spin) — there the
+#: ThreadGovernor's fewer threads do the work.
 DEFAULT_SPINCOUNT = 10_000
 
 #: Where the cgroup file system is mounted (v2: ``cpu.max`` at the top; v1: ``cpu/cpu.cfs_*``).
@@ -167,3 +180,93 @@ def apply_threads(threads: int) -> None:
 
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# adapting to other work on the same CPUs
+@dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU time, in clock ticks: ``busy`` over all CPUs (``/proc/stat``), ``own`` of this
+    process (all its threads, ``/proc/self/stat``), at wall time ``wall`` (seconds)."""
+
+    busy: int
+    own: int
+    wall: float
+
+
+def parse_proc_stat(text: str) -> int:
+    """Busy ticks of all CPUs from ``/proc/stat``'s first line ``cpu user nice system idle iowait irq
+    softirq steal ...``: user + nice + system + irq + softirq + steal (steal: time the hypervisor gave
+    to another guest — those CPUs were not free either). Raises ValueError on anything else."""
+    fields = text.split("\n", 1)[0].split()
+    if len(fields) < 9 or fields[0] != "cpu":
+        raise ValueError(f"/proc/stat should start with an aggregate 'cpu' line, got {fields[:3]}")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def read_cpu_sample() -> CpuSample | None:
+    """The current :class:`CpuSample`, or None where ``/proc`` cannot be read (not Linux)."""
+    try:
+        busy = parse_proc_stat(Path("/proc/stat").read_text())
+        own_fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        own = int(own_fields[11]) + int(own_fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    except (OSError, ValueError, IndexError):
+        return None
+    return CpuSample(busy, own, time.monotonic())
+
+
+def others_cpus(before: CpuSample, after: CpuSample, ticks_per_s: float) -> float:
+    """CPUs that other processes kept busy between two samples: ``(Δbusy − Δown) / (ticks/s · Δwall)``,
+    at least 0."""
+    wall = after.wall - before.wall
+    if wall <= 0:
+        return 0.0
+    return max(0.0, ((after.busy - before.busy) - (after.own - before.own)) / (ticks_per_s * wall))
+
+
+def adapt_threads(ceiling: int, others: float) -> int:
+    """Threads for the next interval: one per CPU that other work leaves free,
+    ``clamp(round(ceiling − others), 1, ceiling)`` (halves round up). Pure; hysteresis is the caller's
+    (:class:`ThreadGovernor` raises the count only after two intervals agree)."""
+    return max(1, min(ceiling, int(math.floor(ceiling - others + 0.5))))
+
+
+class ThreadGovernor:
+    """Adapts torch's thread count to the CPUs that other processes leave free (module docstring).
+
+    ``poll()`` is called after every step; at most every ``interval_s`` seconds it reads the CPU
+    counters and returns the new thread count when it changes (None otherwise). Lowering is
+    immediate; raising waits for a second interval that agrees, so a short lull does not bring back
+    the spinning partner thread. Disabled (``enabled=False``: ``train.threads`` set by the user, or
+    no ``/proc``), it never changes anything.
+    """
+
+    def __init__(self, ceiling: int, *, enabled: bool = True, interval_s: float = 2.0,
+                 read: Callable[[], CpuSample | None] | None = None, ticks_per_s: float | None = None):
+        self.ceiling = self.threads = max(1, ceiling)
+        self.interval_s, self._read = interval_s, read or read_cpu_sample
+        self.ticks_per_s = ticks_per_s or float(os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+        self._last = self._read() if enabled and ceiling > 1 else None
+        self.enabled = self._last is not None
+        self._raise_votes = 0
+        self.others = 0.0  # CPUs other processes used in the last interval
+
+    def poll(self) -> int | None:
+        if not self.enabled:
+            return None
+        now = self._read()
+        if now is None or self._last is None or now.wall - self._last.wall < self.interval_s:
+            return None
+        self.others = others_cpus(self._last, now, self.ticks_per_s)
+        self._last = now
+        target = adapt_threads(self.ceiling, self.others)
+        if target > self.threads:
+            self._raise_votes += 1
+            if self._raise_votes < 2:
+                return None
+        self._raise_votes = 0
+        if target == self.threads:
+            return None
+        self.threads = target
+        return target

@@ -52,7 +52,7 @@ from opd.rundir import acquire_run_folder, check_run_folder
 from opd.sharding import gathered
 from opd.step import sync_flag, train_step
 from opd.teachers import teacher_prompt_texts
-from opd.threads import apply_threads, choose_threads
+from opd.threads import ThreadGovernor, apply_threads, choose_threads
 
 __all__ = ["EXIT_CODES", "RunSummary", "default_run_dir", "distill"]
 
@@ -103,6 +103,7 @@ class _Progress:
     skipped_here: int = 0  # steps of this session whose update was skipped (non-finite values)
     history: list[dict[str, float]] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)  # failures of earlier sessions (metrics.jsonl "fault")
+    governor: ThreadGovernor | None = None  # adapts the thread count to other work (train.threads unset)
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -174,7 +175,7 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
                     **run_info(cfg, student=parts.student, teacher=parts.teacher, reference=parts.reference,
                                vocab=parts.vocab, device=parts.device, world=parts.world, access=parts.access),
                     "precision": accelerator.mixed_precision})
-        progress = _Progress()
+        progress = _Progress(governor=ThreadGovernor(threads.threads, enabled=cfg.train.threads is None))
         if resume is not None:
             progress.start = progress.done = restore(parts, run_dir, echo)
             _resume_evaluations(parts, progress)
@@ -303,6 +304,19 @@ def _loop(parts: Components, progress: _Progress, stop: StopRequest) -> None:
         bar.close()
 
 
+def _adapt_threads(parts: Components, progress: _Progress, done: int) -> None:
+    """Follow the CPUs other processes leave free (opd.threads.ThreadGovernor); each change is logged."""
+    governor = progress.governor
+    changed = governor.poll() if governor is not None else None
+    if changed is None:
+        return
+    apply_threads(changed)
+    if parts.main:
+        parts.log.write("threads", done, {"threads": changed, "others_cpus": round(governor.others, 2)})
+        tqdm.write(f"opd: warning: other processes used {governor.others:.1f} of {governor.ceiling} CPUs; opd "
+                   f"continues on {changed} thread{'s' if changed > 1 else ''} (train.threads=N fixes the count)")
+
+
 def _one_step(parts: Components, progress: _Progress, stop: StopRequest, step: int, bar) -> bool:
     """Run step ``step``; False when the loop must end (interrupt, stop, fault)."""
     t = parts.cfg.train
@@ -319,6 +333,7 @@ def _one_step(parts: Components, progress: _Progress, stop: StopRequest, step: i
     if parts.main and (done % parts.cfg.train.log_every == 0 or done == t.steps):
         parts.log.write("train", done, metrics)
     progress.history.append({"step": done, **metrics})
+    _adapt_threads(parts, progress, done)
     events = parts.monitor.observe(done, metrics) if parts.main else []
     if parts.world > 1:
         _follow_main_monitor(parts.monitor, events, parts.main, parts.apply_recipe)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,97 @@ def test_default_threads_resume_exactly_even_with_fewer_cpus_at_resume(tmp_path,
 
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# adapting the thread count to other work (ThreadGovernor)
+def test_parse_proc_stat_sums_the_busy_fields():
+    line = "cpu  100 5 40 9000 7 3 2 11 0 0\ncpu0 50 2 20 4500 3 1 1 5 0 0\n"
+    assert threads.parse_proc_stat(line) == 100 + 5 + 40 + 3 + 2 + 11  # idle and iowait are free
+    for bad in ("cpu0 1 2 3 4 5 6 7 8\n", "cpu 1 2 3\n", ""):
+        with pytest.raises(ValueError):
+            threads.parse_proc_stat(bad)
+
+
+def test_read_cpu_sample_reads_this_process():
+    if not Path("/proc/self/stat").is_file():
+        pytest.skip("needs Linux's /proc")
+    first = threads.read_cpu_sample()
+    end = time.process_time() + 0.3
+    while time.process_time() < end:  # burn CPU time in this process: it is ours, not others'
+        pass
+    second = threads.read_cpu_sample()
+    assert first is not None and second is not None
+    assert second.own > first.own and second.busy >= first.busy and second.wall > first.wall
+
+
+def test_others_cpus_is_busy_time_minus_our_own_per_second():
+    a = threads.CpuSample(busy=1000, own=200, wall=10.0)
+    b = threads.CpuSample(busy=1000 + 300, own=200 + 100, wall=11.0)  # 3 CPU-ticks... of 100 per s
+    assert threads.others_cpus(a, b, ticks_per_s=100) == pytest.approx((300 - 100) / (100 * 1.0))
+    assert threads.others_cpus(a, a, ticks_per_s=100) == 0.0  # no time passed
+    c = threads.CpuSample(busy=1000 + 50, own=200 + 80, wall=12.0)  # counters raced: never negative
+    assert threads.others_cpus(a, c, ticks_per_s=100) == 0.0
+
+
+@pytest.mark.parametrize("ceiling", [1, 2, 3, 8])
+def test_adapt_threads_keeps_one_thread_per_free_cpu(ceiling):
+    for others in [0.0, 0.2, 0.49, 0.5, 0.51, 1.0, 1.4, 1.6, 2.5, 7.9, 40.0]:
+        naive = ceiling - others  # free CPUs
+        want = min(ceiling, max(1, int(naive + 0.5)))  # rounded half up, at least 1
+        assert threads.adapt_threads(ceiling, others) == want, (ceiling, others)
+
+
+def _fake_reader(samples):
+    it = iter(samples)
+    return lambda: next(it)
+
+
+def test_governor_lowers_at_once_and_raises_after_two_agreeing_intervals():
+    S = threads.CpuSample
+    # 100 ticks per CPU-second; each interval is 2 s; our own process uses 150 ticks of each interval
+    samples = [S(0, 0, 0.0),
+               S(150 + 200, 150, 1.0),    # too early (interval 2 s): no decision
+               S(150 + 200, 150, 2.0),    # others used 200 ticks over 2 s = 1.0 CPU -> 1 thread at once
+               S(300 + 200, 300, 4.0),    # others 0 -> one vote to raise
+               S(450 + 400, 450, 6.0),    # others 1.0 again: vote reset, stays 1
+               S(600 + 400, 600, 8.0),    # others 0: first vote
+               S(750 + 400, 750, 10.0)]   # others 0: second vote -> back to 2
+    gov = threads.ThreadGovernor(2, read=_fake_reader(samples), ticks_per_s=100, interval_s=2.0)
+    assert [gov.poll() for _ in range(6)] == [None, 1, None, None, None, 2]
+    assert gov.threads == 2
+
+
+def test_governor_is_off_when_the_user_fixed_the_count_or_there_is_one_cpu():
+    calls = []
+    reader = lambda: calls.append(1) or threads.CpuSample(0, 0, float(len(calls)) * 10)  # noqa: E731
+    for gov in (threads.ThreadGovernor(2, enabled=False, read=reader),
+                threads.ThreadGovernor(1, read=reader)):
+        assert not gov.enabled and gov.poll() is None
+    assert calls == []  # never even read the counters
+    assert not threads.ThreadGovernor(4, read=lambda: None).enabled  # no /proc: off
+
+
+def test_a_run_beside_a_busy_process_drops_to_one_thread_and_logs_it(tmp_path, monkeypatch):
+    """The loop applies the governor's decision and records it (kind "threads") — with the CPU counters
+    replaced by a neighbour that keeps one of two CPUs busy."""
+    S = threads.CpuSample
+    clock = iter(range(10_000))
+
+    def busy_neighbour():  # every call: 3 s later, others used 3 s of one CPU (100 ticks per second)
+        t = next(clock)
+        return S(busy=300 * t, own=0, wall=3.0 * t)
+
+    monkeypatch.setattr(threads, "read_cpu_sample", busy_neighbour)
+    monkeypatch.setattr(threads.os, "sysconf", lambda name: 100, raising=False)
+    monkeypatch.setattr(threads, "available_cpus", lambda cgroup_root=None: 2)
+    from opd.config import load_config
+    from opd.train import distill
+
+    run = tmp_path / "run"
+    cfg = load_config(None, [*SMOKE, "train.steps=3", f"logging.run_dir={run}"])
+    distill(cfg)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    changes = [r for r in records if r.get("kind") == "threads"]
+    assert changes and changes[0]["threads"] == 1 and changes[0]["others_cpus"] == pytest.approx(1.0)
+    assert torch.get_num_threads() == 1

@@ -372,7 +372,9 @@ class TrainConfig:
     checkpoint_every: int = opt(0, "save a resumable checkpoint every n steps (0 = only at the end)", low=0)
     keep_checkpoints: int = opt(2, "how many step checkpoints to keep", low=1)
     log_every: int = opt(1, "write metrics every n steps", low=1)
-    threads: int | None = opt(None, "torch CPU threads (None = torch's default)", low=1)
+    threads: int | None = opt(None, "torch CPU threads; None = the CPUs available (affinity mask, cgroup quota), "
+                              "lowered while other processes use some of them (opd.threads; docs/guarantees.md)",
+                              low=1)
 
 
 @dataclass
