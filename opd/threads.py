@@ -153,25 +153,39 @@ class ThreadChoice:
     threads: int
     reason: str
     warning: str | None = None  # a resumed run keeps more threads than this machine now offers
+    adaptive: bool = False  # nobody fixed the count: the ThreadGovernor may follow other work
+
+
+def _env_threads(environ: Mapping[str, str]) -> int | None:
+    """``OMP_NUM_THREADS`` when it holds one positive integer (as torch reads it), else None."""
+    try:
+        value = int(environ.get("OMP_NUM_THREADS", "").strip())
+    except ValueError:
+        return None
+    return value if value >= 1 else None
 
 
 def choose_threads(requested: int | None, *, recorded: int | None = None,
-                   cgroup_root: Path = CGROUP_ROOT) -> ThreadChoice:
-    """The thread count of a run: ``train.threads`` when set; else, on resume, the count the run
-    used so far (``recorded``: results depend on it, and a resumed run must continue exactly);
-    else :func:`available_cpus`."""
+                   cgroup_root: Path = CGROUP_ROOT, environ: Mapping[str, str] | None = None) -> ThreadChoice:
+    """The thread count of a run: ``train.threads`` when set; else ``OMP_NUM_THREADS`` when set (by
+    the user, or by a launcher such as ``torchrun``, which gives each process 1); else, on resume,
+    the count the run used so far (``recorded``: results depend on it, and a resumed run must
+    continue exactly); else :func:`available_cpus`. Only the last two may adapt to other work."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"train.threads must be >= 1, got {requested}; leave it unset to use the CPUs available")
         return ThreadChoice(requested, "train.threads")
+    from_env = _env_threads(os.environ if environ is None else environ)
+    if from_env is not None:
+        return ThreadChoice(from_env, "OMP_NUM_THREADS")
     available = available_cpus(cgroup_root)
     if recorded is not None and recorded >= 1:
         warning = None if recorded <= available else (
             f"the resumed run keeps its {recorded} CPU threads (results depend on the count) although only "
             f"{available} CPUs are available now; train.threads in the run's config.yaml overrides this (faster, no "
             "longer an exact continuation)")
-        return ThreadChoice(recorded, "kept from the run being resumed", warning)
-    return ThreadChoice(available, "CPUs available to this process (affinity mask and cgroup quota)")
+        return ThreadChoice(recorded, "kept from the run being resumed", warning, adaptive=True)
+    return ThreadChoice(available, "CPUs available to this process (affinity mask and cgroup quota)", adaptive=True)
 
 
 def apply_threads(threads: int) -> None:

@@ -175,7 +175,9 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
                     **run_info(cfg, student=parts.student, teacher=parts.teacher, reference=parts.reference,
                                vocab=parts.vocab, device=parts.device, world=parts.world, access=parts.access),
                     "precision": accelerator.mixed_precision})
-        progress = _Progress(governor=ThreadGovernor(threads.threads, enabled=cfg.train.threads is None))
+        # not with rollout.overlap: torch.set_num_threads must not run while the sampler thread computes
+        progress = _Progress(governor=ThreadGovernor(threads.threads,
+                                                     enabled=threads.adaptive and not cfg.rollout.overlap))
         if resume is not None:
             progress.start = progress.done = restore(parts, run_dir, echo)
             _resume_evaluations(parts, progress)

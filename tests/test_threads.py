@@ -85,6 +85,7 @@ def test_available_cpus_is_the_smaller_of_affinity_and_quota(tmp_path, monkeypat
 
 
 def test_choose_threads_prefers_the_setting_then_the_resumed_run_then_the_cpus(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     root = _cgroup_v2(tmp_path, "200000 100000")
     assert choose_threads(None, cgroup_root=root).threads == 2
@@ -95,6 +96,21 @@ def test_choose_threads_prefers_the_setting_then_the_resumed_run_then_the_cpus(t
     assert more.threads == 4 and "keeps its 4 CPU threads" in more.warning and "only 2 CPUs" in more.warning
     with pytest.raises(ValueError, match="train.threads must be >= 1"):
         choose_threads(0)
+    assert kept.adaptive and more.adaptive and choose_threads(None, cgroup_root=root).adaptive
+    assert not choose_threads(3, cgroup_root=root).adaptive
+
+
+def test_omp_num_threads_fixes_the_count_as_torch_reads_it(tmp_path, monkeypatch):
+    """A launcher (torchrun gives each process OMP_NUM_THREADS=1) or the user chose: that count, fixed
+    (no adaptation); train.threads still wins; anything but a positive integer is ignored."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    root = _cgroup_v2(tmp_path, "max 100000")
+    for value, want in [("1", (1, False)), (" 3 ", (3, False)), ("0", (4, True)), ("two", (4, True)),
+                        ("", (4, True))]:
+        got = choose_threads(None, recorded=None, cgroup_root=root, environ={"OMP_NUM_THREADS": value})
+        assert (got.threads, got.adaptive) == want, value
+    assert choose_threads(2, cgroup_root=root, environ={"OMP_NUM_THREADS": "1"}).threads == 2
+    assert choose_threads(None, recorded=3, cgroup_root=root, environ={"OMP_NUM_THREADS": "1"}).threads == 1
 
 
 # ------------------------------------------------------------------------------ OpenMP spin default
@@ -158,6 +174,7 @@ def test_default_threads_resume_exactly_even_with_fewer_cpus_at_resume(tmp_path,
     """Both runs start with the CPUs available (2 here); the resumed half sees only 1 CPU, keeps the
     2 threads its run started with (results depend on the count), says so, and ends exactly where
     the uninterrupted run ends."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "available_cpus", lambda *a, **k: 2)
     full, part = tmp_path / "full", tmp_path / "part"
     assert opd_main(["distill", *SMOKE, f"logging.run_dir={full}"]) == 0
@@ -256,6 +273,7 @@ def test_a_run_beside_a_busy_process_drops_to_one_thread_and_logs_it(tmp_path, m
         t = next(clock)
         return S(busy=300 * t, own=0, wall=3.0 * t)
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "read_cpu_sample", busy_neighbour)
     monkeypatch.setattr(threads.os, "sysconf", lambda name: 100, raising=False)
     monkeypatch.setattr(threads, "available_cpus", lambda cgroup_root=None: 2)
@@ -269,3 +287,6 @@ def test_a_run_beside_a_busy_process_drops_to_one_thread_and_logs_it(tmp_path, m
     changes = [r for r in records if r.get("kind") == "threads"]
     assert changes and changes[0]["threads"] == 1 and changes[0]["others_cpus"] == pytest.approx(1.0)
     assert torch.get_num_threads() == 1
+    with_overlap = tmp_path / "overlap"  # a sampler thread runs beside training: the count is never changed
+    distill(load_config(None, [*SMOKE, "train.steps=3", "rollout.overlap=true", f"logging.run_dir={with_overlap}"]))
+    assert not [line for line in (with_overlap / "metrics.jsonl").read_text().splitlines() if '"threads"' in line]
