@@ -368,3 +368,39 @@ def trl_distillation_trainer(student: Any, teacher: Any, tokenizer: Any, prompts
 
     trainer._generate_and_score_completions = counted
     return trainer
+
+
+# ---------------------------------------------------------------------------------------------
+# servers started by a bench
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start a server process with ``env`` added to this one's, its output to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+
+def wait_server(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900.0) -> float:
+    """Seconds until ``url``'s ``/health`` answers; RuntimeError with the log's tail if the process
+    exits or ``timeout`` passes first."""
+    from opd.serve.client import ServiceClient
+
+    client = ServiceClient(url, role="server", timeout=5, retries=0)
+    began = time.perf_counter()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            client.get("/health")
+            return time.perf_counter() - began
+        except Exception:
+            if time.perf_counter() - began > timeout:
+                raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.5)

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Neighbours, load1, machine_line, md_table  # noqa: E402
+from common import Neighbours, free_port, load1, machine_line, md_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"default": {}, "old": {"GOMP_SPINCOUNT": "300000"}}
@@ -87,14 +87,8 @@ def _run_together(dirs: list[Path], steps: int, env: dict[str, str], extra: list
     return [_distill_seconds(d) for d in dirs]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _beside_teacher(run_dir: Path, steps: int, env: dict[str, str], extra: list[str]) -> list[float]:
-    port = _free_port()
+    port = free_port()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / f"{run_dir.name}.server.txt", "w")
     server = subprocess.Popen([sys.executable, "-m", "opd.cli", "serve-teacher", "builtin:arith/teacher",

@@ -116,7 +116,6 @@ def measure_payloads(pair: str, folder: Path, reps: int, warmup: int, threads: i
     from opd.teachers.served import ServedTeacher, rollout_sequences
     from opd.teachers.served_backends import OPDBackend
     from opd.teachers.student_support import add_student_topk, student_topk_ids
-    from teacher_serving import _free_port, _start, _wait
 
     torch.set_num_threads(threads)
     t_spec, student, tok, n_prompts, max_new = _pair(pair, folder)
@@ -129,11 +128,11 @@ def measure_payloads(pair: str, folder: Path, reps: int, warmup: int, threads: i
 
     logs = folder / f"logs-payloads-{pair}"
     logs.mkdir(exist_ok=True)
-    port = _free_port()
-    proc = _start([sys.executable, __file__, "--serve", t_spec, "--port", str(port), "--threads", str(threads)], {},
-                  logs / "server.log")
+    port = common.free_port()
+    proc = common.start_server([sys.executable, __file__, "--serve", t_spec, "--port", str(port),
+                                "--threads", str(threads)], {}, logs / "server.log")
     try:
-        start_s = _wait(f"http://127.0.0.1:{port}", proc, logs / "server.log")
+        start_s = common.wait_server(f"http://127.0.0.1:{port}", proc, logs / "server.log")
 
         def client() -> ServiceClient:
             return ServiceClient(f"http://127.0.0.1:{port}", role="teacher server", timeout=900, retries=0)

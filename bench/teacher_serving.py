@@ -47,36 +47,6 @@ from end_to_end import PAIRS, model_paths  # noqa: E402
 DATA = common.ROOT / "bench" / "data" / "teacher_serving.json"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
-
-
-def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900.0) -> float:
-    from opd.serve.client import ServiceClient
-
-    client = ServiceClient(url, role="server", timeout=5, retries=0)
-    began = time.perf_counter()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            client.get("/health")
-            return time.perf_counter() - began
-        except Exception:
-            if time.perf_counter() - began > timeout:
-                raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.5)
-
-
 def measure_pair(pair: str, folder: Path, reps: int, warmup: int, threads: int) -> list[dict[str, Any]]:
     import psutil
     import torch
@@ -104,18 +74,18 @@ def measure_pair(pair: str, folder: Path, reps: int, warmup: int, threads: int) 
 
     logs = folder / f"logs-{pair}"
     logs.mkdir(exist_ok=True)
-    opd_port, vllm_port = _free_port(), _free_port()
+    opd_port, vllm_port = common.free_port(), common.free_port()
     procs = [
-        _start([sys.executable, "-m", "opd.cli", "serve-teacher", t_path, "--port", str(opd_port), "--threads",
-                str(threads)], {}, logs / "opd.log"),
-        _start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", t_path, "--port",
-                str(vllm_port), "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1",
-                "--max-logprobs", "32"],
-               {"VLLM_CPU_KVCACHE_SPACE": "1"}, logs / "vllm.log"),
+        common.start_server([sys.executable, "-m", "opd.cli", "serve-teacher", t_path, "--port", str(opd_port),
+                             "--threads", str(threads)], {}, logs / "opd.log"),
+        common.start_server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", t_path, "--port",
+                             str(vllm_port), "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1",
+                             "--max-logprobs", "32"],
+                            {"VLLM_CPU_KVCACHE_SPACE": "1"}, logs / "vllm.log"),
     ]
     try:
-        start_s = {"opd": _wait(f"http://127.0.0.1:{opd_port}", procs[0], logs / "opd.log"),
-                   "vllm": _wait(f"http://127.0.0.1:{vllm_port}", procs[1], logs / "vllm.log")}
+        start_s = {"opd": common.wait_server(f"http://127.0.0.1:{opd_port}", procs[0], logs / "opd.log"),
+                   "vllm": common.wait_server(f"http://127.0.0.1:{vllm_port}", procs[1], logs / "vllm.log")}
 
         def client(port: int) -> ServiceClient:
             return ServiceClient(f"http://127.0.0.1:{port}", role="teacher server", timeout=600, retries=0)

@@ -30,10 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from opd.rollout import completion_forward, model_device
 from opd.serve.client import BadAnswer
 from opd.serve.payload import ScoreRequest, decode_array, encode_array
-from opd.serve.scoring import pad_rows, split_batches
+from opd.serve.scoring import forward_groups
 
 __all__ = ["HiddenAnswer", "decode_head", "encode_head", "head_digest", "score_hidden", "weights_digest"]
 
@@ -152,29 +151,13 @@ def score_hidden(model: nn.Module, request: ScoreRequest, *, weights_sha256: str
                  max_batch_tokens: int = 16384) -> HiddenAnswer:
     """The final hidden states of ``model`` at every completion position of ``request`` (module
     docstring), in micro-batches of at most ``max_batch_tokens`` padded positions."""
-    device = model_device(model)
-    offsets = np.cumsum([0] + [len(c) for c in request.completions])
-    lengths = [len(p) + len(c) for p, c in zip(request.prompts, request.completions)]
     hidden: np.ndarray | None = None
-    was_training = model.training
-    model.eval()
-    try:
-        for group in split_batches(lengths, max_batch_tokens):
-            group = [i for i in group if request.completions[i]]
-            if not group:
-                continue
-            p_ids, p_mask = pad_rows([request.prompts[i] for i in group], pad_id, left=True)
-            c_ids, c_mask = pad_rows([request.completions[i] for i in group], pad_id, left=False)
-            out = completion_forward(model, p_ids.to(device), p_mask.to(device), c_ids.to(device),
-                                     c_mask.bool().to(device), output="hidden")
-            flat = out[c_mask.bool().to(device)].float().cpu().numpy()
-            if hidden is None:
-                hidden = np.zeros((request.n_tokens, flat.shape[1]), dtype=np.float32)
-            rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in group])
-            hidden[rows] = flat
-    finally:
-        if was_training:
-            model.train()
+    for rows, _, keep, out in forward_groups(model, request, pad_id=pad_id, max_batch_tokens=max_batch_tokens,
+                                             output="hidden"):
+        flat = out[keep].float().cpu().numpy()
+        if hidden is None:
+            hidden = np.zeros((request.n_tokens, flat.shape[1]), dtype=np.float32)
+        hidden[rows] = flat
     if hidden is None:  # no completion token at all
         size = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
         hidden = np.zeros((0, size), dtype=np.float32)
