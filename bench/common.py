@@ -404,3 +404,14 @@ def wait_server(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90
             if time.perf_counter() - began > timeout:
                 raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}") from None
             time.sleep(0.5)
+
+
+def stop_servers(procs: Sequence[subprocess.Popen], timeout: float = 30.0) -> None:
+    """Terminate every server process, then wait for each (killed after ``timeout`` seconds)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()

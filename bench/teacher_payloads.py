@@ -30,7 +30,6 @@ import base64
 import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -221,11 +220,7 @@ def measure_payloads(pair: str, folder: Path, reps: int, warmup: int, threads: i
                          "head_fetch_s": fetch_s.get(dtype) if name.startswith("hidden") else None})
         return rows
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        common.stop_servers([proc])
 
 
 def render(rows: list[dict[str, Any]], command: str, when: str) -> str:

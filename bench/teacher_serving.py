@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -144,13 +143,7 @@ def measure_pair(pair: str, folder: Path, reps: int, warmup: int, threads: int) 
                 rows.append(row)
         return rows
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        common.stop_servers(procs)
 
 
 def render(rows: list[dict[str, Any]], command: str, when: str) -> str:
