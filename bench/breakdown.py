@@ -13,7 +13,7 @@ calls are wrapped with timers, so nothing is re-implemented here:
   backward); the in-loss diagnostics are then measured separately as the difference between this
   phase with ``monitor.diagnostics`` on and off (same seeds, so the same rollouts);
 * **optimizer** — ``AdamW.step``; **monitor** — ``Monitor.step_metrics`` + ``check_nonfinite``;
-  **logging** — ``RunLog.write`` + ``Monitor.observe``; **other** — the rest of the step interval
+  **logging** — ``MetricsLog.write`` + ``Monitor.observe``; **other** — the rest of the step interval
   (gradient clipping, scheduler, metric assembly, Python).
 
 FLOP bound: the fp32 GEMM rate measured in this script (``torch.mm`` 2048², 2 threads) over
@@ -83,7 +83,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import opd.assemble as C
-    import opd.runlog
+    import opd.metrics_log
     import opd.step as S
     import opd.train as T
     from opd.config.load import load_config
@@ -117,7 +117,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     Monitor.step_metrics = timers.wrap("monitor", Monitor.step_metrics)
     Monitor.check_nonfinite = timers.wrap("monitor", Monitor.check_nonfinite)
     Monitor.observe = timers.wrap("logging", Monitor.observe)
-    opd.runlog.RunLog.write = timers.wrap("logging", opd.runlog.RunLog.write)
+    opd.metrics_log.MetricsLog.write = timers.wrap("logging", opd.metrics_log.MetricsLog.write)
 
     marks: list[float] = []
     tokens: list[float] = []

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from opd.assemble import build_components, build_objective
 from opd.collect import collect_rollouts
-from opd.assemble import build_components
 from opd.config import load_config, with_overrides
 from opd.step import StepBatch, accumulate_gradients, token_counts, train_step
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             "off": with_overrides(base, ["monitor.diagnostics=false"])}
     tmp = Path(tempfile.mkdtemp(prefix="opd-diag-bench-"))
     parts = build_components(base, tmp, Accelerator(cpu=True))
-    objectives = {name: parts.objective_for(cfg) for name, cfg in cfgs.items()}
+    objectives = {name: build_objective(cfg, parts.tokenizer) for name, cfg in cfgs.items()}
     monitors = {name: type(parts.monitor)(cfg, echo=None, eos_ids=parts.tokenizer.eos_token_id)
                 for name, cfg in cfgs.items()}
 

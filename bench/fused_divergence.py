@@ -33,7 +33,7 @@ def worker(a: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, ROOT)
-    from opd.math.fused import dense_linear_divergence, fused_linear_divergence
+    from opd.math.fused import DivergenceOptions, SupportTokens, dense_linear_divergence, fused_linear_divergence
     from opd.math.support import SupportSpec
 
     torch.set_num_threads(a.threads)
@@ -51,8 +51,8 @@ def worker(a: argparse.Namespace) -> dict:
     def step() -> float:
         h.grad = None
         W.grad = None
-        loss, _, _ = fn(h, W, weights, spec=spec, divergence=a.divergence, teacher_hidden_NH=th,
-                        teacher_weight_VH=tW, chunk_size=a.chunk_size or None)
+        loss, _, _ = fn(h, W, weights, DivergenceOptions(a.divergence, spec, chunk_size=a.chunk_size or None),
+                        SupportTokens(teacher_hidden_NH=th, teacher_weight_VH=tW))
         loss.backward()
         return float(loss.detach())
 

@@ -182,7 +182,7 @@ def vllm_unavailable() -> str | None:
 def job_rollout(a: argparse.Namespace, spec: dict[str, Any], engine_name: str) -> dict[str, Any]:
     import torch
 
-    from opd.build import build_student
+    from opd.factories import build_student
     from opd.config.load import load_config
     from opd.rollout.engine import build_engine, sampling_from_config
 

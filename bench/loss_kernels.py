@@ -70,7 +70,7 @@ def loss_fn(variant: str, divergence: str, hs, w, th, tw, mask, beta: float):
     """A closure computing the variant's scalar loss (differentiable w.r.t. ``hs`` and ``w``)."""
     import torch
 
-    from opd.math.fused import dense_linear_divergence, fused_linear_divergence
+    from opd.math.fused import DivergenceOptions, SupportTokens, dense_linear_divergence, fused_linear_divergence
     from opd.math.support import SupportSpec
 
     spec = SupportSpec(kind="full")
@@ -79,8 +79,8 @@ def loss_fn(variant: str, divergence: str, hs, w, th, tw, mask, beta: float):
         fn = dense_linear_divergence if variant == "dense" else fused_linear_divergence
 
         def run():
-            loss, _, _ = fn(hs, w, weights, spec=spec, divergence=divergence, beta=beta,
-                            teacher_hidden_NH=th, teacher_weight_VH=tw)
+            loss, _, _ = fn(hs, w, weights, DivergenceOptions(divergence, spec, beta=beta),
+                            SupportTokens(teacher_hidden_NH=th, teacher_weight_VH=tw))
             return loss
 
         return run

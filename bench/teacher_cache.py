@@ -43,7 +43,7 @@ def make_batches(pair: str, models: Path, n_batches: int) -> tuple[Any, list[Any
     import torch
 
     from opd.models import load_model, load_tokenizer
-    from opd.rollout import generate_rollouts
+    from opd.rollout import Sampling, generate_rollouts
     from opd.tasks.arith import ArithTask
     from opd.teachers import ModelTeacher
 
@@ -54,7 +54,7 @@ def make_batches(pair: str, models: Path, n_batches: int) -> tuple[Any, list[Any
     task = ArithTask(digits=3, eval_size=8, seed=0)
     torch.manual_seed(0)
     batches = [generate_rollouts(student, tok, task.train_examples(i, spec["prompts"], 0),
-                                 max_new_tokens=spec["max_new_tokens"]) for i in range(n_batches)]
+                                 Sampling(max_new_tokens=spec["max_new_tokens"])) for i in range(n_batches)]
     return ModelTeacher(teacher, tok), batches, student
 
 
@@ -62,7 +62,7 @@ def storage_rows(teacher: Any, batches: list[Any], vocab: int) -> list[list[Any]
     """Bytes per token of each representation, measured on the stored tensors."""
     import dataclasses
 
-    from opd.teacher_cache import compress_feedback
+    from opd.teachers.cache import compress_feedback
 
     full = [teacher.score(b, access="full", topk=64) for b in batches]
     tokens = sum(int(b.completion_mask_BT.sum()) for b in batches)
@@ -108,7 +108,7 @@ def storage_rows(teacher: Any, batches: list[Any], vocab: int) -> list[list[Any]
 def timing(teacher: Any, batches: list[Any], epochs: int, access: str, topk: int, folder: Path,
            store_dtype: str) -> dict[str, Any]:
     """Seconds per batch: live every epoch; cached (memory, disk): first epoch vs later epochs."""
-    from opd.teacher_cache import CachedTeacher, DiskFeedbackStore, FeedbackStore
+    from opd.teachers.cache import CachedTeacher, DiskFeedbackStore, FeedbackStore
 
     def run(scorer: Any) -> list[list[float]]:
         per_epoch = []
@@ -141,10 +141,10 @@ def loss_error(teacher: Any, student: Any, batches: list[Any]) -> list[list[Any]
     import torch
 
     from opd.math.divergences import reverse_kl
-    from opd.math.fused import fused_linear_divergence
+    from opd.math.fused import DivergenceOptions, SupportTokens, fused_linear_divergence
     from opd.math.support import SupportSpec, build_support
     from opd.rollout import completion_forward, lm_head_of
-    from opd.teacher_cache import CachedTeacher, FeedbackStore
+    from opd.teachers.cache import CachedTeacher, FeedbackStore
 
     rows = []
     b = batches[0]
@@ -168,9 +168,10 @@ def loss_error(teacher: Any, student: Any, batches: list[Any]) -> list[list[Any]
         if fb.hidden_BTH is None:
             s_logp = torch.log_softmax(logits, -1)
             return float((reverse_kl(s_logp, torch.log_softmax(fb.logits_BTV[mask].float(), -1)) * w).sum())
-        loss, _, _ = fused_linear_divergence(hidden[mask].float(), weight.float(), w, spec=SupportSpec(kind="full"),
-                                             divergence="rkl", teacher_hidden_NH=fb.hidden_BTH[mask].float(),
-                                             teacher_weight_VH=fb.head_weight_VH, teacher_bias_V=fb.head_bias_V)
+        teacher = SupportTokens(teacher_hidden_NH=fb.hidden_BTH[mask].float(), teacher_weight_VH=fb.head_weight_VH,
+                                teacher_bias_V=fb.head_bias_V)
+        loss, _, _ = fused_linear_divergence(hidden[mask].float(), weight.float(), w,
+                                             DivergenceOptions("rkl", SupportSpec(kind="full")), teacher)
         return float(loss.detach())
 
     ref_topk, ref_full = topk_loss(live), full_loss(live)

@@ -105,7 +105,7 @@ def measure_payloads(pair: str, folder: Path, reps: int, warmup: int, threads: i
 
     from opd.config import load_config
     from opd.objective import Objective
-    from opd.rollout import generate_rollouts, lm_head_vocab_size
+    from opd.rollout import Sampling, generate_rollouts, lm_head_vocab_size
     from opd.serve.client import ServiceClient
     from opd.serve.payload import ScoreRequest
     from opd.step import student_forward
@@ -121,7 +121,7 @@ def measure_payloads(pair: str, folder: Path, reps: int, warmup: int, threads: i
     vocab = lm_head_vocab_size(student)
     examples = ArithTask(digits=3, eval_size=8, seed=0).train_examples(0, n_prompts, 0)
     torch.manual_seed(0)
-    rollouts = generate_rollouts(student, tok, examples, max_new_tokens=max_new)
+    rollouts = generate_rollouts(student, tok, examples, Sampling(max_new_tokens=max_new))
     n_tokens = float(rollouts.completion_mask_BT.sum())
     prompts, completions = rollout_sequences(rollouts, tok)
 

@@ -51,7 +51,7 @@ def measure_pair(pair: str, folder: Path, reps: int, warmup: int, threads: int) 
     import torch
 
     from opd.models import load_model, load_tokenizer
-    from opd.rollout import generate_rollouts, lm_head_vocab_size
+    from opd.rollout import Sampling, generate_rollouts, lm_head_vocab_size
     from opd.serve.client import ServiceClient
     from opd.serve.payload import ScoreRequest
     from opd.tasks.arith import ArithTask
@@ -67,7 +67,7 @@ def measure_pair(pair: str, folder: Path, reps: int, warmup: int, threads: int) 
     vocab = lm_head_vocab_size(student)
     examples = ArithTask(digits=3, eval_size=8, seed=0).train_examples(0, spec["prompts"], 0)
     torch.manual_seed(0)
-    rollouts = generate_rollouts(student, tok, examples, max_new_tokens=spec["max_new_tokens"])
+    rollouts = generate_rollouts(student, tok, examples, Sampling(max_new_tokens=spec["max_new_tokens"]))
     n_tokens = float(rollouts.completion_mask_BT.sum())
     del student
 

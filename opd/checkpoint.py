@@ -1,4 +1,6 @@
-"""Resumable checkpoints: the student in Hugging Face format plus the trainer state.
+"""Resumable checkpoints — the on-disk format, and what a run saves and restores through it.
+
+A checkpoint is the student in Hugging Face format plus the trainer state.
 
 Layout of ``<run>/checkpoints/step-000050/``::
 
@@ -13,6 +15,12 @@ so a crash or a full disk leaves either the whole checkpoint or none, and the ol
 :func:`load_latest_intact` reads the newest checkpoint that loads completely; a damaged one (a
 file truncated or corrupted later) is skipped with a message naming the file, and the next older
 one is used.
+
+Saving and resuming a run (:func:`save_step`, :func:`save_final`, :func:`restore`): unsharded runs
+(one process, DDP) keep the student's weights and the optimizer state in plain files, written by
+the main process. Sharded runs (FSDP, DeepSpeed ZeRO) gather the student's full weights for the
+Hugging Face folder (a collective: every process calls these functions) and keep the sharded
+optimizer state through ``accelerator.save_state`` / ``load_state``.
 """
 
 from __future__ import annotations
@@ -22,16 +30,22 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 
 from opd.io import atomic_dir
-from opd.lora import save_student
+from opd.lora import apply_student_weights, save_student
 
-__all__ = ["WRITER_ERRORS", "Checkpoint", "TrainerState", "checkpoint_dir", "list_checkpoints", "load_latest_intact",
-           "save_checkpoint"]
+if TYPE_CHECKING:
+    from opd.components import Components
+
+__all__ = ["WRITER_ERRORS", "Checkpoint", "TrainerState", "checkpoint_dir", "is_sharded", "last_checkpoint_step",
+           "list_checkpoints", "load_latest_intact", "read_checkpoint", "restore", "save_final", "save_step"]
+
+_SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 #: what the serializers raise when a write fails (``torch.save``: ``RuntimeError: [enforce fail at
@@ -61,28 +75,30 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
-                    optimizer: torch.optim.Optimizer | None, scheduler: Any, value_head: torch.nn.Module | None,
-                    *, keep: int, state_dict: dict[str, torch.Tensor] | None = None,
-                    write_sharded: Callable[[Path], None] | None = None) -> Path:
-    """Write a checkpoint for ``step`` atomically and prune older ones beyond ``keep``.
+def _write_checkpoint(parts: Components, step: int, weights: dict[str, torch.Tensor] | None,
+                      write_sharded: Callable[[Path], None] | None) -> Path:
+    """Write the checkpoint of ``step`` atomically and prune older ones beyond ``train.keep_checkpoints``.
 
-    ``state_dict``: the student's full weights when ``model``'s own are sharded (gathered by the
-    caller). ``write_sharded(folder)``: writes the sharded optimizer state (FSDP / DeepSpeed, through
-    ``accelerator.save_state``; then ``optimizer`` is None) — the caller runs it on every process.
+    ``weights``: the student's full weights when its own are sharded (gathered by the caller).
+    ``write_sharded(folder)``: writes the sharded optimizer and model state (FSDP / DeepSpeed, through
+    ``accelerator.save_state``; the optimizer and value head are then not written here) — the caller
+    runs it on every process.
 
     Raises:
         opd.io.WriteError: the checkpoint could not be written (nothing of it is left behind).
     """
+    run_dir, keep = parts.run_dir, parts.cfg.train.keep_checkpoints
+    optimizer = None if write_sharded is not None else parts.optimizer
+    value_head = None if write_sharded is not None else parts.value_head
     path = checkpoint_dir(run_dir, step)
     with atomic_dir(path, what=f"the checkpoint of step {step}", failures=WRITER_ERRORS) as tmp:
-        save_student(model, tokenizer, tmp / "model", merged=False, state_dict=state_dict)
+        save_student(parts.student, parts.tokenizer, tmp / "model", merged=False, state_dict=weights)
         if write_sharded is not None:
             write_sharded(tmp / "accelerate")
         torch.save({
             "step": step,
             "optimizer": None if optimizer is None else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
             "value_head": None if value_head is None else value_head.state_dict(),
         }, tmp / "trainer_state.pt")
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -159,3 +175,86 @@ def load_latest_intact(run_dir: Path, *, warn: Callable[[str], None] | None = No
             warn(f"opd: resuming from the newest intact checkpoint, {path.name} (step {ckpt.state.step})")
         return ckpt
     raise FileNotFoundError(f"no intact checkpoint under {run_dir / 'checkpoints'}: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# saving and resuming a run
+def is_sharded(parts: Components) -> bool:
+    """Whether accelerate shards the prepared model's parameters across processes."""
+    return parts.accelerator.distributed_type in _SHARDED
+
+
+def _full_student_state(parts: Components) -> dict[str, torch.Tensor] | None:
+    """The student's full weights gathered from the shards (collective); None when unsharded."""
+    if not is_sharded(parts):
+        return None
+    state = parts.accelerator.get_state_dict(parts.model)  # PolicyModule keys: student.* / value_head.*
+    prefix = "student."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def save_step(parts: Components, step: int) -> Path | None:
+    """Checkpoint of ``step``; every process calls it (the main process writes). Returns the folder
+    on the main process.
+
+    Raises:
+        opd.io.WriteError: the checkpoint could not be written (the older ones are intact).
+    """
+    acc = parts.accelerator
+    write_sharded: Callable[[Path], None] | None = None
+    if is_sharded(parts):
+        staging = checkpoint_dir(parts.run_dir, step).with_name(f"step-{step:06d}.accelerate.tmp")
+        if parts.main and staging.exists():
+            shutil.rmtree(staging)
+        acc.wait_for_everyone()
+        acc.save_state(str(staging))  # sharded optimizer and model state, every process writes its part
+        acc.wait_for_everyone()
+
+        def write_sharded(folder: Path) -> None:
+            staging.rename(folder)
+
+    weights = _full_student_state(parts)
+    path = None
+    if parts.main:
+        path = _write_checkpoint(parts, step, weights, write_sharded)
+    acc.wait_for_everyone()
+    return path
+
+
+def save_final(parts: Components) -> None:
+    """``<run>/final``: the trained student in Hugging Face format, written atomically (every process
+    calls it; the main process writes). A LoRA student is written merged (``W + (α/r)·B A``), so
+    any HF tool loads ``final/`` without peft."""
+    weights = _full_student_state(parts)
+    if parts.main:
+        with atomic_dir(parts.run_dir / "final", what="the final model", failures=WRITER_ERRORS) as tmp:
+            save_student(parts.student, parts.tokenizer, tmp, merged=True, state_dict=weights)
+    parts.accelerator.wait_for_everyone()
+
+
+def restore(parts: Components, run_dir: Path, echo: Callable[[str], None] | None) -> int:
+    """Load the newest intact checkpoint of ``run_dir`` into the run's parts; returns its step.
+
+    The recipes the monitor applied before that step are not replayed here: the loop applies
+    ``parts.monitor.resume(step)`` again (:func:`opd.assemble.apply_recipe`)."""
+    ckpt = load_latest_intact(run_dir, warn=echo, weights=not is_sharded(parts))
+    state = ckpt.state
+    if is_sharded(parts):
+        parts.accelerator.load_state(str(ckpt.path / "accelerate"))
+    else:
+        apply_student_weights(parts.student, ckpt.weights, ckpt.path)
+        parts.optimizer.load_state_dict(state.optimizer)
+        if parts.value_head is not None and state.value_head is not None:
+            parts.value_head.load_state_dict(state.value_head)
+    parts.scheduler.load_state_dict(state.scheduler)
+    parts.engine.sync_weights(parts.student)
+    parts.log.truncate_after(state.step, warn=echo)
+    if echo is not None:
+        echo(f"opd: resuming {run_dir} from step {state.step} ({ckpt.path.name})")
+    return state.step
+
+
+def last_checkpoint_step(run_dir: Path) -> int:
+    """The step of the newest checkpoint folder, -1 when there is none."""
+    ckpts = list_checkpoints(run_dir)
+    return int(ckpts[-1].name.split("-")[1]) if ckpts else -1

@@ -7,7 +7,7 @@
     opd config-help [SECTION]                           every option with its documentation
     opd bias-lab [--vocab 3 --horizon 4 ...]            exact bias/variance of the estimators
     opd report RUN_DIR [RUN_DIR ...]                    HTML + Markdown report (compare runs)
-    opd make-checkpoints                                regenerate the shipped arith checkpoints
+    opd make-checkpoints FAMILY                         regenerate shipped checkpoints (arith, cases, ...)
     opd make-student TEACHER OUT --keep N               a smaller student by depth pruning
 
 Errors a user can cause (a bad config, a missing file, an unreadable input) end in one line on

@@ -52,24 +52,22 @@ def collect_rollouts(
     ``teacher_model`` in this process.
     """
     r = cfg.rollout
-    max_new = r.prefix_tokens or r.max_new_tokens
+    sampling = sampling_from_config(r)
     n_on = round(r.on_policy_fraction * len(examples))
     on_examples, off_examples = examples[:n_on], examples[n_on:]
-    sampling = dict(samples_per_prompt=r.samples_per_prompt, max_new_tokens=max_new, temperature=r.temperature,
-                    top_p=r.top_p, top_k=r.top_k, prefix_tokens=r.prefix_tokens)
     parts: list[Rollouts] = []
     if on_examples:
         if r.teacher_mix > 0:
             if teacher_model is None or student is None:
                 raise ValueError("rollout.teacher_mix > 0 needs the student and an in-process teacher model")
             parts.append(generate_mixed_rollouts(
-                student, teacher_model, tokenizer, on_examples, alpha=r.teacher_mix,
+                student, teacher_model, tokenizer, on_examples, sampling, alpha=r.teacher_mix,
                 teacher_prompt_texts=teacher_prompt_texts(on_examples, cfg.teacher.use_context,
                                                           cfg.teacher.context_template),
-                group_offset=group_offset, **sampling,
+                group_offset=group_offset,
             ))
         else:
-            parts.append(engine.generate(on_examples, sampling_from_config(r), group_offset=group_offset))
+            parts.append(engine.generate(on_examples, sampling, group_offset=group_offset))
     if off_examples:
         offset = group_offset + len(on_examples)
         if r.off_policy_source == "answer":
@@ -80,11 +78,10 @@ def collect_rollouts(
                     f"(first: {missing[0]!r}); set data.answer_field or use off_policy_source=teacher"
                 )
             parts.append(rollouts_from_texts(tokenizer, off_examples, [e.answer for e in off_examples],
-                                             max_new_tokens=max_new, group_offset=offset))
+                                             max_new_tokens=sampling.max_new_tokens, group_offset=offset))
         else:
             if teacher_model is None:
                 raise ValueError("rollout.off_policy_source=teacher needs an in-process teacher model")
-            teacher_rollouts = generate_rollouts(teacher_model, tokenizer, off_examples, group_offset=offset,
-                                                 **sampling)
+            teacher_rollouts = generate_rollouts(teacher_model, tokenizer, off_examples, sampling, group_offset=offset)
             parts.append(teacher_rollouts.as_off_policy())
     return parts[0] if len(parts) == 1 else concat_rollouts(parts)

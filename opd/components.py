@@ -4,8 +4,10 @@ A :class:`Components` holds the student and its tokenizer, the task, the teacher
 (both see the *initial* student), the objective, the rollout engine, the prepared training module,
 the optimizer and LR schedule, the value head, the monitor and the run log. The loop
 (:mod:`opd.train`) and the step (:mod:`opd.step`) take this object and nothing else.
-:func:`opd.assemble.build_components` builds it, in one place: adding an engine or a wrapper
-touches that function and the component's own module only.
+
+It is a plain holder: it builds nothing. :func:`opd.assemble.build_components` fills it, in one
+place, and :func:`opd.assemble.apply_recipe` swaps its objective, reference and config when the
+monitor applies a stabilization recipe.
 """
 
 from __future__ import annotations
@@ -18,18 +20,12 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opd.build import (
-    build_reference,
-    special_token_ids,
-)
-from opd.config.load import dump_config, with_overrides
 from opd.config.schema import Config
-from opd.config.validate import resolve_teacher_access
+from opd.metrics_log import MetricsLog
 from opd.monitor import Monitor
 from opd.objective import Objective
 from opd.rollout.engine import RolloutEngine
-from opd.rundir import RunFolderLock
-from opd.runlog import RunLog
+from opd.run_lock import RunFolderLock
 from opd.tasks.base import Task
 from opd.teachers import Teacher
 
@@ -51,7 +47,7 @@ class Components:
     """Everything a run's steps read or update (see the module docstring).
 
     ``cfg``, ``objective``, ``reference``, ``access`` and ``chunked`` may change during a run when
-    the monitor applies a stabilization recipe (:meth:`apply_recipe`).
+    the monitor applies a stabilization recipe (:func:`opd.assemble.apply_recipe`).
     """
 
     cfg: Config
@@ -69,7 +65,7 @@ class Components:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     value_head: torch.nn.Module | None
     monitor: Monitor
-    log: RunLog
+    log: MetricsLog
     vocab: int
     access: str
     chunked: bool
@@ -95,34 +91,9 @@ class Components:
 
     @property
     def teacher_model(self) -> torch.nn.Module | None:
-        """The in-process teacher network (teacher-mixed and off-policy teacher sampling, eval)."""
-        return getattr(self.teacher, "model", None)
-
-    def objective_for(self, cfg: Config) -> Objective:
-        return Objective.from_config(cfg, eos_id=self.tokenizer.eos_token_id,
-                                     special_ids=special_token_ids(self.tokenizer),
-                                     diagnostics=cfg.monitor.diagnostics)
-
-    def apply_recipe(self, overrides: tuple[str, ...]) -> Config:
-        """``monitor.*_action=apply``: switch to the config with ``overrides`` — its objective,
-        reference and teacher access — keeping the LR schedule's shape around a new peak."""
-        new = with_overrides(self.cfg, list(overrides))
-        objective = self.objective_for(new)
-        if objective.needs_value_head and self.value_head is None:
-            raise ValueError("the recipe needs a value head, which this run did not build")
-        if self.reference is None:
-            self.reference = build_reference(new, self.student, self.tokenizer, self.device)
-        if new.train.lr != self.cfg.train.lr:
-            for g in self.optimizer.param_groups:
-                g["lr"] *= new.train.lr / self.cfg.train.lr
-            self.scheduler.base_lrs = [new.train.lr for _ in self.scheduler.base_lrs]
-        self.cfg, self.objective = new, objective
-        self.chunked = objective.use_chunked(self.vocab)
-        self.access = resolve_teacher_access(new)
-        if self.main:
-            dump_config(new, self.run_dir / "config.applied.yaml")
-        self.monitor.cfg = new
-        return new
+        """The in-process teacher network that may sample with the student's ids (teacher-mixed and
+        off-policy teacher sampling); None when there is none (:class:`opd.teachers.Teacher`)."""
+        return self.teacher.model
 
     def close(self) -> None:
         """Release what the run holds: the background sampler, the engine, the log writers, the lock."""

@@ -1,6 +1,7 @@
 """User prompt sources: a JSONL file or a Hugging Face dataset, as a :class:`~opd.tasks.base.Task`.
 
-Each record (a JSON object / a dataset row) becomes an :class:`~opd.tasks.base.Example`:
+Each record (a JSON object / a dataset row) becomes an :class:`~opd.tasks.base.Example`, as its
+:class:`RecordLayout` says:
 
 =====================  ==========================================================
 ``prompt``             ``record[prompt_field]`` (required, a string)
@@ -9,7 +10,7 @@ Each record (a JSON object / a dataset row) becomes an :class:`~opd.tasks.base.E
 ``fields``             the whole record (``route_field`` values written as strings)
 =====================  ==========================================================
 
-Conversations (``chat``, a :class:`opd.chat.ChatFormat`; ``data.format=chat``): a record holds a
+Conversations (``layout.chat``, a :class:`opd.chat.ChatFormat`; ``data.format=chat``): a record holds a
 list of messages and gives one example per trained assistant turn (:mod:`opd.chat`): ``prompt`` is
 the conversation before the turn rendered with the student's chat template, ``answer`` the turn's
 text in the data, ``teacher_context`` the teacher-only system prompt (``record[context_field]``, or
@@ -42,13 +43,18 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from transformers import PreTrainedTokenizerBase
 
 from opd.chat import ChatFormat, conversation_examples
+from opd.tasks.arith_chat import arith_chat_records, arith_chat_tokenizer
 from opd.tasks.base import Example
 
-__all__ = ["DataError", "HFDatasetTask", "JsonlTask", "make_verifier", "read_jsonl"]
+__all__ = ["ArithChatTask", "DataError", "HFDatasetTask", "JsonlTask", "RecordLayout", "RecordTask", "Records",
+           "make_verifier", "read_jsonl"]
 
 Verifier = Callable[[Example, str], float]
 
@@ -58,6 +64,31 @@ _DEFAULT_EVAL_CAP = 500
 
 class DataError(ValueError):
     """A prompt file or dataset that cannot be read as examples (the message says where and why)."""
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Where a record keeps each part of an example (see the module docstring).
+
+    ``answer_field``, ``context_field`` and ``route_field`` are optional (a set ``context_field``
+    must be present on every record). ``chat``: read each record as a conversation; None: prompts.
+    ``system_prompt``: every record's teacher-only context when ``context_field`` is unset
+    (``teacher.system_prompt``; conversations take it from ``chat.system_prompt``).
+    """
+
+    prompt_field: str = "prompt"
+    answer_field: str | None = "answer"
+    context_field: str | None = None
+    route_field: str | None = None
+    chat: ChatFormat | None = None
+    system_prompt: str | None = None
+
+
+class Records(NamedTuple):
+    """Rows read from one place, and how messages name that place (``file`` or ``dataset[split]``)."""
+
+    rows: list[Mapping[str, Any]]
+    source: str
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -139,45 +170,41 @@ def make_verifier(spec: str, *, has_answers: bool, eos_token: str | None = None)
     raise ValueError(f"unknown verifier {spec!r}; choose auto, exact_match, contains, none or python:module:function")
 
 
-class _RecordTask:
-    """A :class:`~opd.tasks.base.Task` over in-memory records (see the module docstring)."""
+class RecordTask:
+    """A :class:`~opd.tasks.base.Task` over in-memory records (see the module docstring).
+
+    ``train``: the records to train on (and to hold ``eval_size`` out of when ``held_out`` is None);
+    ``held_out``: a separate held-out set; with ``eval_only`` every record of ``train`` is held out.
+    Other arguments as :class:`JsonlTask`.
+    """
 
     name = "records"
 
     def __init__(
         self,
-        train_records: list[Mapping[str, Any]],
-        eval_records: list[Mapping[str, Any]] | None,
+        train: Records,
+        held_out: Records | None = None,
         *,
-        source: str,
-        eval_source: str | None = None,
-        prompt_field: str,
-        answer_field: str | None,
-        context_field: str | None,
-        route_field: str | None,
-        verifier: str,
-        eval_size: int | None,
-        seed: int,
-        eos_token: str | None,
-        chat: ChatFormat | None = None,
+        layout: RecordLayout = RecordLayout(),
+        verifier: str = "auto",
+        eval_size: int | None = None,
+        seed: int = 0,
+        eos_token: str | None = None,
         eval_only: bool = False,
-        system_prompt: str | None = None,
     ):
+        source = train.source
         self.source = source
-        self.system_prompt = system_prompt
+        self.layout = layout
         self.eval_only = eval_only
-        self.prompt_field, self.answer_field = prompt_field, answer_field
-        self.context_field, self.route_field = context_field, route_field
         self.seed = seed
-        self.chat = chat
         # one list of examples per record: a conversation gives one per trained turn, and the
         # held-out split is made over records, so no turn of a held-out conversation is trained on
-        groups = self._examples(train_records, source)
+        groups = self._examples(train.rows, source)
         if eval_only:  # every record is held out (opd eval --prompts FILE): nothing is trained on
             eval_examples = [e for g in groups for e in g][:eval_size]
             pool = []
-        elif eval_records is not None:
-            eval_examples = [e for g in self._examples(eval_records, eval_source or f"{source} (eval)") for e in g]
+        elif held_out is not None:
+            eval_examples = [e for g in self._examples(held_out.rows, held_out.source) for e in g]
             if eval_size is not None:
                 eval_examples = eval_examples[:eval_size]
             pool = [e for g in groups for e in g]
@@ -208,30 +235,29 @@ class _RecordTask:
         for i, record in enumerate(records):
             where = f"{source}:{record['__line__']}" if "__line__" in record else f"{source} row {i}"
             fields = {k: v for k, v in record.items() if k != "__line__"}
-            if self.route_field is not None and fields.get(self.route_field) is not None:
-                fields[self.route_field] = str(fields[self.route_field])
-            if self.chat is not None:  # data.format=chat: one example per trained assistant turn
-                context = None
-                if self.context_field is not None:
-                    context = str(self._field(fields, self.context_field, where, required=True))
-                out.append(conversation_examples(fields, where, self.chat, context=context))
+            lay = self.layout
+            if lay.route_field is not None and fields.get(lay.route_field) is not None:
+                fields[lay.route_field] = str(fields[lay.route_field])
+            # teacher.system_prompt: every prompt record's teacher-only context (a conversation's is in its chat format)
+            context = lay.system_prompt if lay.chat is None else None
+            if lay.context_field is not None:
+                context = str(self._field(fields, lay.context_field, where, required=True))
+            if lay.chat is not None:  # data.format=chat: one example per trained assistant turn
+                out.append(conversation_examples(fields, where, lay.chat, context=context))
                 continue
-            prompt = self._field(fields, self.prompt_field, where, required=True)
+            prompt = self._field(fields, lay.prompt_field, where, required=True)
             if not isinstance(prompt, str):
-                raise DataError(f"{where}: field {self.prompt_field!r} must be a string, got {type(prompt).__name__}")
+                raise DataError(f"{where}: field {lay.prompt_field!r} must be a string, got {type(prompt).__name__}")
             answer = None
-            if self.answer_field is not None:
-                has = self.answer_field in fields and fields[self.answer_field] is not None
+            if lay.answer_field is not None:
+                has = lay.answer_field in fields and fields[lay.answer_field] is not None
                 if answers_seen is None:
                     answers_seen = has
                 elif has != answers_seen:  # answers on some records only: a data bug, not a choice
-                    self._field(fields, self.answer_field, where, required=True)
-                    raise DataError(f"{where}: field {self.answer_field!r} is present here but missing on earlier "
+                    self._field(fields, lay.answer_field, where, required=True)
+                    raise DataError(f"{where}: field {lay.answer_field!r} is present here but missing on earlier "
                                     "records; give every record an answer or none")
-                answer = None if not has else str(fields[self.answer_field])
-            context = self.system_prompt  # teacher.system_prompt: every record's teacher-only context
-            if self.context_field is not None:
-                context = str(self._field(fields, self.context_field, where, required=True))
+                answer = None if not has else str(fields[lay.answer_field])
             out.append([Example(prompt=prompt, answer=answer, teacher_context=context, fields=fields, origin=where)])
         if not out:
             raise DataError(f"{source} holds no records")
@@ -302,22 +328,19 @@ class _RecordTask:
         return self._verifier(example, completion)
 
 
-class JsonlTask(_RecordTask):
+class JsonlTask(RecordTask):
     """Prompts from a JSONL file (one JSON object per line), with a held-out set and a verifier.
 
     Args:
         path: the training file.
-        prompt_field, answer_field, context_field, route_field: record fields (answer, context
-            and route are optional; a set ``context_field`` must be present on every record).
+        layout: where each record keeps prompt, answer, context and route, and whether it is a
+            conversation (:class:`RecordLayout`).
         verifier: see the module docstring.
         eval_path: a separate held-out file; default: hold out ``eval_size`` records of ``path``.
         eval_size: held-out size (default: 10 % of the records, at most 500); with ``eval_path``,
             the first ``eval_size`` records of that file.
         seed: seed of the held-out slice and of the training order.
         eos_token: the tokenizer's EOS string; built-in verifiers cut the completion there.
-        chat: read each record as a conversation (see the module docstring); None: prompts.
-        system_prompt: every record's teacher-only context when ``context_field`` is unset
-            (``teacher.system_prompt``; conversations take it from ``chat.system_prompt``).
         eval_only: every record of ``path`` is the held-out set (the first ``eval_size`` when
             given; ``eval_path`` is then not read) and there are no training prompts: a whole file
             scored by ``opd eval --prompts``.
@@ -334,28 +357,19 @@ class JsonlTask(_RecordTask):
         self,
         path: str | os.PathLike[str],
         *,
-        prompt_field: str = "prompt",
-        answer_field: str | None = "answer",
-        context_field: str | None = None,
-        route_field: str | None = None,
+        layout: RecordLayout = RecordLayout(),
         verifier: str = "auto",
         eval_path: str | os.PathLike[str] | None = None,
         eval_size: int | None = None,
         seed: int = 0,
         eos_token: str | None = None,
-        chat: ChatFormat | None = None,
         eval_only: bool = False,
-        system_prompt: str | None = None,
     ):
         self.path = Path(path).expanduser()
-        evals = None if eval_path is None or eval_only else read_jsonl(eval_path)
-        super().__init__(
-            read_jsonl(self.path), evals, source=str(self.path),
-            eval_source=None if eval_path is None else str(Path(eval_path).expanduser()),
-            prompt_field=prompt_field, answer_field=answer_field, context_field=context_field,
-            route_field=route_field, verifier=verifier, eval_size=eval_size, seed=seed, eos_token=eos_token,
-            chat=chat, eval_only=eval_only, system_prompt=system_prompt,
-        )
+        held_out = None if eval_path is None or eval_only else Records(read_jsonl(eval_path),
+                                                                        str(Path(eval_path).expanduser()))
+        super().__init__(Records(read_jsonl(self.path), str(self.path)), held_out, layout=layout, verifier=verifier,
+                         eval_size=eval_size, seed=seed, eos_token=eos_token, eval_only=eval_only)
 
 
 def _import_datasets() -> Any:
@@ -379,7 +393,7 @@ def _load_split(datasets: Any, name_or_path: str, split: str) -> list[Mapping[st
     return [dict(row) for row in ds]
 
 
-class HFDatasetTask(_RecordTask):
+class HFDatasetTask(RecordTask):
     """Prompts from a Hugging Face dataset: a hub id / local dataset script or data folder
     (``datasets.load_dataset``), or a folder written by ``save_to_disk``.
 
@@ -398,33 +412,45 @@ class HFDatasetTask(_RecordTask):
         *,
         eval_split: str | None = None,
         eval_path: str | os.PathLike[str] | None = None,
-        prompt_field: str = "prompt",
-        answer_field: str | None = "answer",
-        context_field: str | None = None,
-        route_field: str | None = None,
+        layout: RecordLayout = RecordLayout(),
         verifier: str = "auto",
         eval_size: int | None = None,
         seed: int = 0,
         eos_token: str | None = None,
-        chat: ChatFormat | None = None,
-        system_prompt: str | None = None,
     ):
         datasets = _import_datasets()
         self.name_or_path = name_or_path
-        train = _load_split(datasets, name_or_path, split)
-        evals: list[Mapping[str, Any]] | None = None
-        eval_source = None
+        train = Records(_load_split(datasets, name_or_path, split), f"{name_or_path}[{split}]")
+        held_out: Records | None = None
         if eval_path is not None:
             if Path(eval_path).expanduser().is_file():
-                evals, eval_source = list(read_jsonl(eval_path)), str(Path(eval_path).expanduser())
+                held_out = Records(list(read_jsonl(eval_path)), str(Path(eval_path).expanduser()))
             else:
-                eval_source = f"{os.fspath(eval_path)}[{eval_split or split}]"
-                evals = _load_split(datasets, os.fspath(eval_path), eval_split or split)
+                held_out = Records(_load_split(datasets, os.fspath(eval_path), eval_split or split),
+                                   f"{os.fspath(eval_path)}[{eval_split or split}]")
         elif eval_split is not None:
-            evals, eval_source = _load_split(datasets, name_or_path, eval_split), f"{name_or_path}[{eval_split}]"
-        super().__init__(
-            train, evals, source=f"{name_or_path}[{split}]", eval_source=eval_source,
-            prompt_field=prompt_field, answer_field=answer_field,
-            context_field=context_field, route_field=route_field, verifier=verifier, eval_size=eval_size,
-            seed=seed, eos_token=eos_token, chat=chat, system_prompt=system_prompt,
-        )
+            held_out = Records(_load_split(datasets, name_or_path, eval_split), f"{name_or_path}[{eval_split}]")
+        super().__init__(train, held_out, layout=layout, verifier=verifier, eval_size=eval_size, seed=seed,
+                         eos_token=eos_token)
+
+
+class ArithChatTask(RecordTask):
+    """The built-in ``arith_chat`` conversations (:mod:`opd.tasks.arith_chat`) as a task, read as a
+    user's ``data.format=chat`` file is. ``tokenizer``: the student's (its chat template renders the
+    prompts); other arguments as :class:`JsonlTask` / :class:`opd.chat.ChatFormat`."""
+
+    name = "arith_chat"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, *, train_turns: str = "all", eval_size: int | None = 500,
+                 seed: int = 0, system_prompt: str | None = None, max_prompt_tokens: int | None = None,
+                 context_window: int | None = None, eos_token: str | None = "$"):
+        tokenizer = arith_chat_tokenizer() if tokenizer is None else tokenizer
+        train, held = arith_chat_records(seed)
+        fmt = ChatFormat(tokenizer=tokenizer, train_turns=train_turns, system_prompt=system_prompt,
+                         max_prompt_tokens=max_prompt_tokens, context_window=context_window)
+        super().__init__(Records(train, "arith_chat"), Records(held, "arith_chat (held out)"),
+                         layout=RecordLayout(answer_field=None, chat=fmt), verifier="exact_match",
+                         eval_size=eval_size, seed=seed, eos_token=eos_token)
+
+    def __repr__(self) -> str:
+        return f"ArithChatTask(train_turns={self.layout.chat.train_turns!r}, seed={self.seed})"

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from opd.errors import FeedbackUnavailable
 from opd.math.divergences import reverse_kl
 from opd.math.reduce import masked_mean
-from opd.rollout import completion_forward, generate_rollouts, rollouts_from_texts
+from opd.rollout import Sampling, completion_forward, generate_rollouts, rollouts_from_texts
 from opd.tasks.base import Example, Task
 from opd.teachers import Teacher
 from opd.types import Rollouts
@@ -160,7 +160,7 @@ def evaluate(
     kept: list[dict[str, Any]] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        rollouts = generate_rollouts(model, tokenizer, chunk, max_new_tokens=max_new_tokens, greedy=True)
+        rollouts = generate_rollouts(model, tokenizer, chunk, Sampling(max_new_tokens=max_new_tokens, greedy=True))
         scores_B = verify_rollouts(task, tokenizer, rollouts)
         correct += float(scores_B.sum())
         lengths += float(rollouts.lengths_B.sum())

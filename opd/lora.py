@@ -27,7 +27,7 @@ layouts ``peft`` and ``transformers`` read):
   fit the model; :func:`load_student_weights` ``(model, folder)`` reads the folder and applies them.
 * :func:`merged_state_dict` (and :func:`merge_lora_state_dict` for a state dict gathered from shards)
   — the merged weights under the plain model's parameter names, what a serving engine must receive
-  (opd/rollout/vllm_engine.py pushes ``model.state_dict()`` today); :func:`merged_copy` — a plain
+  (opd/rollout/vllm_engine.py pushes them for a LoRA student); :func:`merged_copy` — a plain
   merged model object (``opd export --check``).
 """
 

@@ -29,8 +29,8 @@ from opd.objective import Objective, ObjectiveOutput, StudentOutputs, TokenCount
 from opd.rollout import completion_forward, lm_head_of
 from opd.sharding import gathered
 from opd.teachers.student_support import add_student_topk
+from opd.token_alignment.diagnostics import alignment_metrics
 from opd.types import Feedback, Rollouts
-from opd.xtok.diagnostics import alignment_metrics
 
 if TYPE_CHECKING:
     from opd.components import Components
@@ -206,7 +206,7 @@ def _sampling_student(parts: Components, sync: bool) -> torch.nn.Module:
     the engine's snapshot of the weights — the live module may be training meanwhile."""
     if sync:
         return parts.student
-    snapshot = getattr(parts.engine, "model", None)
+    snapshot = parts.engine.sampling_module
     if snapshot is None:
         raise ValueError(f"rollout.overlap with support.kind=student_topk and a teacher server needs the sampler's "
                          f"copy of the student, which the {type(parts.engine).__name__} engine does not expose; set "

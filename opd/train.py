@@ -12,7 +12,7 @@ What the loop guarantees (docs/guarantees.md):
 * **nothing is written before the run can start** — config, environment (device, precision,
   optional packages), models, data and context lengths are checked first;
 * **a run folder belongs to one run** — it is locked while the run is live, and a folder that
-  holds another run is refused unless resumed or ``logging.overwrite=true`` (:mod:`opd.rundir`);
+  holds another run is refused unless resumed or ``logging.overwrite=true`` (:mod:`opd.run_lock`);
 * **interrupts save** — SIGINT / SIGTERM finish the step in progress, write a checkpoint, the
   summary and the report, and print the ``--resume`` command (:mod:`opd.interrupts`);
 * **faults stop cleanly** — a :class:`~opd.errors.RunFault` (a server that failed, weights gone
@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,24 +35,23 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
-from opd.checkpoint import list_checkpoints
-from opd.assemble import build_components
+from opd.assemble import apply_recipe, build_components
+from opd.checkpoint import last_checkpoint_step, list_checkpoints, restore, save_final, save_step
 from opd.components import Components
 from opd.config.advice import config_warnings
 from opd.config.load import dump_config, load_config
 from opd.config.schema import Config
+from opd.data import RecordTask
 from opd.errors import RunFault
 from opd.evaluate import EvalResult, evaluate, evaluate_teacher_forced
 from opd.interrupts import StopRequest
 from opd.io import write_json
 from opd.monitor import Monitor
-from opd.persist import last_checkpoint_step, restore, save_final, save_step
 from opd.preflight import check_context_lengths, check_environment
 from opd.report.run_info import run_info
-from opd.rundir import acquire_run_folder, check_run_folder
+from opd.run_lock import acquire_run_folder, check_run_folder
 from opd.sharding import gathered
 from opd.step import sync_flag, train_step
-from opd.teachers import teacher_prompt_texts
 from opd.threads import ThreadGovernor, apply_threads, choose_threads
 
 __all__ = ["EXIT_CODES", "RunSummary", "default_run_dir", "distill"]
@@ -115,7 +115,7 @@ def distill(cfg: Config, *, resume: str | Path | None = None) -> RunSummary:
     """Run on-policy distillation as ``cfg`` says; ``resume`` continues a stopped run exactly.
 
     Raises (before anything is written): :class:`opd.config.ConfigError`,
-    :class:`opd.preflight.PreflightError`, :class:`opd.rundir.RunFolderError`, and the errors of
+    :class:`opd.preflight.PreflightError`, :class:`opd.run_lock.RunFolderError`, and the errors of
     loading models and data. Faults during the run do not raise: the summary's ``status`` is
     ``failed`` and ``error`` says why.
     """
@@ -180,6 +180,8 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
                                                      enabled=threads.adaptive and not cfg.rollout.overlap))
         if resume is not None:
             progress.start = progress.done = restore(parts, run_dir, echo)
+            for overrides in parts.monitor.resume(progress.start):  # recipes applied before the checkpoint
+                apply_recipe(parts, overrides)
             _resume_evaluations(parts, progress)
             if progress.fault is not None:
                 return parts, progress
@@ -214,27 +216,12 @@ def _recorded_threads(run_dir: Path) -> int | None:
     return value if isinstance(value, int) and value >= 1 else None
 
 
-def _model_teachers(teacher) -> list[tuple[object, object, object, bool]]:
-    """``(teacher, model, tokenizer, own_tokenizer)`` for every in-process model teacher behind
-    ``teacher`` (through caches and routing); a teacher with its own tokenizer exposes its network as
-    ``teacher_model`` (nothing may sample it with the student's ids)."""
-    if hasattr(teacher, "teacher_model") and hasattr(teacher, "tokenizer"):
-        return [(teacher, teacher.teacher_model, teacher.tokenizer, True)]
-    if hasattr(teacher, "model") and hasattr(teacher, "tokenizer"):
-        return [(teacher, teacher.model, teacher.tokenizer, False)]
-    inner = [getattr(teacher, "teacher", None), getattr(teacher, "default", None),
-             *(getattr(teacher, "routes", None) or {}).values()]
-    return [m for t in inner if t is not None for m in _model_teachers(t)]
-
-
 def _check_context(parts: Components) -> None:
     task = parts.task
-    examples = task.all_examples() if hasattr(task, "all_examples") else [
+    examples = task.all_examples() if isinstance(task, RecordTask) else [
         *task.train_examples(0, parts.cfg.rollout.prompts_per_step, parts.cfg.seed), *_eval_examples(parts)]
-    teachers = [(f"the teacher ({type(t).__name__})", model, tok,
-                 lambda ex, t=t, tok=tok, own=own: teacher_prompt_texts(ex, t.use_context, t.context_template,
-                                                                         tokenizer=tok if own else None))
-                for t, model, tok, own in _model_teachers(parts.teacher)]
+    teachers = [(f"the teacher ({type(m.teacher).__name__})", m.model, m.tokenizer, m.prompt_texts)
+                for m in parts.teacher.local_models()]
     check_context_lengths(parts.cfg, examples, student=parts.student, student_tokenizer=parts.tokenizer,
                           teachers=teachers)
 
@@ -244,7 +231,7 @@ def _resume_evaluations(parts: Components, progress: _Progress) -> None:
     (for the final table and summary.json), so do the failures that stopped earlier sessions; and an
     evaluation that was due at the resumed step but never logged (the fault that stopped the run hit
     it) is made now. Every process takes part (:func:`_evaluate` is collective)."""
-    from opd.runlog import read_metrics
+    from opd.metrics_log import read_metrics
 
     records = read_metrics(parts.run_dir) if (parts.run_dir / "metrics.jsonl").is_file() else []
     evals = [r for r in records if r.get("kind") == "eval" and "eval/accuracy" in r]
@@ -272,7 +259,7 @@ def _evaluate_teacher(parts: Components) -> EvalResult | None:
     """The teacher's held-out accuracy, once (with its own tokenizer when it has one); a served
     teacher, which nothing here can sample, is scored on the reference answers
     (:func:`opd.evaluate.evaluate_teacher_forced`); None for a self-teacher or several routed ones."""
-    found = _model_teachers(parts.teacher)
+    found = parts.teacher.local_models()
     if parts.cfg.teacher.model == "self":
         return None
     if not found and parts.cfg.teacher.server and not parts.cfg.teacher.routes:
@@ -280,8 +267,9 @@ def _evaluate_teacher(parts: Components) -> EvalResult | None:
                                        max_new_tokens=_eval_tokens(parts), batch_size=parts.cfg.eval.batch_size)
     if len(found) != 1:
         return None
-    _, model, tokenizer, own = found[0]
-    return evaluate(model, tokenizer if own else parts.tokenizer, parts.task, _eval_examples(parts),
+    local = found[0]
+    return evaluate(local.model, local.tokenizer if local.own_tokenizer else parts.tokenizer, parts.task,
+                    _eval_examples(parts),
                     max_new_tokens=_eval_tokens(parts), batch_size=parts.cfg.eval.batch_size)
 
 
@@ -338,7 +326,7 @@ def _one_step(parts: Components, progress: _Progress, stop: StopRequest, step: i
     _adapt_threads(parts, progress, done)
     events = parts.monitor.observe(done, metrics) if parts.main else []
     if parts.world > 1:
-        _follow_main_monitor(parts.monitor, events, parts.main, parts.apply_recipe)
+        _follow_main_monitor(parts.monitor, events, parts.main, partial(apply_recipe, parts))
     cfg = parts.cfg  # a recipe may have replaced it
     if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
         result = _evaluate(parts, done)

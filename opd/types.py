@@ -114,7 +114,7 @@ class CrossVocabFeedback:
     """What a teacher with its own tokenizer adds to :class:`Feedback` (``teacher.tokenizer=own``;
     :class:`opd.teachers.CrossTokenizerTeacher`). Everything else in the feedback is already in the
     student's token positions and vocabulary; these fields say how exact it is and carry what the
-    cross-vocabulary route-1 term (:func:`opd.xtok.uld.hybrid_divergence`) needs beyond top-k.
+    cross-vocabulary route-1 term (:func:`opd.token_alignment.uld.hybrid_divergence`) needs beyond top-k.
 
     Attributes:
         token_aligned_BT: the student token starts and ends on teacher token boundaries, so its

@@ -1,5 +1,6 @@
 """Shared test setup: deterministic, offline, CPU."""
 
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,3 +15,36 @@ import torch
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def real_pair(tmp_path_factory):
+    """The real pretrained pair (SmolLM2-135M-Instruct and a pruned copy), built once per session;
+    skipped with the install line when its packages are missing (tests/helpers/real_pair.py)."""
+    from tests.helpers.real_pair import build, missing
+
+    why = missing()
+    if why is not None:
+        pytest.skip(why)
+    return build(tmp_path_factory.mktemp("real_pair"))
+
+
+@pytest.fixture(scope="session")
+def real_student_llm(real_pair):
+    """An in-process vLLM engine of the real pair's student (started once, ~20 s on 2 busy cores).
+    Tests that push weights to it push the initial student back when they end."""
+    if importlib.util.find_spec("vllm") is None:  # not imported here: opd quiets vLLM's logging before its import
+        pytest.skip("vLLM is not installed (pip install -e '.[vllm]')")
+    from tests.helpers.real_pair import start_llm
+
+    return start_llm(real_pair.student_dir)
+
+
+@pytest.fixture(scope="session")
+def real_teacher_llm(real_pair):
+    """An in-process vLLM engine of the real teacher (never pushed to)."""
+    if importlib.util.find_spec("vllm") is None:  # not imported here: opd quiets vLLM's logging before its import
+        pytest.skip("vLLM is not installed (pip install -e '.[vllm]')")
+    from tests.helpers.real_pair import start_llm
+
+    return start_llm(real_pair.teacher_dir)

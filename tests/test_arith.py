@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from opd.shipped.arith import PHASES, Phase, generate_completions, greedy_accuracy, main, train_phase
 from opd.tasks import ArithTask, Example, Task, arith_checkpoint, arith_tokenizer, make_task
-from opd.tasks.arith_checkpoints import PHASES, Phase, generate_completions, greedy_accuracy, main, train_phase
 from opd.tokenization import check_tokenizers_agree
 
 
@@ -139,6 +139,26 @@ def test_main_refuses_a_student_without_its_teacher(tmp_path, capsys):
     assert "needs its teacher 'smoke_teacher'" in capsys.readouterr().err
 
 
+def test_make_checkpoints_takes_the_family_first(tmp_path, capsys):
+    from opd.cli import main as opd_main
+    from opd.shipped import FAMILIES, family_main
+    from opd.shipped import main as make
+
+    assert make([]) == 2 and "name a family" in capsys.readouterr().err
+    assert make(["arithmetic"]) == 2 and "unknown family 'arithmetic'" in capsys.readouterr().err
+    assert make(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(f"  {name} " in usage for name in FAMILIES)
+    assert family_main("arith") is main
+    with pytest.raises(ValueError, match="unknown checkpoint family 'x'; choose one of arith, cases, chat, arith_bpe"):
+        family_main("x")
+    # through the command line: the family's own options follow it
+    with pytest.raises(SystemExit):
+        opd_main(["make-checkpoints", "arith", "--only", "smoke_student", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "needs its teacher 'smoke_teacher'" in err and "opd make-checkpoints arith" in err
+
+
 # --- the shipped checkpoints ---------------------------------------------------------------------
 
 
@@ -174,7 +194,7 @@ def test_shipped_checkpoints(teacher_name, student_name, digits):
 def test_shared_sft_helpers_by_hand():
     import math
 
-    from opd.tasks.tiny_sft import lr_factor, pad_batch
+    from opd.shipped.sft import lr_factor, pad_batch
 
     assert [lr_factor(s, warmup=4, max_steps=14, cosine=False) for s in (0, 3, 4, 13)] == [0.25, 1.0, 1.0, 1.0]
     assert lr_factor(4, warmup=4, max_steps=14, cosine=True) == 1.0

@@ -161,7 +161,7 @@ class _FullFile:
 
 def test_a_disk_full_at_start_names_the_file_and_leaves_no_lock(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    monkeypatch.setattr("opd.rundir.open", _FullFile, raising=False)  # the lock file is the first write
+    monkeypatch.setattr("opd.run_lock.open", _FullFile, raising=False)  # the lock file is the first write
     assert opd("distill", *SMOKE, "train.steps=1", f"logging.run_dir={run}") == 2
     one_error(capsys, f"could not write the run folder's lock (logging.run_dir) to {run / '.lock'}: no space left on "
                       "the device")
@@ -200,7 +200,7 @@ def test_atomic_dir_reads_only_the_named_failures_as_failed_writes(tmp_path, mon
 
 
 def test_the_lock_file_goes_with_the_run_and_the_folder_can_be_taken_again(tmp_path):
-    from opd.rundir import RunFolderError, acquire_run_folder
+    from opd.run_lock import RunFolderError, acquire_run_folder
 
     run = tmp_path / "run"
     lock = acquire_run_folder(run, resume=False, overwrite=False)
@@ -321,7 +321,7 @@ class _ThreadServer:
 def test_the_vllm_protocol_against_an_opd_teacher_server_suggests_protocol_opd(tmp_path, capsys):
     """`opd serve-teacher`'s own app (opd.serve.app) answers 404 on /v1/models; the run stops with one
     line that names the fix."""
-    from opd.build import resolve_model_path
+    from opd.model_paths import resolve_model_path
     from opd.models import load_model, load_tokenizer
     from opd.serve.app import build_app
 

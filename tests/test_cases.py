@@ -108,7 +108,7 @@ def _card(case: str, role: str) -> dict:
 def test_shipped_pairs_have_the_designed_properties(case):
     """The cards' checks, and the same checks re-measured on the first 100 held-out inputs."""
     from opd.models import load_model
-    from opd.tasks.case_checkpoints import PHASES, case_checks
+    from opd.shipped.cases import PHASES, case_checks
 
     for role in ("teacher", "student"):
         card, phase = _card(case, role), PHASES[f"{case}/{role}"]

@@ -12,11 +12,11 @@ import torch
 
 from opd.chat import ChatDataError, ChatFormat, with_system_prompt
 from opd.cli import main as opd_main
-from opd.data import JsonlTask
+from opd.data import ArithChatTask, JsonlTask, RecordLayout
+from opd.metrics_log import read_metrics
 from opd.models import build_model, tiny_llama_config
-from opd.rollout import encode_prompts, generate_rollouts, rollouts_from_texts
-from opd.runlog import read_metrics
-from opd.tasks.arith_chat import ArithChatTask, arith_chat_tokenizer, conversation
+from opd.rollout import Sampling, encode_prompts, generate_rollouts, rollouts_from_texts
+from opd.tasks.arith_chat import arith_chat_tokenizer, conversation
 from opd.tasks.base import RenderedPrompt
 from opd.teachers import CrossTokenizerTeacher, ModelTeacher, SelfTeacher, teacher_prompt_texts
 
@@ -41,8 +41,8 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 
 def _task(tmp_path: Path, tok, rows=CONVERSATIONS, **fmt) -> JsonlTask:
-    return JsonlTask(_write(tmp_path / "chat.jsonl", rows * 4), eval_size=1, answer_field=None,
-                     chat=ChatFormat(tokenizer=tok, **fmt))
+    return JsonlTask(_write(tmp_path / "chat.jsonl", rows * 4), eval_size=1,
+                     layout=RecordLayout(answer_field=None, chat=ChatFormat(tokenizer=tok, **fmt)))
 
 
 def _model(tok, seed=0):
@@ -68,10 +68,10 @@ def test_prompt_is_the_rendered_conversation_with_one_bos(tmp_path, tok):
 
 def test_trained_turns_last_or_all(tmp_path, tok):
     rows = CONVERSATIONS
-    last = JsonlTask(_write(tmp_path / "a.jsonl", rows), eval_size=1, answer_field=None,
-                     chat=ChatFormat(tokenizer=tok, train_turns="last"))
-    every = JsonlTask(_write(tmp_path / "b.jsonl", rows), eval_size=1, answer_field=None,
-                      chat=ChatFormat(tokenizer=tok, train_turns="all"))
+    last = JsonlTask(_write(tmp_path / "a.jsonl", rows), eval_size=1,
+                     layout=RecordLayout(answer_field=None, chat=ChatFormat(tokenizer=tok, train_turns="last")))
+    every = JsonlTask(_write(tmp_path / "b.jsonl", rows), eval_size=1,
+                      layout=RecordLayout(answer_field=None, chat=ChatFormat(tokenizer=tok, train_turns="all")))
     assert sorted(e.answer for e in last.all_examples()) == ["2", "64", "96"]
     assert sorted(e.answer for e in every.all_examples()) == ["2", "46", "64", "96"]
     second = next(e for e in every.all_examples() if e.answer == "96")
@@ -81,8 +81,8 @@ def test_trained_turns_last_or_all(tmp_path, tok):
 
 def test_held_out_conversations_never_reach_training(tmp_path, tok):
     rows = [conversation(__import__("random").Random(i)) for i in range(40)]
-    task = JsonlTask(_write(tmp_path / "c.jsonl", rows), eval_size=5, answer_field=None,
-                     chat=ChatFormat(tokenizer=tok, train_turns="all"))
+    task = JsonlTask(_write(tmp_path / "c.jsonl", rows), eval_size=5,
+                     layout=RecordLayout(answer_field=None, chat=ChatFormat(tokenizer=tok, train_turns="all")))
     held = {e.origin for e in task.eval_examples()}
     assert len(task.eval_examples()) == 10  # 5 conversations, 2 turns each
     trained = {e.origin for s in range(20) for e in task.train_examples(s, 8, seed=0)}
@@ -95,7 +95,7 @@ def test_only_generated_tokens_are_completion_tokens(tmp_path, tok):
     task = _task(tmp_path, tok, train_turns="all")
     tool_example = next(e for e in task.all_examples() if any(m["role"] == "tool" for m in e.messages))
     torch.manual_seed(0)
-    rollouts = generate_rollouts(_model(tok, 3), tok, [tool_example], max_new_tokens=5)
+    rollouts = generate_rollouts(_model(tok, 3), tok, [tool_example], Sampling(max_new_tokens=5))
     prompt = rollouts.prompt_ids_BP[0][rollouts.prompt_mask_BP[0].bool()].tolist()
     tool_ids = tok("<tool>x:43$", add_special_tokens=False)["input_ids"]
     assert any(prompt[i:i + len(tool_ids)] == tool_ids for i in range(len(prompt)))
@@ -118,10 +118,12 @@ def test_teacher_only_system_prompt_reaches_only_the_teacher(tmp_path, tok, sour
     rows = [{**r, "secret": "x:99"} for r in CONVERSATIONS]
     if source == "system_prompt":
         fmt = ChatFormat(tokenizer=tok, train_turns="all", system_prompt="x:99")
-        task = JsonlTask(_write(tmp_path / "s.jsonl", rows * 3), eval_size=1, answer_field=None, chat=fmt)
+        task = JsonlTask(_write(tmp_path / "s.jsonl", rows * 3), eval_size=1,
+                         layout=RecordLayout(answer_field=None, chat=fmt))
     else:
-        task = JsonlTask(_write(tmp_path / "s.jsonl", rows * 3), eval_size=1, answer_field=None, context_field="secret",
-                         chat=ChatFormat(tokenizer=tok, train_turns="all"))
+        task = JsonlTask(_write(tmp_path / "s.jsonl", rows * 3), eval_size=1,
+                         layout=RecordLayout(answer_field=None, context_field="secret",
+                                             chat=ChatFormat(tokenizer=tok, train_turns="all")))
     examples = task.all_examples()
     rollouts = rollouts_from_texts(tok, examples, [e.answer for e in examples], max_new_tokens=5)
     secret = tok("<system>x:99", add_special_tokens=False)["input_ids"]
@@ -180,8 +182,9 @@ def test_a_teacher_with_its_own_tokenizer_renders_with_its_own_template(tmp_path
 def test_bad_rows_give_one_line_errors_naming_file_and_line(tmp_path, tok, row, message):
     path = _write(tmp_path / "chat.jsonl", [CONVERSATIONS[0], row, CONVERSATIONS[0]])
     with pytest.raises(ChatDataError, match=message) as info:
-        JsonlTask(path, eval_size=1, answer_field=None,
-                  chat=ChatFormat(tokenizer=tok, max_prompt_tokens=40, context_window=48))
+        JsonlTask(path, eval_size=1,
+                  layout=RecordLayout(answer_field=None,
+                                      chat=ChatFormat(tokenizer=tok, max_prompt_tokens=40, context_window=48)))
     assert "\n" not in str(info.value)
 
 
@@ -229,8 +232,8 @@ def test_chat_distill_runs_through_the_cli(tmp_path, tok):
 
 
 def test_the_shipped_chat_pair(tok):
-    from opd.build import resolve_model_path
     from opd.evaluate import verify_rollouts
+    from opd.model_paths import resolve_model_path
     from opd.models import load_model, load_tokenizer
 
     task = ArithChatTask(tok, train_turns="all", eval_size=64)
@@ -239,6 +242,7 @@ def test_the_shipped_chat_pair(tok):
         path = resolve_model_path(f"builtin:arith_chat/{name}")
         model_tok = load_tokenizer(path)
         assert model_tok.chat_template == tok.chat_template and model_tok.get_vocab() == tok.get_vocab()
-        rollouts = generate_rollouts(load_model(path), model_tok, task.eval_examples(), max_new_tokens=5, greedy=True)
+        rollouts = generate_rollouts(load_model(path), model_tok, task.eval_examples(),
+                                     Sampling(max_new_tokens=5, greedy=True))
         scores[name] = float(verify_rollouts(task, model_tok, rollouts).mean())
     assert scores["teacher"] >= 0.9 and scores["student"] < scores["teacher"]

@@ -485,3 +485,26 @@ def test_with_overrides() -> None:
         with_overrides(base, ["method=gkd"])
     with pytest.raises(ConfigError, match="support.kind=sampled with support.norm=renorm"):
         with_overrides(base, ["support.kind=sampled"])
+
+
+def test_choices_come_from_the_math_registries_and_docs_list_them():
+    """The schema's choices are the math layer's name lists (live registries, never copies), and the
+    table of docs/methods.md §3.1 lists the same names."""
+    import re
+
+    from opd.math import credit, divergences, support
+
+    specs = field_specs()
+    assert specs["route1.divergence"].choices == ("none", *divergences.DIVERGENCES, "k3")
+    assert specs["route1.off_policy_divergence"].choices == (*divergences.DIVERGENCES, "k3")
+    assert specs["route2.credit"].choices == tuple(credit.CREDIT_ESTIMATORS)
+    assert specs["route2.baseline"].choices == tuple(credit.BASELINES)
+    assert specs["route2.value"].choices == credit.VALUE_ESTIMATES
+    assert specs["support.kind"].choices == support.SUPPORT_KINDS
+    assert specs["support.norm"].choices == support.SUPPORT_NORMS
+    text = (Path(__file__).resolve().parents[1] / "docs/methods.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+\.\w+)` \| (`[^|]*`) \|", text, flags=re.M))
+    assert set(rows) == {"route1.divergence", "support.kind", "support.norm", "route2.credit", "route2.baseline",
+                         "route2.value"}
+    for path, names in rows.items():
+        assert tuple(re.findall(r"`(\w+)`", names)) == tuple(specs[path].choices), path

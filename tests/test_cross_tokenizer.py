@@ -22,9 +22,9 @@ from opd.tasks.arith import ArithTask, arith_tokenizer
 from opd.tasks.arith_bpe import arith_bpe_tokenizer
 from opd.tasks.base import Example
 from opd.teachers import CrossTokenizerTeacher
-from opd.tokenization import char_tokenizer, compare_tokenizers
-from opd.xtok import align_tokens, alignment_metrics, boundary_alignment, decode_offsets, token_strings, vocab_map
-from opd.xtok.uld import hybrid_divergence, uld_distance, unmapped_uld
+from opd.token_alignment import align_tokens, alignment_metrics, boundary_alignment
+from opd.token_alignment.uld import hybrid_divergence, uld_distance, unmapped_uld
+from opd.tokenization import char_tokenizer, compare_tokenizers, decode_offsets, token_strings, vocab_map
 
 UNICODE_TEXTS = [
     "héllo  wörld", "日本語のテキスト", "tab\there\nnew line", "  leading and trailing  ", "emoji 🙂 ok 🙂🙂",
@@ -408,7 +408,7 @@ def bpe_teacher_folder(tmp_path_factory):
                                         "support.k=8"]])
 def test_cross_tokenizer_distill_runs_through_the_cli(tmp_path, bpe_teacher_folder, objective, capsys):
     from opd.cli import main as opd_main
-    from opd.runlog import read_metrics
+    from opd.metrics_log import read_metrics
 
     run = tmp_path / "run"
     args = ["distill", *SMOKE, f"teacher.model={bpe_teacher_folder}", "teacher.tokenizer=own", *objective,
@@ -435,9 +435,9 @@ def test_a_mismatched_teacher_is_refused_with_the_options_that_fix_it(tmp_path, 
 
 
 def test_the_shipped_teacher_has_its_own_tokenizer_and_solves_the_task():
-    from opd.build import resolve_model_path
+    from opd.model_paths import resolve_model_path
     from opd.models import load_model, load_tokenizer
-    from opd.tasks.arith_bpe import greedy_accuracy
+    from opd.shipped.arith_bpe import greedy_accuracy
 
     path = resolve_model_path("builtin:arith_bpe/teacher")
     tok, model = load_tokenizer(path), load_model(path)

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from opd.data import DataError, HFDatasetTask, JsonlTask, make_verifier, read_jsonl
+from opd.data import DataError, HFDatasetTask, JsonlTask, RecordLayout, make_verifier, read_jsonl
 from opd.tasks.base import Example, Task
 
 
@@ -28,7 +28,7 @@ def test_jsonl_records_become_examples(tmp_path):
         "",  # blank lines are skipped
         {"prompt": "3+3=", "answer": "6", "hint": "six", "domain": "b"},
     ] + [{"prompt": f"x{i}", "answer": "0", "hint": "h", "domain": "c"} for i in range(8)])
-    task = JsonlTask(path, context_field="hint", route_field="domain", eval_size=1, seed=3)
+    task = JsonlTask(path, layout=RecordLayout(context_field="hint", route_field="domain"), eval_size=1, seed=3)
     assert isinstance(task, Task) and task.name == "jsonl"
     every = {e.prompt: e for e in task.eval_examples() + task.train_examples(0, 9, seed=0)}
     first = every["2+2="]
@@ -51,7 +51,7 @@ def test_jsonl_errors_say_where_and_what(tmp_path):
         JsonlTask(no_prompt, eval_size=1)
     ctx = _write(tmp_path / "ctx.jsonl", [{"prompt": "a", "c": "x"}, {"prompt": "b"}])
     with pytest.raises(DataError, match=r"ctx\.jsonl:2: missing field 'c'"):
-        JsonlTask(ctx, context_field="c", eval_size=1)
+        JsonlTask(ctx, layout=RecordLayout(context_field="c"), eval_size=1)
     partial = _write(tmp_path / "partial.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}])
     with pytest.raises(DataError, match=r"partial\.jsonl:2: missing field 'answer'"):
         JsonlTask(partial, eval_size=1)
@@ -165,20 +165,22 @@ def test_hf_dataset_task_with_a_fake_datasets_module(monkeypatch, tmp_path):
     fake.load_dataset = load_dataset
     fake.load_from_disk = lambda path: {"train": rows["train"]}
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    task = HFDatasetTask("org/data", "train", eval_split="test", prompt_field="question", answer_field="label")
+    task = HFDatasetTask("org/data", "train", eval_split="test",
+                         layout=RecordLayout(prompt_field="question", answer_field="label"))
     assert calls == [("org/data", "train"), ("org/data", "test")]
     assert [e.prompt for e in task.eval_examples()] == ["t0", "t1"] and task.num_train == 20
     assert task.verify(task.eval_examples()[1], "1") == 1.0
     disk = tmp_path / "saved"
     disk.mkdir()
     (disk / "dataset_dict.json").write_text("{}")
-    local = HFDatasetTask(str(disk), "train", prompt_field="question", answer_field="label", eval_size=5)
+    local = HFDatasetTask(str(disk), "train",
+                          layout=RecordLayout(prompt_field="question", answer_field="label"), eval_size=5)
     assert local.num_train == 15
     with pytest.raises(DataError, match=r"no split 'validation'; splits: \['train'\]"):
-        HFDatasetTask(str(disk), "validation", prompt_field="question")
+        HFDatasetTask(str(disk), "validation", layout=RecordLayout(prompt_field="question"))
     eval_file = _write(tmp_path / "eval.jsonl", [{"question": "q3", "label": 3}, {"question": "e", "label": 0}])
-    with_file = HFDatasetTask("org/data", "train", eval_path=str(eval_file), prompt_field="question",
-                              answer_field="label")
+    with_file = HFDatasetTask("org/data", "train", eval_path=str(eval_file),
+                              layout=RecordLayout(prompt_field="question", answer_field="label"))
     assert [e.prompt for e in with_file.eval_examples()] == ["q3", "e"] and with_file.num_train == 19
     with pytest.raises(DataError, match=r"org/data\[train\] row 0: missing field 'prompt'"):
         HFDatasetTask("org/data", "train")
@@ -188,24 +190,24 @@ def test_errors_in_the_eval_file_name_that_file(tmp_path):
     train = _write(tmp_path / "train.jsonl", _records(4))
     evals = _write(tmp_path / "held.jsonl", [{"prompt": "a"}, {"text": "b"}])
     with pytest.raises(DataError, match=r"held\.jsonl:2: missing field 'prompt'"):
-        JsonlTask(train, eval_path=evals, answer_field=None)
+        JsonlTask(train, eval_path=evals, layout=RecordLayout(answer_field=None))
 
 
 def test_system_prompt_is_every_plain_records_teacher_context(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1), "hint": f"h{i}"}) + "\n"
                             for i in range(10)))
-    task = JsonlTask(path, eval_size=2, system_prompt="be brief")
+    task = JsonlTask(path, eval_size=2, layout=RecordLayout(system_prompt="be brief"))
     assert {e.teacher_context for e in task.all_examples()} == {"be brief"}
-    with_field = JsonlTask(path, eval_size=2, system_prompt="be brief", context_field="hint")
+    with_field = JsonlTask(path, eval_size=2, layout=RecordLayout(system_prompt="be brief", context_field="hint"))
     assert all(e.teacher_context == "h" + e.prompt.split("+")[0] for e in with_field.all_examples())
 
 
 def test_chat_records_through_build_task(tmp_path):
     import random
 
-    from opd.build import build_task
     from opd.config.load import load_config
+    from opd.factories import build_task
     from opd.models import build_model, tiny_llama_config
     from opd.tasks.arith_chat import arith_chat_tokenizer, conversation
 

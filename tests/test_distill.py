@@ -17,7 +17,7 @@ import torch
 
 from opd.cli import main as opd_main
 from opd.config.presets import PRESETS
-from opd.runlog import read_metrics
+from opd.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = [

@@ -29,7 +29,7 @@ from opd.doctor.tokens import (
     system_prompts,
 )
 from opd.models import load_model, load_tokenizer
-from opd.rollout import generate_rollouts
+from opd.rollout import Sampling, generate_rollouts
 from opd.tasks.arith import ArithTask, arith_checkpoint
 from opd.tasks.arith_chat import arith_chat_checkpoint
 from opd.teachers import ModelTeacher
@@ -53,7 +53,7 @@ def rollouts(tok):
     student = load_model(arith_checkpoint("student"))
     examples = ArithTask(digits=3, eval_size=12, seed=0).eval_examples()[:6]
     torch.manual_seed(0)
-    return generate_rollouts(student, tok, examples, samples_per_prompt=2, max_new_tokens=8, temperature=1.5)
+    return generate_rollouts(student, tok, examples, Sampling(max_new_tokens=8, samples_per_prompt=2, temperature=1.5))
 
 
 class Noisy:

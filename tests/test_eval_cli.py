@@ -16,7 +16,7 @@ import torch
 
 from opd.cli import build_parser
 from opd.cli import main as opd_main
-from opd.runlog import read_metrics
+from opd.metrics_log import read_metrics
 
 SMOKE_PAIR = ["student.model=builtin:arith/smoke_student", "teacher.model=builtin:arith/smoke_teacher"]
 

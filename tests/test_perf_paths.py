@@ -10,7 +10,7 @@ import torch
 from opd.config.load import load_config
 from opd.models import build_model, tiny_llama_config
 from opd.objective import Objective
-from opd.rollout import generate_rollouts
+from opd.rollout import Sampling, generate_rollouts
 from opd.rollout.generate import sample_from_logprobs
 from opd.step import student_forward
 from opd.tasks.arith import ArithTask, arith_tokenizer
@@ -42,7 +42,8 @@ def setup():
     teacher = build_model(tiny_llama_config(len(tok), layers=2, hidden=32, tokenizer=tok), seed=2)
     examples = ArithTask(digits=2, eval_size=10, seed=0).train_examples(0, 6, seed=0)
     torch.manual_seed(0)
-    return tok, student, teacher, generate_rollouts(student, tok, examples, samples_per_prompt=2, max_new_tokens=6)
+    return tok, student, teacher, generate_rollouts(student, tok, examples,
+                                                    Sampling(max_new_tokens=6, samples_per_prompt=2))
 
 
 @pytest.mark.parametrize("overrides", [[], ["route1.divergence=jsd"], ["monitor.diagnostics=false"],

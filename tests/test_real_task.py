@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from opd.chat import ChatFormat
-from opd.data import JsonlTask
+from opd.data import JsonlTask, RecordLayout
 from opd.models import build_model, tiny_llama_config
-from opd.rollout import generate_rollouts
+from opd.rollout import Sampling, generate_rollouts
 from opd.rollout.vllm_engine import sampling_args
 from opd.tasks.base import Example
 from opd.tasks.chat_basics import DEFAULT_FAMILIES, FAMILIES, ChatBasicsTask, check_family, records, verify, write_jsonl
@@ -87,8 +87,9 @@ def test_records_are_deterministic_and_held_out_questions_never_train():
 def test_jsonl_path_a_run_reads(tok, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", 8, held_out=False)
     held = write_jsonl(tmp_path / "eval.jsonl", 4, held_out=True, families=["sums", "capitals"])
-    task = JsonlTask(train, eval_path=held, answer_field=None, verifier="python:opd.tasks.chat_basics:verify",
-                     chat=ChatFormat(tokenizer=tok), eos_token="$")
+    task = JsonlTask(train, eval_path=held,
+                     layout=RecordLayout(answer_field=None, chat=ChatFormat(tokenizer=tok)),
+                     verifier="python:opd.tasks.chat_basics:verify", eos_token="$")
     examples = task.eval_examples()
     assert len(examples) == 8 and [e.fields["family"] for e in examples[:2]] == ["sums", "capitals"]
     ex = examples[0]
@@ -124,7 +125,8 @@ def test_pad_equal_eos_keeps_the_eos_in_the_completion_mask():
         head.bias.zero_()
         head.bias[tok.eos_token_id] = 5.0
     model.lm_head = head
-    r = generate_rollouts(model, tok, [Example(prompt="ab"), Example(prompt="abcab")], max_new_tokens=4, greedy=True)
+    r = generate_rollouts(model, tok, [Example(prompt="ab"), Example(prompt="abcab")],
+                          Sampling(max_new_tokens=4, greedy=True))
     assert r.completion_ids_BT[:, 0].tolist() == [tok.eos_token_id] * 2
     assert r.completion_mask_BT[:, 0].tolist() == [True, True]  # the EOS is in the loss
     assert r.completion_mask_BT[:, 1:].sum() == 0 and not r.truncated_B.any()

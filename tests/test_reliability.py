@@ -22,8 +22,8 @@ import opd.step as step_module
 import opd.train as train_module
 from opd.cli import main as opd_main
 from opd.config import load_config
-from opd.rundir import acquire_run_folder
-from opd.runlog import read_metrics
+from opd.run_lock import acquire_run_folder
+from opd.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = [
@@ -90,7 +90,7 @@ def test_a_second_process_on_the_same_folder_is_refused(tmp_path):
     """Two real processes: the first holds the folder while it runs, the second is refused."""
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from opd.rundir import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from opd.run_lock import "
          "acquire_run_folder as a; lock = a(Path(sys.argv[1]), resume=False, overwrite=False); print('held', "
          "flush=True); time.sleep(60)", str(run)], stdout=subprocess.PIPE, text=True)
     try:

@@ -101,7 +101,7 @@ def test_teacher_flops_are_two_n_t_per_scored_token(runs):
     run = load_run(runs[0])
     n_t = run.info["teacher"]["parameters"]
     assert n_t == sum(p.numel() for p in __import__("opd.models", fromlist=["load_model"]).load_model(
-        __import__("opd.build", fromlist=["resolve_model_path"]).resolve_model_path(
+        __import__("opd.model_paths", fromlist=["resolve_model_path"]).resolve_model_path(
             "builtin:arith/smoke_teacher")).parameters())
     tokens = sum(r["tokens"] for r in run.train)
     item = next(i for i in checklist(run) if i.name == "teacher forward FLOPs")

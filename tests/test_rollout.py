@@ -13,6 +13,7 @@ from torch import nn
 from opd.models import build_model, tiny_llama_config
 from opd.rollout import (
     HeadNotLinearError,
+    Sampling,
     completion_forward,
     concat_rollouts,
     encode_prompts,
@@ -189,7 +190,7 @@ def _check_layout(r, tok, n_prompts: int, g: int, offset: int = 0):
 
 def test_generate_rollouts_layout_eos_and_truncation(tok, student):
     torch.manual_seed(3)
-    r = generate_rollouts(student, tok, EXAMPLES, samples_per_prompt=3, max_new_tokens=5, group_offset=10)
+    r = generate_rollouts(student, tok, EXAMPLES, Sampling(max_new_tokens=5, samples_per_prompt=3), group_offset=10)
     assert r.batch_size == 12 and r.completion_ids_BT.shape[1] <= 5
     _check_layout(r, tok, 4, 3, offset=10)
     has_eos = (r.completion_ids_BT == tok.eos_token_id).any(dim=1)
@@ -197,13 +198,14 @@ def test_generate_rollouts_layout_eos_and_truncation(tok, student):
     assert r.truncated_B.any() and (~r.truncated_B).any()  # both cases occur at this seed
     assert r.on_policy_B.all()
     torch.manual_seed(3)
-    again = generate_rollouts(student, tok, EXAMPLES, samples_per_prompt=3, max_new_tokens=5, group_offset=10)
+    again = generate_rollouts(student, tok, EXAMPLES, Sampling(max_new_tokens=5, samples_per_prompt=3),
+                              group_offset=10)
     assert torch.equal(again.completion_ids_BT, r.completion_ids_BT)  # the global RNG drives sampling
 
 
 def test_prefix_rollouts_are_short_and_not_truncated(tok, student):
     torch.manual_seed(0)
-    r = generate_rollouts(student, tok, EXAMPLES, samples_per_prompt=2, max_new_tokens=6, prefix_tokens=2)
+    r = generate_rollouts(student, tok, EXAMPLES, Sampling(max_new_tokens=6, samples_per_prompt=2, prefix_tokens=2))
     assert r.completion_ids_BT.shape[1] <= 2
     assert not r.truncated_B.any()
     _check_layout(r, tok, 4, 2)
@@ -242,14 +244,15 @@ def _reference_logprobs(model, r, temperature=1.0, top_k=0, top_p=1.0):
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8)])
 def test_behaviour_logprobs_are_the_processed_distribution(tok, student, temperature, top_k, top_p):
     torch.manual_seed(1)
-    r = generate_rollouts(student, tok, EXAMPLES, samples_per_prompt=2, max_new_tokens=5,
-                          temperature=temperature, top_k=top_k, top_p=top_p)
+    r = generate_rollouts(student, tok, EXAMPLES,
+                          Sampling(max_new_tokens=5, samples_per_prompt=2, temperature=temperature, top_p=top_p,
+                                   top_k=top_k))
     ref = _reference_logprobs(student, r, temperature, top_k, top_p)
     torch.testing.assert_close(r.behaviour_logprobs_BT, ref, atol=1e-5, rtol=0)
 
 
 def test_greedy_picks_the_argmax_of_completion_forward(tok, student):
-    r = generate_rollouts(student, tok, EXAMPLES, max_new_tokens=5, greedy=True)
+    r = generate_rollouts(student, tok, EXAMPLES, Sampling(max_new_tokens=5, greedy=True))
     with torch.no_grad():
         logits = completion_forward(student, r.prompt_ids_BP, r.prompt_mask_BP, r.completion_ids_BT,
                                     r.completion_mask_BT)
@@ -261,16 +264,16 @@ def test_greedy_picks_the_argmax_of_completion_forward(tok, student):
 def test_generate_rollouts_restores_train_mode_and_rejects_bad_knobs(tok, student):
     student.train()
     try:
-        generate_rollouts(student, tok, EXAMPLES[:1], max_new_tokens=2)
+        generate_rollouts(student, tok, EXAMPLES[:1], Sampling(max_new_tokens=2))
         assert student.training
     finally:
         student.eval()
     with pytest.raises(ValueError, match="temperature"):
-        generate_rollouts(student, tok, EXAMPLES, max_new_tokens=2, temperature=0.0)
+        generate_rollouts(student, tok, EXAMPLES, Sampling(max_new_tokens=2, temperature=0.0))
     with pytest.raises(ValueError, match="top_p"):
-        generate_rollouts(student, tok, EXAMPLES, max_new_tokens=2, top_p=0.0)
+        generate_rollouts(student, tok, EXAMPLES, Sampling(max_new_tokens=2, top_p=0.0))
     with pytest.raises(ValueError, match="no examples"):
-        generate_rollouts(student, tok, [], max_new_tokens=2)
+        generate_rollouts(student, tok, [], Sampling(max_new_tokens=2))
 
 
 def _teacher_reference(teacher, tok, r, texts, temperature):
@@ -289,20 +292,21 @@ def _gather(logprobs_BTV, r):
 def test_mixed_sampling_alpha_identities(tok, student, teacher):
     texts = ["9|" + e.prompt for e in EXAMPLES]  # the teacher reads a privileged prefix
     temperature = 0.8
-    kwargs = dict(samples_per_prompt=2, max_new_tokens=5, temperature=temperature, teacher_prompt_texts=texts)
+    sampling = Sampling(samples_per_prompt=2, max_new_tokens=5, temperature=temperature)
+    kwargs = dict(teacher_prompt_texts=texts)
     torch.manual_seed(5)
-    r0 = generate_mixed_rollouts(student, teacher, tok, EXAMPLES, alpha=0.0, **kwargs)
+    r0 = generate_mixed_rollouts(student, teacher, tok, EXAMPLES, sampling, alpha=0.0, **kwargs)
     _check_layout(r0, tok, 4, 2)
     s_lp = _reference_logprobs(student, r0, temperature)
     torch.testing.assert_close(r0.behaviour_logprobs_BT, s_lp, atol=1e-5, rtol=0)
 
     torch.manual_seed(5)
-    r1 = generate_mixed_rollouts(student, teacher, tok, EXAMPLES, alpha=1.0, **kwargs)
+    r1 = generate_mixed_rollouts(student, teacher, tok, EXAMPLES, sampling, alpha=1.0, **kwargs)
     t_lp = _gather(_teacher_reference(teacher, tok, r1, texts, temperature), r1)
     torch.testing.assert_close(r1.behaviour_logprobs_BT, t_lp, atol=1e-5, rtol=0)
 
     torch.manual_seed(5)
-    rh = generate_mixed_rollouts(student, teacher, tok, EXAMPLES, alpha=0.3, **kwargs)
+    rh = generate_mixed_rollouts(student, teacher, tok, EXAMPLES, sampling, alpha=0.3, **kwargs)
     with torch.no_grad():
         s_logits = completion_forward(student, rh.prompt_ids_BP, rh.prompt_mask_BP, rh.completion_ids_BT,
                                       rh.completion_mask_BT).float()
@@ -315,20 +319,21 @@ def test_mixed_sampling_alpha_identities(tok, student, teacher):
 
 def test_mixed_sampling_filters_like_generate(tok, student, teacher):
     torch.manual_seed(2)
-    r = generate_mixed_rollouts(student, teacher, tok, EXAMPLES, alpha=0.0, samples_per_prompt=2, max_new_tokens=4,
-                                temperature=1.2, top_k=6, top_p=0.85)
+    r = generate_mixed_rollouts(student, teacher, tok, EXAMPLES,
+                                Sampling(max_new_tokens=4, samples_per_prompt=2, temperature=1.2, top_p=0.85, top_k=6),
+                                alpha=0.0)
     ref = _reference_logprobs(student, r, 1.2, top_k=6, top_p=0.85)
     torch.testing.assert_close(r.behaviour_logprobs_BT, ref, atol=1e-5, rtol=0)
 
 
 def test_mixed_sampling_rejects_bad_alpha(tok, student, teacher):
     with pytest.raises(ValueError, match="alpha"):
-        generate_mixed_rollouts(student, teacher, tok, EXAMPLES, alpha=1.5, max_new_tokens=2)
+        generate_mixed_rollouts(student, teacher, tok, EXAMPLES, Sampling(max_new_tokens=2), alpha=1.5)
 
 
 def test_teacher_samples_are_off_policy(tok, teacher):
     torch.manual_seed(0)
-    r = generate_rollouts(teacher, tok, EXAMPLES, max_new_tokens=3, on_policy=False,
+    r = generate_rollouts(teacher, tok, EXAMPLES, Sampling(max_new_tokens=3), on_policy=False,
                           sampling_prompt_texts=["1|" + e.prompt for e in EXAMPLES])
     assert not r.on_policy_B.any()
     ref = _gather(_teacher_reference(teacher, tok, r, ["1|" + e.prompt for e in EXAMPLES], 1.0), r)
@@ -358,7 +363,7 @@ def test_rollouts_from_texts(tok):
 
 def test_concat_rollouts_pads_and_preserves_scores(tok, student):
     torch.manual_seed(0)
-    a = generate_rollouts(student, tok, EXAMPLES[:2], max_new_tokens=5)
+    a = generate_rollouts(student, tok, EXAMPLES[:2], Sampling(max_new_tokens=5))
     b = rollouts_from_texts(tok, [Example("45+67=", answer="2111"), Example("7=", answer="7")],
                             max_new_tokens=6, group_offset=2)
     c = concat_rollouts([a, b], pad_token_id=tok.pad_token_id)
@@ -387,7 +392,7 @@ def test_greedy_rollouts_equal_transformers_generate(tok, student):
 
     from opd.rollout.generate import stop_token_ids
 
-    r = generate_rollouts(student, tok, EXAMPLES, max_new_tokens=6, greedy=True)
+    r = generate_rollouts(student, tok, EXAMPLES, Sampling(max_new_tokens=6, greedy=True))
     ids, mask = encode_prompts(tok, [e.prompt for e in EXAMPLES])
     config = GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=stop_token_ids(tok),
                               pad_token_id=tok.pad_token_id)

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from opd.models import build_model, load_model, load_tokenizer, tiny_llama_config
-from opd.rollout import generate_rollouts
+from opd.rollout import Sampling, generate_rollouts
 from opd.serve.batcher import Batcher
 from opd.serve.client import ServiceClient, ServiceRejected
 from opd.serve.payload import BadAnswer, ScoreAnswer, ScoreRequest, decode_array, encode_array
@@ -109,7 +109,7 @@ def rollouts(tok):
     examples = ArithTask(digits=3, eval_size=20, seed=0).eval_examples()[:12]
     examples = [*examples[:11], Example("7+5=", answer="21", teacher_context="21|")]  # a shorter prompt: padding
     torch.manual_seed(0)
-    return generate_rollouts(student, tok, examples, samples_per_prompt=2, max_new_tokens=8, temperature=1.5)
+    return generate_rollouts(student, tok, examples, Sampling(max_new_tokens=8, samples_per_prompt=2, temperature=1.5))
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_student_topk_ids_are_scored_exactly(server, tok, teacher_model, rollout
 
 
 def test_routing_by_prompt_field_with_served_teachers(server, tok, teacher_model):
-    from opd.build import build_teacher
+    from opd.factories import build_teacher
     from opd.config.schema import Config
 
     student = load_model(arith_checkpoint("student"))
@@ -258,7 +258,7 @@ def test_routing_by_prompt_field_with_served_teachers(server, tok, teacher_model
         base = ArithTask(digits=3, eval_size=20, seed=0).eval_examples()[:6]
         examples = [Example(e.prompt, answer=e.answer, fields={"domain": "ab"[i % 2]}) for i, e in enumerate(base)]
         torch.manual_seed(1)
-        ro = generate_rollouts(student, tok, examples, max_new_tokens=8)
+        ro = generate_rollouts(student, tok, examples, Sampling(max_new_tokens=8))
         local = RoutedTeacher({"a": ModelTeacher(teacher_model, tok), "b": ModelTeacher(student, tok)}, field="domain")
         _compare(teacher.score(ro, access="topk", topk=4), local.score(ro, access="topk", topk=4),
                  ro.completion_mask_BT, atol=1e-5)

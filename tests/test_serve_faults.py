@@ -183,7 +183,7 @@ def rollouts(tok):
     student = load_model(arith_checkpoint("smoke_student"))
     torch.manual_seed(0)
     return generate_rollouts(student, tok, ArithTask(digits=2, eval_size=10, seed=0).eval_examples()[:5],
-                             max_new_tokens=5, temperature=1.3)
+                             Sampling(max_new_tokens=5, temperature=1.3))
 
 
 def _corrupt(answer: dict, kind: str) -> bytes:

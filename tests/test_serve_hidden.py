@@ -33,14 +33,14 @@ from opd.errors import ServiceError
 from opd.math.head_logprobs import head_logprobs
 from opd.models import build_model, load_model, load_tokenizer, tiny_llama_config
 from opd.objective import Objective
-from opd.rollout import generate_rollouts, lm_head_of
+from opd.rollout import Sampling, generate_rollouts, lm_head_of
 from opd.serve.client import ServiceClient
 from opd.serve.payload import decode_array, encode_array
 from opd.step import student_forward
 from opd.tasks.arith import ArithTask, arith_checkpoint
 from opd.tasks.base import Example
-from opd.teacher_cache import CachedTeacher, FeedbackStore
 from opd.teachers import ModelTeacher, RoutedTeacher
+from opd.teachers.cache import CachedTeacher, FeedbackStore
 from opd.teachers.hidden_head import HiddenBackend, hidden_payload_difference
 from opd.teachers.served import ServedTeacher
 from tests.test_serve import ThreadServer, teacher_app
@@ -79,7 +79,7 @@ def rollouts(tok, student):
     examples = ArithTask(digits=3, eval_size=20, seed=0).eval_examples()[:7]
     examples = [*examples, Example("7+5=", answer="12", teacher_context="12|")]  # a shorter prompt: padding
     torch.manual_seed(0)
-    return generate_rollouts(student, tok, examples, samples_per_prompt=2, max_new_tokens=8, temperature=1.5)
+    return generate_rollouts(student, tok, examples, Sampling(max_new_tokens=8, samples_per_prompt=2, temperature=1.5))
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +308,7 @@ def test_larger_vocabulary_uses_the_hidden_accessor_and_the_fused_path(tok):
     try:
         torch.manual_seed(0)
         ro = generate_rollouts(student, tok, ArithTask(digits=2, eval_size=6, seed=0).eval_examples()[:4],
-                               max_new_tokens=5, temperature=1.0)
+                               Sampling(max_new_tokens=5, temperature=1.0))
         remote = hidden_teacher(s.url, tok, vocab=9000, temperature=0.9)
         local = ModelTeacher(teacher, tok, temperature=0.9)
         fa, fb = remote.score(ro, access="full", topk=4), local.score(ro, access="full", topk=4)
@@ -334,7 +334,7 @@ def test_routed_hidden_teachers_merge_heads_without_full_logits(server, tok, tea
         base = ArithTask(digits=3, eval_size=20, seed=0).eval_examples()[:6]
         examples = [Example(e.prompt, answer=e.answer, fields={"domain": "ab"[i % 2]}) for i, e in enumerate(base)]
         torch.manual_seed(1)
-        ro = generate_rollouts(student, tok, examples, max_new_tokens=8)
+        ro = generate_rollouts(student, tok, examples, Sampling(max_new_tokens=8))
         routed = RoutedTeacher({"a": hidden_teacher(server.url, tok, vocab=17, temperature=0.7, full_above=0),
                                 "b": hidden_teacher(other.url, tok, vocab=17, temperature=0.7, full_above=0)},
                                field="domain")

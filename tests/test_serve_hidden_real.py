@@ -49,7 +49,7 @@ def pair():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd.models import build_model, tiny_llama_config
-    from opd.rollout import generate_rollouts
+    from opd.rollout import Sampling, generate_rollouts
     from opd.tasks.base import Example
 
     tok = AutoTokenizer.from_pretrained(FOLDER, gguf_file=GGUF)
@@ -61,7 +61,7 @@ def pair():
     student = build_model(cfg, seed=0)
     examples = [Example("The capital of France is", answer=""), Example("2 + 2 =", answer="")]
     torch.manual_seed(0)
-    rollouts = generate_rollouts(teacher, tok, examples, max_new_tokens=6, temperature=1.0)
+    rollouts = generate_rollouts(teacher, tok, examples, Sampling(max_new_tokens=6, temperature=1.0))
     return tok, teacher, student, rollouts
 
 

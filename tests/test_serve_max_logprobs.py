@@ -20,7 +20,7 @@ import torch
 from opd.cli import main as opd_main
 from opd.errors import FeedbackUnavailable
 from opd.models import load_model, load_tokenizer
-from opd.rollout import generate_rollouts
+from opd.rollout import Sampling, generate_rollouts
 from opd.tasks.base import Example
 from opd.teachers import ModelTeacher
 from opd.teachers.served import ServedTeacher
@@ -124,7 +124,7 @@ def test_served_teacher_feedback_within_the_limit_is_exact(model_dir, served):
     server, log, tok, model = served
     ex = [Example(prompt="ab"), Example(prompt="zq")]
     torch.manual_seed(0)
-    rollouts = generate_rollouts(model, tok, ex, max_new_tokens=3, temperature=1.0)
+    rollouts = generate_rollouts(model, tok, ex, Sampling(max_new_tokens=3, temperature=1.0))
     teacher = ServedTeacher(VLLMBackend(client(server.url), tok, vocab_size=30), tok, vocab_size=30)
     with pytest.raises(FeedbackUnavailable, match=r"--max-logprobs 30"):
         teacher.score(rollouts, access="full")

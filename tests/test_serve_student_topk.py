@@ -28,7 +28,7 @@ from opd.config import ConfigError, load_config, validate_config
 from opd.config.validate import resolve_teacher_access
 from opd.models import load_model, load_tokenizer
 from opd.objective import Objective
-from opd.rollout import completion_forward, generate_rollouts
+from opd.rollout import Sampling, completion_forward, generate_rollouts
 from opd.step import student_forward
 from opd.tasks.arith import ArithTask, arith_checkpoint
 from opd.tasks.base import Example
@@ -69,7 +69,7 @@ def rollouts(tok, student):
     examples = ArithTask(digits=2, eval_size=10, seed=0).eval_examples()[:5]
     examples = [*examples, Example("7+5=", answer="12")]  # a shorter prompt: left padding
     torch.manual_seed(0)
-    return generate_rollouts(student, tok, examples, samples_per_prompt=2, max_new_tokens=6, temperature=1.5)
+    return generate_rollouts(student, tok, examples, Sampling(max_new_tokens=6, samples_per_prompt=2, temperature=1.5))
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def test_fsdp2_sharded_step_equals_the_single_process_step(tmp_path):
 def test_the_shipped_accelerate_configs_resolve(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from opd.build import resolve_model_path
+    from opd.model_paths import resolve_model_path
     from opd.models import load_model
 
     cfg = load_config_from_file(str(ROOT / "examples" / "accelerate" / f"{name}.yaml"))

@@ -17,6 +17,7 @@ from opd.math.support import SupportSpec, build_support, slice_topk
 from opd.objective import Objective, StudentOutputs
 from opd.tasks.base import Example
 from opd.types import Feedback, Rollouts
+from tests.math.fused_call import call
 
 B, T, V = 2, 3, 7
 
@@ -139,7 +140,7 @@ def test_chunked_path_holds_k_too():
     lp = torch.log_softmax(zt, -1)
     top_lp, top_ids = lp.topk(V, dim=-1)
     w = torch.full((N,), 1.0 / N)
-    loss, per_token, _ = fused_linear_divergence(h, W, w, spec=SupportSpec(kind="teacher_topk", k=1),
+    loss, per_token, _ = call(fused_linear_divergence, h, W, w, spec=SupportSpec(kind="teacher_topk", k=1),
                                                  divergence="rkl", teacher_topk_ids_NK=top_ids,
                                                  teacher_topk_logprobs_NK=top_lp, chunk_size=4)
     assert (per_token == 0).all() and float(loss) == 0.0

@@ -9,14 +9,15 @@ import dataclasses
 import pytest
 import torch
 
-from opd.build import cached_teacher
 from opd.config.load import ConfigError, load_config
+from opd.factories import cached_teacher
 from opd.models import build_model, tiny_llama_config
-from opd.rollout import generate_rollouts, rollouts_from_texts
+from opd.rollout import Sampling, generate_rollouts, rollouts_from_texts
 from opd.rollout.batches import concat_rollouts
 from opd.tasks.arith import ArithTask, arith_tokenizer
 from opd.tasks.base import Example
-from opd.teacher_cache import (
+from opd.teachers import ModelTeacher, Teacher
+from opd.teachers.cache import (
     CachedTeacher,
     CompactFeedback,
     DiskFeedbackStore,
@@ -26,7 +27,6 @@ from opd.teacher_cache import (
     sequence_keys,
     warm_cache,
 )
-from opd.teachers import ModelTeacher, Teacher
 from opd.types import Feedback
 
 FIELDS = ("sampled_logprobs_BT", "topk_ids_BTK", "topk_logprobs_BTK", "logits_BTV", "hidden_BTH",
@@ -49,7 +49,7 @@ def rollouts(tok):
     examples.append(Example("1+2=", answer="3"))  # a shorter prompt: left padding differs
     student = build_model(tiny_llama_config(len(tok), layers=1, hidden=16, tokenizer=tok), seed=7)
     torch.manual_seed(0)
-    return generate_rollouts(student, tok, examples, samples_per_prompt=2, max_new_tokens=6)
+    return generate_rollouts(student, tok, examples, Sampling(max_new_tokens=6, samples_per_prompt=2))
 
 
 def assert_same(a: Feedback, b: Feedback, *, exact: bool = True, rel: float = 0.0) -> None:

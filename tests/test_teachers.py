@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from opd.models import build_model, tiny_llama_config
-from opd.rollout import encode_prompts, generate_rollouts, rollouts_from_texts
+from opd.rollout import Sampling, encode_prompts, generate_rollouts, rollouts_from_texts
 from opd.tasks.arith import ArithTask, arith_tokenizer
 from opd.tasks.base import Example
 from opd.teachers import ModelTeacher, RoutedTeacher, SelfTeacher, Teacher, teacher_prompt_texts
@@ -33,7 +33,7 @@ def examples():
 @pytest.fixture(scope="module")
 def rollouts(tok, examples):
     torch.manual_seed(0)
-    return generate_rollouts(_model(tok, seed=7), tok, examples, samples_per_prompt=2, max_new_tokens=5)
+    return generate_rollouts(_model(tok, seed=7), tok, examples, Sampling(max_new_tokens=5, samples_per_prompt=2))
 
 
 def _manual_logprobs(model, tok, rollouts, texts, temperature=1.0):

@@ -16,7 +16,7 @@ import torch
 
 import opd.threads as threads
 from opd.cli import main as opd_main
-from opd.runlog import read_metrics
+from opd.metrics_log import read_metrics
 from opd.threads import (DEFAULT_SPINCOUNT, available_cpus, cgroup_cpu_limit, choose_threads, openmp_defaults,
                          parse_cfs_quota, parse_cpu_max, set_openmp_defaults)
 
@@ -176,6 +176,8 @@ def test_default_threads_resume_exactly_even_with_fewer_cpus_at_resume(tmp_path,
     the uninterrupted run ends."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "available_cpus", lambda *a, **k: 2)
+    # a quiet machine for the ThreadGovernor: on a busy one it would lower the count mid-run (by design)
+    monkeypatch.setattr(threads, "read_cpu_sample", lambda: None)
     full, part = tmp_path / "full", tmp_path / "part"
     assert opd_main(["distill", *SMOKE, f"logging.run_dir={full}"]) == 0
     assert torch.get_num_threads() == 2

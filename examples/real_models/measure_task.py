@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 
-from opd.build import resolve_model_path
+from opd.model_paths import resolve_model_path
 from opd.evaluate import evaluate
 from opd.models import load_model, load_tokenizer
 from opd.tasks.chat_basics import FAMILIES, ChatBasicsTask

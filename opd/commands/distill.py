@@ -7,13 +7,15 @@ import os
 import sys
 from pathlib import Path
 
+from opd.commands.arguments import add_config_arguments
+
 NAME = "distill"
 HELP = "run on-policy distillation (no arguments: the built-in arith demo)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config (sections mirror the design variables)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. route2.credit=gae route2.gamma=0.9")
+    add_config_arguments(parser, config_help="YAML config (sections mirror the design variables)",
+                         overrides_example="route2.credit=gae route2.gamma=0.9")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
 
 

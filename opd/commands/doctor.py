@@ -19,13 +19,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from opd.commands.arguments import add_config_arguments
+
 NAME = "doctor"
 HELP = "check a teacher–student pair before training: self-test, measurements, predictions, advice"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config (the same as opd distill's)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.max_new_tokens=16")
+    add_config_arguments(parser, config_help="YAML config (the same as opd distill's)",
+                         overrides_example="rollout.max_new_tokens=16")
     parser.add_argument("--out", default="doctor", help="folder for doctor.html, doctor.md and doctor.json")
     parser.add_argument("--teacher-samples", type=int, default=32,
                         help="prompts the teacher answers (lengths, cut share, teacher accuracy)")

@@ -351,8 +351,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from opd.build import build_task, resolve_model_path
     from opd.evaluate import evaluate
+    from opd.factories import build_task
+    from opd.model_paths import resolve_model_path
     from opd.models import load_model, load_tokenizer
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

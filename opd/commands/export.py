@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from opd.build import resolve_model_path
     from opd.lora import is_adapter_folder, load_adapter_model, merged_copy
+    from opd.model_paths import resolve_model_path
     from opd.models import count_parameters, load_model, load_tokenizer
 
     out = Path(args.out).expanduser()

@@ -1,13 +1,13 @@
-"""``opd make-checkpoints``: regenerate the shipped arith checkpoints (own options)."""
+"""``opd make-checkpoints FAMILY``: regenerate a family of shipped checkpoints (:mod:`opd.shipped`)."""
 
 from __future__ import annotations
 
 NAME = "make-checkpoints"
-HELP = "regenerate the shipped arith checkpoints (opd make-checkpoints --help)"
+HELP = "regenerate shipped checkpoints: arith, cases, chat or arith_bpe (opd make-checkpoints --help)"
 RAW_ARGV = True
 
 
 def run(argv: list[str]) -> int:
-    from opd.tasks.arith_checkpoints import main
+    from opd.shipped import main
 
     return main(argv)

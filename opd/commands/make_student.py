@@ -136,7 +136,7 @@ def prompt_texts(tokenizer: Any, prompts: str | None, *, prompt_field: str, limi
 def run(args: argparse.Namespace) -> int:
     layers = _check_args(args)
 
-    from opd.build import resolve_model_path
+    from opd.model_paths import resolve_model_path
     from opd.models import count_parameters, load_model, load_tokenizer
     from opd.prune import (
         PruneError,
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         prune_layers,
     )
     from opd.rollout import encode_prompts
-    from opd.tasks.shipped import save_shipped_checkpoint
+    from opd.shipped.save import save_shipped_checkpoint
 
     path = resolve_model_path(args.teacher)
     tokenizer = load_tokenizer(path)

@@ -12,6 +12,8 @@ from opd.config.fields import Problem, field_specs, get_value, section_keys
 from opd.config.schema import Config
 from opd.config.validate import (
     MONITOR_THRESHOLDS,
+    credit_uses_gamma,
+    discounting_credit_kinds,
     route1_on,
     route2_on,
     scores_student_topk,
@@ -22,6 +24,11 @@ from opd.config.validate import (
 
 __all__ = ["config_warnings", "warning_problems"]
 
+
+
+def _either(names: list[str]) -> str:
+    """``a, b or c``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 def _ignored_knobs(cfg: Config) -> list[Problem]:
     """Options set away from their default that have no effect in this configuration."""
@@ -68,7 +75,7 @@ def _ignored_knobs(cfg: Config) -> list[Problem]:
         ("route2.reward_high", r2.reward == "clipped", "route2.reward=clipped"),
         ("route2.box_cox_alpha", r2.reward == "box_cox", "route2.reward=box_cox"),
         ("route2.extrapolation_lambda", r2.reward == "extrapolated", "route2.reward=extrapolated"),
-        ("route2.gamma", r2.credit in ("discounted", "gae", "window"), "route2.credit=discounted, gae or window"),
+        ("route2.gamma", credit_uses_gamma(cfg), "route2.credit=" + _either(discounting_credit_kinds())),
         ("route2.window", r2.credit == "window", "route2.credit=window"),
         ("route2.f_divergence", r2.reward == "f_corrected", "route2.reward=f_corrected"),
         ("route2.lam", r2.credit == "gae", "route2.credit=gae"),
@@ -241,7 +248,7 @@ def _chat(cfg: Config) -> bool:
 
 
 def _chat_and_tokenizer_warnings(cfg: Config) -> list[Problem]:
-    """data.format=chat, teacher.system_prompt and teacher.tokenizer=own (opd/chat.py, opd/xtok)."""
+    """data.format=chat, teacher.system_prompt and teacher.tokenizer=own (opd/chat.py, opd/token_alignment)."""
     t = cfg.teacher
     P = []
     if t.system_prompt is not None and cfg.data.context_field is not None:

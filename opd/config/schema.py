@@ -7,7 +7,10 @@ A config file reads as the method's formula (docs/methods.md §3.1):
     → train → eval → monitor
 
 Every field carries its documentation in ``metadata["doc"]`` (shown by ``opd config-help``),
-optional ``choices`` and numeric bounds; :mod:`opd.config.load` validates against them.
+optional ``choices`` and numeric bounds; :mod:`opd.config.load` validates against them. The choices
+of the math layer's families (divergences, supports, credit estimators, baselines, values, rewards,
+routings, gates) are its own name lists — live views of a registry for the families one can extend
+(:mod:`opd.math.registry`), never copies.
 """
 
 from __future__ import annotations
@@ -15,8 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from opd.math.credit import CREDIT_KINDS
+from opd.math.credit import BASELINE_NAMES, CREDIT_KINDS, VALUE_ESTIMATES
+from opd.math.divergences import DIVERGENCES
 from opd.math.f_rewards import F_DIVERGENCE_NAMES
+from opd.math.gates import ENTROPY_GATE_MODES, POSITION_WEIGHT_KINDS
+from opd.math.regularizers import KL_ESTIMATORS
+from opd.math.rewards import REWARD_KINDS
+from opd.math.routing import ROUTINGS
+from opd.math.support import SUPPORT_KINDS, SUPPORT_NORMS
+from opd.config.engines import ENGINE_NAMES
 
 
 def opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
@@ -116,7 +126,7 @@ class RolloutConfig:
     engine: str = opt("hf", "who samples the student's rollouts: hf (opd's own KV-cached decode loop over the live "
                       "student; opd/rollout/engine.py) or vllm (a vLLM engine in this process, or the vLLM server at "
                       "rollout.server; the student's weights are pushed to it every rollout.sync_every steps; "
-                      "docs/serving.md)", choices=("hf", "vllm"))
+                      "docs/serving.md)", choices=ENGINE_NAMES)
     server: str | None = opt(None, "engine=vllm: URL of a vLLM server (`vllm serve STUDENT --logprobs-mode "
                              "processed_logprobs`, started with VLLM_SERVER_DEV_MODE=1 so that it accepts weight "
                              "reloads) that samples the rollouts; null = a vLLM engine inside the training process")
@@ -181,7 +191,7 @@ class TeacherConfig:
                                     "rendering; plain prompts: rendered with context_template). A row's "
                                     "data.context_field value takes precedence. Needs use_context=true")
     cache: str = opt("none", "reuse the teacher's signal for sequences it has already scored (same prompt and "
-                     "completion ids; opd/teacher_cache.py): none, memory (this run) or disk (teacher.cache_dir, "
+                     "completion ids; opd/teachers/cache.py): none, memory (this run) or disk (teacher.cache_dir, "
                      "reused across runs: Lightning OPD's offline teacher)", choices=("none", "memory", "disk"))
     cache_dir: str | None = opt(None, "folder of the disk cache (teacher.cache=disk); it records the teacher and "
                                 "refuses another one")
@@ -195,11 +205,10 @@ class SupportConfig:
     """Support construction: over which tokens the teacher signal is defined (route 1)."""
     kind: str = opt("full", "support of the distributional loss (full, student_topk and union need the teacher's full "
                     "logits; student_topk also works with teacher.server + teacher.protocol=opd, which scores the "
-                    "student's top-k ids: docs/serving.md)", choices=(
-        "full", "teacher_topk", "student_topk", "union", "sampled", "teacher_topk_sampled"))
+                    "student's top-k ids: docs/serving.md)", choices=SUPPORT_KINDS)
     k: int = opt(32, "top-k size of the support", low=1)
     norm: str = opt("renorm", "renormalise both distributions on the support, or keep a tail bucket for the rest",
-                    choices=("renorm", "tail", "none"))
+                    choices=SUPPORT_NORMS)
     student_temperature: float = opt(1.0, "student temperature inside the loss", low=0.0, low_open=True)
 
 
@@ -207,7 +216,7 @@ class SupportConfig:
 class Route1Config:
     """Route 1: a direct distributional loss at every visited state."""
     divergence: str = opt("rkl", "per-token divergence D(π_T ‖ π_S) on the support (none = route 1 off)",
-                          choices=("none", "fkl", "rkl", "jsd", "skl", "srkl", "srkl_sg", "tvd", "akl", "k3"))
+                          choices=DIVERGENCES.names(before=("none",), after=("k3",)))
     coef: float = opt(1.0, "weight of the route-1 term", low=0.0)
     beta: float = opt(0.5, "generalized JSD β (0 = forward KL, 1 = reverse KL; GKD convention)", low=0.0, high=1.0)
     alpha: float = opt(0.1, "skew KL / skew reverse KL α (DistiLLM)", low=0.0, high=1.0)
@@ -219,7 +228,8 @@ class Route1Config:
     off_policy_divergence: str | None = opt(
         None, "divergence on the off-policy rows (teacher samples / dataset answers; rollout.on_policy_fraction < 1); "
         "null = route1.divergence on every row. DistiLLM-2 (arXiv 2503.07067): skl on teacher outputs, srkl_sg "
-        "(srkl with α·π_S detached in the mixture, as its released trainer) on the student's", choices=("fkl", "rkl", "jsd", "skl", "srkl", "srkl_sg", "tvd", "akl", "k3"))
+        "(srkl with α·π_S detached in the mixture, as its released trainer) on the student's",
+        choices=DIVERGENCES.names(after=("k3",)))
     fkl_coef: float = opt(0.0, "add c·1[H_T > fkl_entropy_min]·FKL on the same support to the divergence, H_T the "
                           "teacher's entropy there (EOPD arXiv 2603.07079: forward KL where the teacher is uncertain; "
                           "0 = off)", low=0.0)
@@ -240,8 +250,7 @@ class Route2Config:
                       "−(f(u) − u f'(u)), u = π_T(y_t)/π_S(y_t), f = route2.f_divergence; arXiv 2606.01039. "
                       "contrastive: RLCSD's log π(y_t|correct hint) − log π(y_t|wrong hint), the teacher read with "
                       "the example's context and regularization.reference with another prompt's; arXiv 2606.11709)",
-                      choices=("log_ratio", "clipped", "box_cox", "extrapolated", "constant", "entropy_rank",
-                               "f_corrected", "contrastive"))
+                      choices=(*REWARD_KINDS, "f_corrected", "contrastive"))
     f_divergence: str = opt("rkl", "reward=f_corrected: the f of D_f(π_T ‖ π_S) = E_{π_S}[f(π_T/π_S)] "
                             "(opd/math/f_rewards.py; rkl gives log-ratio − 1)", choices=F_DIVERGENCE_NAMES)
     reward_logprobs: str = opt("current", "student log-probs in the log-ratio reward: the current student's (recomputed "
@@ -260,11 +269,10 @@ class Route2Config:
     window: int = opt(4, "credit=window: tokens W of the near-future window (1 = immediate)", low=1)
     gamma: float = opt(1.0, "discount γ (discounted, gae, window)", low=0.0, high=1.0)
     lam: float = opt(0.95, "GAE λ", low=0.0, high=1.0)
-    baseline: str = opt("none", "baseline subtracted from the credit", choices=(
-        "none", "batch_mean", "group_mean", "leave_one_out", "value"))
+    baseline: str = opt("none", "baseline subtracted from the credit", choices=BASELINE_NAMES)
     value: str = opt("closed_form", "value estimate for gae / baseline=value: closed_form V = −RKL_t (vOPD), "
                      "zero, or decomposed V = −RKL_t + γ·U with a learned head U",
-                     choices=("closed_form", "zero", "decomposed"))
+                     choices=VALUE_ESTIMATES)
     value_coef: float = opt(0.5, "weight of the value-head regression loss (value=decomposed)", low=0.0)
     off_policy_rows: bool = opt(False, "apply route 2 also to the off-policy rows (dataset answers / teacher samples) "
                                 "with ρ = 1, as offline OPD on fixed data does (Lightning OPD arXiv 2604.13010)")
@@ -292,7 +300,7 @@ class Route2Config:
 class RoutingConfig:
     """Vocabulary routing: where freed probability mass goes when a sampled token is suppressed."""
     kind: str = opt("softmax", "softmax (student prior, plain PG) or cr_opd (counterfactual routing, [INFER])",
-                    choices=("softmax", "cr_opd"))
+                    choices=ROUTINGS)
     student_k: int | None = opt(8, "CR-OPD K′: an alternative is student-reachable if in the student's top-K′", low=1)
     tau_s: float = opt(0.0, "CR-OPD τ_S: ...or if π_S(v) ≥ τ_S", low=0.0, high=1.0)
     tau_t: float = opt(0.0, "CR-OPD τ_T: teacher support threshold π_T(v) ≥ τ_T", low=0.0, high=1.0)
@@ -306,7 +314,7 @@ class GatesConfig:
     """Gates and weights: which tokens count, by how much, and how per-token losses are reduced."""
     mask_special_tokens: bool = opt(False, "drop special tokens other than EOS from the loss (Fu et al.)")
     entropy_gate: str = opt("none", "TIP token gate ([INFER] form, arXiv 2604.14084)",
-                            choices=("none", "q1", "q3", "q1_or_q3"))
+                            choices=("none", *ENTROPY_GATE_MODES))
     keep_fraction: float = opt(0.5, "TIP: fraction of tokens kept by the entropy quantile", low=0.0, high=1.0, low_open=True)
     entropy_low: float | None = opt(None, "TIP Q3: low-entropy threshold (default: the batch median)")
     divergence_high: float | None = opt(None, "TIP Q3: high-divergence threshold (default: the batch median)")
@@ -314,8 +322,7 @@ class GatesConfig:
     trust_min: float | None = opt(None, "TrOPD trust region (arXiv 2606.01249): keep only tokens whose decoding "
                                   "agreement min(π_T(y_t)/π_S(y_t), 1) is at least this (null = off)",
                                   low=0.0, high=1.0)
-    position: str = opt("uniform", "position weights", choices=("uniform", "linear_decay", "prefix", "drift",
-                                                               "drift_share"))
+    position: str = opt("uniform", "position weights", choices=POSITION_WEIGHT_KINDS)
     prefix_fraction: float = opt(0.3, "position=prefix: keep the first fraction of each completion", low=0.0, high=1.0, low_open=True)
     decay_to: float = opt(0.0, "position=linear_decay: weight of the last token", low=0.0, high=1.0)
     drift_beta: float = opt(1.0, "position=drift: IW-OPD β in exp(−β Σ_{t'<t} d_t') ([INFER])", low=0.0)
@@ -336,7 +343,7 @@ class RegularizationConfig:
                                 "of the starting student), a model path, or null (none: ref_kl_coef and "
                                 "route2.reward=extrapolated then cannot be used)")
     ref_kl_coef: float = opt(0.0, "weight of KL(π_S ‖ π_ref) (StableOPD)", low=0.0)
-    ref_kl_estimator: str = opt("k3", "estimator of the reference KL", choices=("k1", "k2", "k3", "full"))
+    ref_kl_estimator: str = opt("k3", "estimator of the reference KL", choices=(*KL_ESTIMATORS, "full"))
     entropy_coef: float = opt(0.0, "entropy bonus weight (loss −coef·H(π_S))", low=0.0)
     mismatch_coef: float = opt(0.0, "weight of the train–inference mismatch penalty (log π_S(y_t) − log μ(y_t))² on the "
                                "student's own samples (prime-rl kl_tau = 1e-3)", low=0.0)

@@ -38,6 +38,7 @@ from opd.config.formats import chat_and_tokenizer_problems
 from opd.config.presets import PRESETS, unknown_method_message
 from opd.config.schema import Config
 from opd.config.serving import served_student_topk, serving_problems
+from opd.math.credit import CREDIT_ESTIMATORS
 
 __all__ = [
     "Access", "ConfigError", "MONITOR_THRESHOLDS", "Problem", "check_combinations", "check_field",
@@ -144,8 +145,23 @@ def route2_on(cfg: Config) -> bool:
     return cfg.route2.coef > 0
 
 
+def credit_uses_gamma(cfg: Config) -> bool:
+    """The credit rule reads ``route2.gamma`` (its registry entry says so: discounted, gae, window, ...)."""
+    return CREDIT_ESTIMATORS.lookup(cfg.route2.credit).uses_gamma
+
+
+def discounting_credit_kinds() -> list[str]:
+    """The registered credit rules that read ``route2.gamma``."""
+    return [name for name in CREDIT_ESTIMATORS.names() if CREDIT_ESTIMATORS.lookup(name).uses_gamma]
+
+
+def credit_uses_values(cfg: Config) -> bool:
+    """The credit rule subtracts a value estimate itself (GAE)."""
+    return CREDIT_ESTIMATORS.lookup(cfg.route2.credit).uses_values
+
+
 def uses_value(cfg: Config) -> bool:
-    return route2_on(cfg) and (cfg.route2.credit == "gae" or cfg.route2.baseline == "value")
+    return route2_on(cfg) and (credit_uses_values(cfg) or cfg.route2.baseline == "value")
 
 
 def value_uses_rkl(cfg: Config) -> bool:
@@ -268,8 +284,8 @@ def _combination_problems(cfg: Config) -> list[Problem]:
     if on2 and r2.length_normalize and r2.credit != "return_to_go":
         add(f"route2.length_normalize=true normalises the return-to-go (MiniLLM) and needs "
             f"route2.credit=return_to_go, not {r2.credit}", "route2.length_normalize", "route2.credit")
-    if on2 and r2.credit == "gae" and r2.baseline == "value":
-        add("route2.credit=gae already subtracts the value V(s_t); set route2.baseline=none "
+    if on2 and credit_uses_values(cfg) and r2.baseline == "value":
+        add(f"route2.credit={r2.credit} already subtracts the value V(s_t); set route2.baseline=none "
             "(or batch_mean / group_mean)", "route2.credit", "route2.baseline")
     if on2 and r2.value == "decomposed" and r2.baseline == "value" and r2.credit != "gae":
         add("route2.value=decomposed needs a value head, which is trained only with route2.credit=gae; "

@@ -31,9 +31,9 @@ from transformers import PreTrainedTokenizerBase
 
 from opd.evaluate import verify_rollouts
 from opd.math.diagnostics import ngram_repetition_rate
-from opd.rollout import completion_forward, generate_rollouts
+from opd.rollout import Sampling, completion_forward, generate_rollouts
 from opd.tasks.base import Example, Task
-from opd.teachers import teacher_prompt_texts
+from opd.teachers import LocalModel
 from opd.types import Feedback, Rollouts
 
 __all__ = ["LengthStats", "Probe", "length_stats", "peak_memory_mb", "student_logprobs", "student_rewards",
@@ -80,20 +80,21 @@ def length_stats(rollouts: Rollouts, budget: int) -> LengthStats:
                        tuple(not bool(x) for x in rollouts.truncated_B.tolist()), budget)
 
 
-def teacher_lengths(teacher_model: nn.Module, teacher_tokenizer: PreTrainedTokenizerBase,
-                    student_tokenizer: PreTrainedTokenizerBase, examples: list[Example], task: Task, *, budget: int,
-                    sample_budget: int, temperature: float, use_context: bool, context_template: str,
-                    own_tokenizer: bool) -> tuple[LengthStats, float, float]:
-    """Sample one teacher answer per example with ``sample_budget`` new tokens and measure each in
-    student tokens (``len(student_tok(text)) + 1`` for the EOS when the teacher stopped).
+def teacher_lengths(teacher: LocalModel, student_tokenizer: PreTrainedTokenizerBase, examples: list[Example],
+                    task: Task, *, budget: int, sample_budget: int,
+                    temperature: float) -> tuple[LengthStats, float, float]:
+    """Sample one answer of ``teacher``'s network per example (reading its prompt texts,
+    :meth:`~opd.teachers.LocalModel.prompt_texts`) with ``sample_budget`` new tokens and measure each
+    in student tokens (``len(student_tok(text)) + 1`` for the EOS when the teacher stopped).
 
     Returns the lengths, the teacher's n-gram (n = 3) repetition rate and its accuracy (the task's
     verifier on these answers, which had ``sample_budget`` tokens of room).
     """
-    texts = teacher_prompt_texts(examples, use_context, context_template,
-                                 tokenizer=teacher_tokenizer if own_tokenizer else None)
-    rollouts = generate_rollouts(teacher_model, teacher_tokenizer, examples, max_new_tokens=sample_budget,
-                                 temperature=temperature, sampling_prompt_texts=texts, on_policy=False)
+    teacher_tokenizer = teacher.tokenizer
+    texts = teacher.prompt_texts(examples)
+    rollouts = generate_rollouts(teacher.model, teacher_tokenizer, examples,
+                                 Sampling(max_new_tokens=sample_budget, temperature=temperature),
+                                 sampling_prompt_texts=texts, on_policy=False)
     answers = teacher_tokenizer.batch_decode([row[m.bool()] for row, m in zip(
         rollouts.completion_ids_BT.cpu(), rollouts.completion_mask_BT.cpu(), strict=True)], skip_special_tokens=True)
     ended = [not bool(x) for x in rollouts.truncated_B.tolist()]

@@ -41,7 +41,7 @@ from opd.evaluate import verify_rollouts
 from opd.preflight import check_context_lengths, check_environment
 from opd.report.run_info import param_count
 from opd.step import StepBatch, accumulate_gradients, micro_batches, prepare_batch, token_counts, train_step
-from opd.teachers import teacher_prompt_texts
+from opd.teachers import LocalModel, teacher_prompt_texts
 
 __all__ = ["DoctorResult", "run_doctor"]
 
@@ -204,12 +204,11 @@ def run_doctor(cfg: Config, *, sample_prompts: int = 32, budget_factor: int = 4,
                     seen.setdefault(id(e), e)
                 examples = list(seen.values())[:sample_prompts]
                 with torch.no_grad():
+                    sampler = LocalModel(tp.teacher, tp.model, tp.tokenizer if tp.own_tokenizer else parts.tokenizer,
+                                         tp.own_tokenizer, cfg.teacher.use_context, cfg.teacher.context_template)
                     teacher_len, teacher_rep, teacher_acc = teacher_lengths(
-                        tp.model, tp.tokenizer if tp.own_tokenizer else parts.tokenizer, parts.tokenizer, examples,
-                        parts.task,
-                        budget=budget, sample_budget=budget * budget_factor, temperature=cfg.rollout.temperature,
-                        use_context=cfg.teacher.use_context, context_template=cfg.teacher.context_template,
-                        own_tokenizer=tp.own_tokenizer)
+                        sampler, parts.tokenizer, examples, parts.task, budget=budget,
+                        sample_budget=budget * budget_factor, temperature=cfg.rollout.temperature)
             with torch.no_grad():
                 before = student_logprobs(parts.student, rollouts) if on_rows else torch.zeros(0)
                 rewards = student_rewards(before, rollouts, batch.feedback.select(on_policy)) if on_rows else before

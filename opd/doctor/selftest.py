@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from opd.build import is_server_url, resolve_model_path
 from opd.config.schema import Config
 from opd.doctor.checks import (
     Check,
@@ -28,6 +27,7 @@ from opd.doctor.checks import (
     temperature_check,
 )
 from opd.doctor.tokens import embedding_rows, pad_eos, round_trip, special_tokens, system_prompts
+from opd.model_paths import is_server_url, resolve_model_path
 from opd.models import load_model, load_tokenizer
 from opd.rollout import lm_head_vocab_size
 from opd.teachers import ModelTeacher, Teacher
@@ -57,10 +57,9 @@ def teacher_parts(cfg: Config, teacher: Any) -> TeacherParts:
         teacher = teacher.teacher
     if hasattr(teacher, "routes") and hasattr(teacher, "default"):
         teacher = teacher.default
-    if hasattr(teacher, "teacher_model"):
-        return TeacherParts(teacher, teacher.teacher_model, teacher.tokenizer, True, None)
-    if hasattr(teacher, "model") and hasattr(teacher, "tokenizer"):
-        return TeacherParts(teacher, teacher.model, teacher.tokenizer, False, None)
+    found = teacher.local_models()
+    if found:
+        return TeacherParts(teacher, found[0].model, found[0].tokenizer, found[0].own_tokenizer, None)
     return TeacherParts(teacher, None, getattr(teacher, "tokenizer", None), False, cfg.teacher.server)
 
 

@@ -24,18 +24,19 @@ claim exactly by enumeration.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from opd.math._checks import check_ndim, check_range, check_same_shape
+from opd.math.registry import Registry
 from opd.math.window_credit import windowed_returns
 
-CreditKind = Literal["immediate", "return_to_go", "discounted", "gae", "window"]
-BaselineKind = Literal["none", "batch_mean", "group_mean", "leave_one_out", "value"]
-CREDIT_KINDS: tuple[str, ...] = get_args(CreditKind)
-BASELINES: tuple[str, ...] = get_args(BaselineKind)
+#: Value estimates ``V(s_t)`` for ``gae`` / ``baseline=value`` (``route2.value``): the closed form
+#: :func:`closed_form_value`, zero, or :func:`decomposed_value` with a learned head.
+VALUE_ESTIMATES: tuple[str, ...] = ("closed_form", "zero", "decomposed")
 
 
 def _prepare(name: str, values_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
@@ -232,55 +233,110 @@ def decomposed_value(rkl_BT: Tensor, continuation_BT: Tensor, gamma: float) -> T
     return -rkl_BT.detach() + gamma * continuation_BT
 
 
-def temporal_credit(rewards_BT: Tensor, mask_BT: Tensor, *, kind: CreditKind, gamma: float = 1.0,
+@dataclass(frozen=True)
+class CreditParams:
+    """The knobs of the credit estimators: discount ``gamma``, GAE ``lam``, the ``window`` length
+    and MiniLLM's ``length_normalize``; each estimator reads the ones it uses."""
+
+    gamma: float = 1.0
+    lam: float = 1.0
+    window: int = 1
+    length_normalize: bool = False
+
+
+@dataclass(frozen=True)
+class CreditEstimator:
+    """One temporal credit rule: ``returns(rewards_BT, mask_BT, values_BT, params) -> R_BT`` (detached,
+    0 on masked positions).
+
+    ``uses_values``: the rule subtracts ``values_BT`` itself (GAE): it needs them, and
+    ``baseline=value`` would subtract them twice. ``uses_gamma``: it reads ``params.gamma`` (the
+    others ignore it: one place decides what γ means for a rule). ``length_normalize``: it accepts
+    ``params.length_normalize``.
+    """
+
+    returns: Callable[[Tensor, Tensor, Tensor | None, CreditParams], Tensor]
+    uses_gamma: bool = False
+    uses_values: bool = False
+    length_normalize: bool = False
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline: ``compute(returns_BT, mask_BT, group_index_B, values_BT) -> b_BT``, subtracted
+    from the returns (``None``: nothing is subtracted); ``needs_groups`` / ``needs_values`` say which
+    optional input it reads."""
+
+    compute: Callable[[Tensor, Tensor, Tensor | None, Tensor | None], Tensor] | None
+    needs_groups: bool = False
+    needs_values: bool = False
+
+
+def _rtg(r: Tensor, m: Tensor, _v: Tensor | None, p: CreditParams) -> Tensor:
+    return length_normalized_returns(r, m) if p.length_normalize else discounted_returns(r, m, 1.0)
+
+
+#: The credit rules of ``route2.credit``, in the order ``opd config-help`` lists them (CONTRIBUTING.md,
+#: "Adding a credit estimator").
+CREDIT_ESTIMATORS: Registry[CreditEstimator] = Registry("credit kind", {
+    "immediate": CreditEstimator(lambda r, m, v, p: discounted_returns(r, m, 0.0)),
+    "return_to_go": CreditEstimator(_rtg, length_normalize=True),
+    "discounted": CreditEstimator(lambda r, m, v, p: discounted_returns(r, m, p.gamma), uses_gamma=True),
+    "gae": CreditEstimator(lambda r, m, v, p: gae_advantages(r, v, m, gamma=p.gamma, lam=p.lam)[0],
+                           uses_gamma=True, uses_values=True),
+    "window": CreditEstimator(lambda r, m, v, p: windowed_returns(r, m, p.window, p.gamma), uses_gamma=True),
+})
+#: The baselines of ``route2.baseline``.
+BASELINES: Registry[Baseline] = Registry("baseline", {
+    "none": Baseline(None),
+    "batch_mean": Baseline(lambda g, m, groups, v: batch_mean_baseline(g, m)),
+    "group_mean": Baseline(lambda g, m, groups, v: group_mean_baseline(g, m, groups, leave_one_out=False),
+                           needs_groups=True),
+    "leave_one_out": Baseline(lambda g, m, groups, v: group_mean_baseline(g, m, groups, leave_one_out=True),
+                              needs_groups=True),
+    "value": Baseline(lambda g, m, groups, v: _prepare("values_BT", v, m)[0], needs_values=True),
+})
+#: The registered names, read live.
+CREDIT_KINDS = CREDIT_ESTIMATORS.names()
+BASELINE_NAMES = BASELINES.names()
+
+
+def uses_values(kind: str, baseline: str) -> bool:
+    """Whether credit ``kind`` with ``baseline`` reads a value estimate ``V(s_t)``."""
+    return CREDIT_ESTIMATORS.lookup(kind).uses_values or BASELINES.lookup(baseline).needs_values
+
+
+def temporal_credit(rewards_BT: Tensor, mask_BT: Tensor, *, kind: str, gamma: float = 1.0,
                     lam: float = 1.0, values_BT: Tensor | None = None,
-                    baseline: BaselineKind = "none", group_index_B: Tensor | None = None,
+                    baseline: str = "none", group_index_B: Tensor | None = None,
                     length_normalize: bool = False, window: int = 1) -> Tensor:
     """Advantages ``A_BT`` (detached, 0 on masked positions) for the named credit rule.
 
-    Returns ``R_t`` by ``kind`` — ``immediate``: ``r_t``; ``return_to_go``: ``Σ_{t'≥t} r_{t'}``
-    (``gamma`` ignored); ``discounted``: :func:`discounted_returns` with ``gamma``; ``gae``:
-    :func:`gae_advantages` with ``gamma``, ``lam`` and ``values_BT`` (required); ``window``:
-    :func:`opd.math.window_credit.windowed_returns` ``Σ_{k<window} γ^k r_{t+k}`` — then subtracts
-    the ``baseline`` computed from those ``R``: ``none``; ``batch_mean``; ``group_mean`` /
-    ``leave_one_out`` (need ``group_index_B``); ``value`` (``R_t − V(s_t)`` with ``values_BT``;
-    not allowed with ``gae``, which already subtracts ``V``). ``length_normalize`` replaces the
-    return-to-go by :func:`length_normalized_returns` (MiniLLM; only with ``return_to_go``).
-    See the module docstring for which combinations are unbiased.
+    Returns ``R_t`` by ``kind`` (:data:`CREDIT_ESTIMATORS`) — ``immediate``: ``r_t``;
+    ``return_to_go``: ``Σ_{t'≥t} r_{t'}``; ``discounted``: :func:`discounted_returns` with ``gamma``;
+    ``gae``: :func:`gae_advantages` with ``gamma``, ``lam`` and ``values_BT`` (required); ``window``:
+    :func:`opd.math.window_credit.windowed_returns` ``Σ_{k<window} γ^k r_{t+k}`` (``gamma`` is read
+    only by the rules that discount) — then subtracts the ``baseline`` (:data:`BASELINES`) computed
+    from those ``R``: ``none``; ``batch_mean``; ``group_mean`` / ``leave_one_out`` (need
+    ``group_index_B``); ``value`` (``R_t − V(s_t)`` with ``values_BT``; not allowed with ``gae``,
+    which already subtracts ``V``). ``length_normalize`` replaces the return-to-go by
+    :func:`length_normalized_returns` (MiniLLM; only with ``return_to_go``). See the module
+    docstring for which combinations are unbiased.
     """
-    if kind not in CREDIT_KINDS:
-        raise ValueError(f"unknown credit kind {kind!r}; choose one of {', '.join(CREDIT_KINDS)}")
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
-    if length_normalize and kind != "return_to_go":
+    rule, base = CREDIT_ESTIMATORS.lookup(kind), BASELINES.lookup(baseline)
+    if length_normalize and not rule.length_normalize:
         raise ValueError(f"length_normalize=True needs kind='return_to_go', got kind={kind!r}")
-    if (kind == "gae" or baseline == "value") and values_BT is None:
+    if (rule.uses_values or base.needs_values) and values_BT is None:
         raise ValueError(f"kind={kind!r} with baseline={baseline!r} needs values_BT")
-    if kind == "gae" and baseline == "value":
-        raise ValueError("kind='gae' already subtracts values_BT; use baseline='none' "
+    if rule.uses_values and base.needs_values:
+        raise ValueError(f"kind={kind!r} already subtracts values_BT; use baseline='none' "
                          "(or a batch/group baseline)")
-    if baseline in ("group_mean", "leave_one_out") and group_index_B is None:
+    if base.needs_groups and group_index_B is None:
         raise ValueError(f"baseline={baseline!r} needs group_index_B (the prompt id of each row)")
 
-    if kind == "immediate":
-        returns = discounted_returns(rewards_BT, mask_BT, 0.0)
-    elif kind == "return_to_go":
-        returns = (length_normalized_returns(rewards_BT, mask_BT) if length_normalize
-                   else discounted_returns(rewards_BT, mask_BT, 1.0))
-    elif kind == "discounted":
-        returns = discounted_returns(rewards_BT, mask_BT, gamma)
-    elif kind == "window":
-        returns = windowed_returns(rewards_BT, mask_BT, window, gamma)
-    else:
-        returns, _ = gae_advantages(rewards_BT, values_BT, mask_BT, gamma=gamma, lam=lam)
-
-    if baseline == "none":
+    params = CreditParams(gamma=gamma, lam=lam, window=window, length_normalize=length_normalize)
+    returns = rule.returns(rewards_BT, mask_BT, values_BT, params)
+    if base.compute is None:
         return returns
-    if baseline == "batch_mean":
-        b = batch_mean_baseline(returns, mask_BT)
-    elif baseline in ("group_mean", "leave_one_out"):
-        b = group_mean_baseline(returns, mask_BT, group_index_B,
-                                leave_one_out=baseline == "leave_one_out")
-    else:
-        b, _ = _prepare("values_BT", values_BT, mask_BT)
+    b = base.compute(returns, mask_BT, group_index_B, values_BT)
     return _zero_masked(returns - b.to(returns.dtype), mask_BT.bool())

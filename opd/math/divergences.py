@@ -50,15 +50,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from opd.math._checks import check_range, check_same_shape
-
-Divergence = Literal["fkl", "rkl", "jsd", "skl", "srkl", "srkl_sg", "tvd", "akl"]
-DIVERGENCE_NAMES: tuple[str, ...] = get_args(Divergence)
+from opd.math.registry import Registry
 
 _Mask = Tensor | None  # None means "every entry is kept" (the fast path: no masking ops)
 
@@ -163,18 +160,22 @@ def adaptive_kl(student_logp: Tensor, teacher_logp: Tensor, mu: float = 0.5,
     return w_head * fkl + (1.0 - w_head) * rkl
 
 
-_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
-    "fkl": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: forward_kl(s, t, valid),
-    "rkl": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: reverse_kl(s, t, valid),
-    "jsd": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: generalized_jsd(s, t, beta, valid),
-    "skl": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: skew_kl(s, t, alpha, valid),
-    "srkl": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: skew_reverse_kl(s, t, alpha, valid),
-    "srkl_sg": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: skew_reverse_kl_sg(s, t, alpha, valid),
-    "tvd": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: total_variation(s, t, valid),
-    "akl": lambda s, t, valid=None, *, beta=0.5, alpha=0.1, mu=0.5: adaptive_kl(s, t, mu, valid),
-}
-#: The one dispatch table: ``DIVERGENCES[name](student_logp, teacher_logp, valid, beta=, alpha=, mu=)``.
-DIVERGENCES: dict[str, Callable[..., Tensor]] = _FUNCTIONS
+#: The one table of divergences (``route1.divergence`` and its off-policy twin take these names):
+#: ``DIVERGENCES[name](student_logp, teacher_logp, valid, *, beta, alpha, mu) -> [...]``, each entry
+#: using the knobs it needs. Adding one: write its function above and add a line here, or
+#: ``DIVERGENCES.register(name, fn)`` from another module (CONTRIBUTING.md, "Adding a divergence").
+DIVERGENCES: Registry[Callable[..., Tensor]] = Registry("divergence", {
+    "fkl": lambda s, t, valid=None, **knobs: forward_kl(s, t, valid),
+    "rkl": lambda s, t, valid=None, **knobs: reverse_kl(s, t, valid),
+    "jsd": lambda s, t, valid=None, *, beta=0.5, **knobs: generalized_jsd(s, t, beta, valid),
+    "skl": lambda s, t, valid=None, *, alpha=0.1, **knobs: skew_kl(s, t, alpha, valid),
+    "srkl": lambda s, t, valid=None, *, alpha=0.1, **knobs: skew_reverse_kl(s, t, alpha, valid),
+    "srkl_sg": lambda s, t, valid=None, *, alpha=0.1, **knobs: skew_reverse_kl_sg(s, t, alpha, valid),
+    "tvd": lambda s, t, valid=None, **knobs: total_variation(s, t, valid),
+    "akl": lambda s, t, valid=None, *, mu=0.5, **knobs: adaptive_kl(s, t, mu, valid),
+})
+#: The registered divergence names, read live (a name registered later is included).
+DIVERGENCE_NAMES = DIVERGENCES.names()
 
 
 @dataclass(frozen=True)
@@ -240,12 +241,11 @@ def resolve_divergence(name: str, *, beta: float = 0.5, alpha: float = 0.1, mu: 
                        shaping: DivergenceShaping | None = None) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
     """Validate ``name`` and the knobs once; return ``fn(student_logp, teacher_logp, valid)``
     (shaped by ``shaping`` when given, see :class:`DivergenceShaping`)."""
-    if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCE_NAMES)}")
+    entry = DIVERGENCES.lookup(name)
     check_range("beta", beta, 0.0, 1.0)
     check_range("alpha", alpha, 0.0, 1.0)
     check_range("mu", mu, 0.0, 1.0)
-    fn = partial(DIVERGENCES[name], beta=beta, alpha=alpha, mu=mu)
+    fn = partial(entry, beta=beta, alpha=alpha, mu=mu)
     if shaping is None or shaping.plain:
         return fn
     return partial(_shaped, fn, shaping)

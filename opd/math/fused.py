@@ -29,6 +29,7 @@ sampled-token log-probs). Every log-softmax subtracts the row max first (precise
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -48,43 +49,68 @@ from opd.math.fused_token import fused_linear_token_logprobs
 from opd.math.reduce import masked_sum
 from opd.math.support import SupportSpec, support_from_logprobs, tempered_log_softmax
 
-__all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK_TOKENS", "auto_chunk_size", "dense_linear_divergence",
-           "fused_linear_divergence", "fused_linear_token_logprobs"]
+__all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK_TOKENS", "DivergenceOptions", "SupportTokens", "auto_chunk_size",
+           "dense_linear_divergence", "fused_linear_divergence", "fused_linear_token_logprobs"]
 
 ExtraFn = Callable[[Tensor, Tensor | None, slice], dict[str, Tensor]]
 
 
-def fused_linear_divergence(
-    student_hidden_NH: Tensor,
-    student_weight_VH: Tensor,
-    weights_N: Tensor,
-    *,
-    spec: SupportSpec,
-    divergence: str,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    mu: float = 0.5,
-    shaping: DivergenceShaping | None = None,
-    teacher_hidden_NH: Tensor | None = None,
-    teacher_weight_VH: Tensor | None = None,
-    teacher_logits_NV: Tensor | None = None,
-    teacher_topk_ids_NK: Tensor | None = None,
-    teacher_topk_logprobs_NK: Tensor | None = None,
-    sampled_ids_N: Tensor | None = None,
-    student_bias_V: Tensor | None = None,
-    teacher_bias_V: Tensor | None = None,
-    chunk_size: int | None = None,
-    extra_fn: ExtraFn | None = None,
-    student_topk_ids_NK: Tensor | None = None,
-) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+@dataclass(frozen=True)
+class DivergenceOptions:
+    """What a linear-divergence call computes: ``divergence`` (a name of
+    :data:`opd.math.divergences.DIVERGENCES`) with its knobs ``beta``, ``alpha``, ``mu`` and optional
+    ``shaping`` (:class:`~opd.math.divergences.DivergenceShaping`), on the support ``spec``, in chunks
+    of ``chunk_size`` tokens (``None``: :func:`auto_chunk_size` ``(V)``, about ``CHUNK_ELEMENTS``
+    logits per chunk and at least ``MIN_CHUNK_TOKENS`` tokens)."""
+
+    divergence: str = "rkl"
+    spec: SupportSpec = field(default_factory=SupportSpec)
+    beta: float = 0.5
+    alpha: float = 0.1
+    mu: float = 0.5
+    shaping: DivergenceShaping | None = None
+    chunk_size: int | None = None
+
+    def resolve(self) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+        """``fn(student_logp, teacher_logp, valid)``: the shaped divergence (validates the knobs)."""
+        return resolve_divergence(self.divergence, beta=self.beta, alpha=self.alpha, mu=self.mu,
+                                  shaping=self.shaping)
+
+
+@dataclass(frozen=True)
+class SupportTokens:
+    """The per-token inputs of the ``N`` tokens besides the student's hidden states.
+
+    The teacher's signal in one of three forms: its hidden states with its LM head
+    (``teacher_hidden_NH``, ``teacher_weight_VH``, optional ``teacher_bias_V``: projected chunk by
+    chunk, no grad), its logits ``teacher_logits_NV`` (sliced per chunk), or its top-k
+    (``teacher_topk_ids_NK`` with ``teacher_topk_logprobs_NK``). ``sampled_ids_N`` are the sampled
+    tokens (the ``sampled`` supports); ``student_topk_ids_NK`` fix a ``student_topk`` support (see
+    ``student_topk_ids`` of :func:`opd.math.support.build_support`; the teacher's log-probs there come
+    as the top-k columns).
+    """
+
+    teacher_hidden_NH: Tensor | None = None
+    teacher_weight_VH: Tensor | None = None
+    teacher_bias_V: Tensor | None = None
+    teacher_logits_NV: Tensor | None = None
+    teacher_topk_ids_NK: Tensor | None = None
+    teacher_topk_logprobs_NK: Tensor | None = None
+    sampled_ids_N: Tensor | None = None
+    student_topk_ids_NK: Tensor | None = None
+
+
+def fused_linear_divergence(student_hidden_NH: Tensor, student_weight_VH: Tensor, weights_N: Tensor,
+                            options: DivergenceOptions, tokens: SupportTokens, *, student_bias_V: Tensor | None = None,
+                            extra_fn: ExtraFn | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Chunked ``loss = Σ_n weights_N[n] · D_n`` without ever holding ``[N, V]`` logits.
 
-    ``D_n`` is ``divergence`` (see :mod:`opd.math.divergences`; knobs ``beta``, ``alpha``, ``mu``,
-    optionally shaped by ``shaping``, :class:`~opd.math.divergences.DivergenceShaping`)
-    between the student's and the teacher's distributions on the support ``spec`` of token ``n``,
-    with the student's logits ``h_n Wᵀ + b``. ``weights_N`` are detached per-token weights (mask ×
-    gates × reducer weights from :func:`opd.math.reduce.reduction_weights`); rows with weight 0
-    contribute exactly 0 to the loss and its gradient.
+    ``D_n`` is ``options.divergence`` (see :mod:`opd.math.divergences`, shaped by ``options.shaping``)
+    between the student's and the teacher's distributions on the support ``options.spec`` of token
+    ``n`` (the teacher and the support's ids from ``tokens``), with the student's logits
+    ``h_n Wᵀ + b``. ``weights_N`` are detached per-token weights (mask × gates × reducer weights from
+    :func:`opd.math.reduce.reduction_weights`); rows with weight 0 contribute exactly 0 to the loss
+    and its gradient.
 
     Returns ``(loss, per_token_N, extras)``: the fp32 scalar loss (differentiable w.r.t. the student
     hidden states, weight and bias), the detached ``D_n``, and the detached per-token tensors that
@@ -93,17 +119,9 @@ def fused_linear_divergence(
     when the teacher is given only as top-k) and ``rows``, the chunk's ``slice`` of the ``N`` tokens;
     those chunk tensors are buffers reused by the next chunk, so ``extra_fn`` must not keep them.
     The loss supports one backward pass (no double backward).
-
-    ``chunk_size`` is the number of tokens per chunk; ``None`` picks :func:`auto_chunk_size` ``(V)``
-    (about ``CHUNK_ELEMENTS`` logits per chunk, and at least ``MIN_CHUNK_TOKENS`` tokens).
-    ``student_topk_ids_NK`` fix a ``student_topk`` support (see ``student_topk_ids`` of
-    :func:`opd.math.support.build_support`; the teacher's log-probs there come as top-k columns).
     """
-    args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu, shaping,
-                 teacher_hidden_NH, teacher_weight_VH, teacher_logits_NV, teacher_topk_ids_NK,
-                 teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn,
-                 student_topk_ids_NK)
     h, W, b = student_hidden_NH, student_weight_VH, student_bias_V
+    args = _Args(h, W, b, weights_N, options, tokens, extra_fn)
     needs = (h.requires_grad, W.requires_grad, b is not None and b.requires_grad)
     if not (torch.is_grad_enabled() and any(needs)):
         with torch.no_grad():
@@ -114,38 +132,15 @@ def fused_linear_divergence(
     return loss, out["per_token"], out["extras"]
 
 
-def dense_linear_divergence(
-    student_hidden_NH: Tensor,
-    student_weight_VH: Tensor,
-    weights_N: Tensor,
-    *,
-    spec: SupportSpec,
-    divergence: str,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    mu: float = 0.5,
-    shaping: DivergenceShaping | None = None,
-    teacher_hidden_NH: Tensor | None = None,
-    teacher_weight_VH: Tensor | None = None,
-    teacher_logits_NV: Tensor | None = None,
-    teacher_topk_ids_NK: Tensor | None = None,
-    teacher_topk_logprobs_NK: Tensor | None = None,
-    sampled_ids_N: Tensor | None = None,
-    student_bias_V: Tensor | None = None,
-    teacher_bias_V: Tensor | None = None,
-    chunk_size: int | None = None,
-    extra_fn: ExtraFn | None = None,
-    student_topk_ids_NK: Tensor | None = None,
-) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def dense_linear_divergence(student_hidden_NH: Tensor, student_weight_VH: Tensor, weights_N: Tensor,
+                            options: DivergenceOptions, tokens: SupportTokens, *, student_bias_V: Tensor | None = None,
+                            extra_fn: ExtraFn | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """:func:`fused_linear_divergence` with the ``[N, V]`` logits materialised and plain autograd.
 
-    The reference for the chunked path and the right choice for small vocabularies (``chunk_size``
-    is accepted for signature compatibility and ignored).
+    The reference for the chunked path and the right choice for small vocabularies
+    (``options.chunk_size`` is ignored).
     """
-    args = _Args(student_hidden_NH, student_weight_VH, weights_N, spec, divergence, beta, alpha, mu, shaping,
-                 teacher_hidden_NH, teacher_weight_VH, teacher_logits_NV, teacher_topk_ids_NK,
-                 teacher_topk_logprobs_NK, sampled_ids_N, student_bias_V, teacher_bias_V, chunk_size, extra_fn,
-                 student_topk_ids_NK)
+    args = _Args(student_hidden_NH, student_weight_VH, student_bias_V, weights_N, options, tokens, extra_fn)
     rows, spec, dt = slice(0, student_hidden_NH.shape[0]), args.spec, args.dtype
     z = student_hidden_NH.to(dt) @ student_weight_VH.to(dt).T
     if student_bias_V is not None:
@@ -162,8 +157,13 @@ def dense_linear_divergence(
 class _Args:
     """Checked arguments of the linear-divergence functions (one place for the shape rules)."""
 
-    def __init__(self, h, W, weights, spec, divergence, beta, alpha, mu, shaping, th, tW, t_logits, topk_ids,
-                 topk_logprobs, sampled, b, tb, chunk_size, extra_fn, student_ids=None):
+    def __init__(self, h: Tensor, W: Tensor, b: Tensor | None, weights: Tensor, options: DivergenceOptions,
+                 tokens: SupportTokens, extra_fn: ExtraFn | None) -> None:
+        spec = options.spec
+        th, tW, tb = tokens.teacher_hidden_NH, tokens.teacher_weight_VH, tokens.teacher_bias_V
+        t_logits = tokens.teacher_logits_NV
+        topk_ids, topk_logprobs = tokens.teacher_topk_ids_NK, tokens.teacher_topk_logprobs_NK
+        sampled, student_ids = tokens.sampled_ids_N, tokens.student_topk_ids_NK
         check_head("student_hidden_NH", h, "student_weight_VH", W, "student_bias_V", b)
         N, V = h.shape[0], W.shape[0]
         if weights.shape != (N,):
@@ -197,12 +197,13 @@ class _Args:
                              "teacher_logits_NV, or teacher_topk_ids_NK with teacher_topk_logprobs_NK")
         if spec.kind in ("sampled", "teacher_topk_sampled") and sampled is None:
             raise ValueError(f"support kind {spec.kind!r} needs the sampled tokens: pass sampled_ids_N")
-        chunk_size = check_chunk(chunk_size, V)
-        self.div_fn = resolve_divergence(divergence, beta=beta, alpha=alpha, mu=mu, shaping=shaping)
+        chunk_size = check_chunk(options.chunk_size, V)
+        self.div_fn = options.resolve()
         # full-support RKL / FKL (also as JSD at β = 1 / 0): closed-form logit gradient per chunk
         # (only for the plain divergence: a shaped one goes through autograd)
-        rkl = divergence == "rkl" or (divergence == "jsd" and beta == 1.0)
-        fkl = divergence == "fkl" or (divergence == "jsd" and beta == 0.0)
+        name, beta, shaping = options.divergence, options.beta, options.shaping
+        rkl = name == "rkl" or (name == "jsd" and beta == 1.0)
+        fkl = name == "fkl" or (name == "jsd" and beta == 0.0)
         plain = shaping is None or shaping.plain
         self.closed_form = ("rkl" if rkl else "fkl" if fkl else None) if (spec.kind == "full" and plain) else None
         self.h, self.W, self.b = h, W, b

@@ -1,7 +1,9 @@
 """Objective assembly: the config's sections become one per-batch loss, built from ``opd.math``.
 
 This is the only place where the design variables meet. It is built once from the resolved
-config and then called on each micro-batch::
+config — into typed, frozen per-term settings (:mod:`opd.objective.settings`) — and then called on
+each micro-batch; each term takes that micro-batch's :class:`TermInputs` and its own settings, and
+none reads the config::
 
     objective = Objective.from_config(cfg, eos_id=..., special_ids=...)
     out = objective(student, feedback, rollouts, reference=..., outcome_rewards_B=..., counts=...)
@@ -27,6 +29,9 @@ their sources are in docs/methods.md; the loop passes the verifier's rewards whe
 :attr:`Objective.needs_outcome_rewards`.
 """
 
-from opd.objective.core import AUTO_CHUNK_VOCAB, Objective, ObjectiveOutput, StudentOutputs, TokenCounts
+from opd.objective.core import AUTO_CHUNK_VOCAB, Objective
+from opd.objective.outputs import ObjectiveOutput, StudentOutputs, TermInputs, TokenCounts
+from opd.objective.settings import ObjectiveSettings
 
-__all__ = ["AUTO_CHUNK_VOCAB", "Objective", "ObjectiveOutput", "StudentOutputs", "TokenCounts"]
+__all__ = ["AUTO_CHUNK_VOCAB", "Objective", "ObjectiveOutput", "ObjectiveSettings", "StudentOutputs", "TermInputs",
+           "TokenCounts"]

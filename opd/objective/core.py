@@ -8,7 +8,7 @@ The formula is in the package docstring (:mod:`opd.objective`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -19,10 +19,11 @@ from opd.math.diagnostics import token_diagnostics
 from opd.math.fused import fused_linear_token_logprobs
 from opd.math.reduce import masked_mean
 from opd.math.support import SupportSpec
-from opd.objective.outputs import ObjectiveOutput, StudentOutputs, TokenCounts
+from opd.objective.outputs import ObjectiveOutput, StudentOutputs, TermInputs, TokenCounts
 from opd.objective.regularization import regularization_terms
 from opd.objective.route1 import cross_vocab_uld_term, route1_term
 from opd.objective.route2 import route2_term
+from opd.objective.settings import ObjectiveSettings
 from opd.objective.weights import on_mask, token_weights
 from opd.types import Feedback, Rollouts
 
@@ -34,76 +35,70 @@ AUTO_CHUNK_VOCAB = 8192
 
 @dataclass(frozen=True)
 class Objective:
-    """The per-batch loss of one resolved config (see :mod:`opd.objective` for the formula)."""
+    """The per-batch loss of one resolved config (see :mod:`opd.objective` for the formula).
 
-    cfg: Config
-    eos_id: int | None
-    special_ids: tuple[int, ...] = ()
-    # per-token actionability diagnostics (``diag/*`` token stats) from the same forward pass
-    diagnostics: bool = True
+    Holds only the typed settings (:class:`~opd.objective.settings.ObjectiveSettings`) built once by
+    :meth:`from_config`; each term reads its own."""
+
+    settings: ObjectiveSettings
 
     @classmethod
     def from_config(cls, cfg: Config, *, eos_id: int | None, special_ids: tuple[int, ...] = (),
                     diagnostics: bool = True) -> "Objective":
-        return cls(cfg=cfg, eos_id=eos_id, special_ids=tuple(special_ids), diagnostics=diagnostics)
+        return cls(ObjectiveSettings.from_config(cfg, eos_id=eos_id, special_ids=tuple(special_ids),
+                                                 diagnostics=diagnostics))
 
     # ----------------------------------------------------------------------------------------
     # what the objective needs from the rest of the pipeline
     @property
     def route1_on(self) -> bool:
-        return self.cfg.route1.divergence != "none" and self.cfg.route1.coef > 0
+        return self.settings.route1.on
 
     @property
     def route2_on(self) -> bool:
-        return self.cfg.route2.coef > 0
+        return self.settings.route2.on
 
     @property
     def needs_value_head(self) -> bool:
-        r2 = self.cfg.route2
-        return self.route2_on and r2.credit == "gae" and r2.value == "decomposed"
+        return self.route2_on and self.settings.route2.needs_value_head
 
     @property
     def needs_closed_form_value(self) -> bool:
-        r2 = self.cfg.route2
-        uses_value = r2.baseline == "value" or r2.credit == "gae"
-        return self.route2_on and uses_value and r2.value in ("closed_form", "decomposed")
+        return self.route2_on and self.settings.route2.needs_rkl
 
     @property
     def needs_outcome_rewards(self) -> bool:
         """The loop must pass the verifier's rewards (``outcome_rewards_B``): an outcome advantage
         is mixed in (``outcome.adv_tau > 0``) or the verifier gates the reward's sign
         (``outcome.sign_gate``, OPDVR)."""
-        out = self.cfg.outcome
+        out = self.settings.route2.outcome
         return self.route2_on and (out.adv_tau > 0 or out.sign_gate)
 
     def needs_full_student(self) -> bool:
         """Terms that need the student's whole next-token distribution with gradient (or its entropy)."""
-        cfg = self.cfg
+        r2, reg = self.settings.route2, self.settings.regularization
         return (
-            (self.route2_on and cfg.routing.kind == "cr_opd")
-            or (self.route2_on and cfg.route2.reward == "entropy_rank")
-            or cfg.regularization.entropy_coef > 0
-            or (cfg.regularization.ref_kl_coef > 0 and cfg.regularization.ref_kl_estimator == "full")
-            or cfg.gates.entropy_gate != "none"
+            (self.route2_on and r2.routing.kind == "cr_opd")
+            or (self.route2_on and r2.reward == "entropy_rank")
+            or reg.entropy_coef > 0
+            or (reg.ref_kl_coef > 0 and reg.ref_kl_estimator == "full")
+            or self.settings.gates.entropy_gate != "none"
         )
 
     def use_chunked(self, vocab_size: int) -> bool:
         """Whether the student forward should hand over hidden states instead of logits."""
-        chunk = self.cfg.route1.chunk_size
-        if chunk > 0:
+        if self.chunk_size is not None:
             return not self.needs_full_student()
         return vocab_size >= AUTO_CHUNK_VOCAB and not self.needs_full_student()
 
     @property
     def chunk_size(self) -> int | None:
         """Tokens per chunk on the memory-efficient path (None: automatic from the vocabulary)."""
-        return self.cfg.route1.chunk_size or None
+        return self.settings.route1.chunk_size
 
     def support_spec(self) -> SupportSpec:
-        s = self.cfg.support
-        # feedback arrives at the teacher's temperature already (opd.types.Feedback)
-        return SupportSpec(kind=s.kind, k=s.k, norm=s.norm, teacher_temperature=1.0,
-                           student_temperature=s.student_temperature)
+        """The route-1 support (feedback arrives at the teacher's temperature already)."""
+        return self.settings.route1.support
 
     # ----------------------------------------------------------------------------------------
     def __call__(
@@ -116,7 +111,6 @@ class Objective:
         outcome_rewards_B: Tensor | None = None,
         counts: TokenCounts | None = None,
     ) -> ObjectiveOutput:
-        cfg = self.cfg
         ids_BT = rollouts.completion_ids_BT
         base_mask_BT = self.base_mask(rollouts)
         device = ids_BT.device
@@ -154,17 +148,21 @@ class Objective:
         if logp_BTV is not None:
             with torch.no_grad():
                 stats["student_entropy"] = on_mask(regularizers.entropy(logp_BTV), base_mask_BT)
-            if self.diagnostics:
+            if self.settings.diagnostics.on:
                 stats.update(self._diagnostics(logp_BTV, ids_BT, feedback, base_mask_BT))
 
         # ---- gates and weights ---------------------------------------------------------------
         counts = counts or TokenCounts(
             num_tokens=float(base_mask_BT.sum()), num_sequences=float((base_mask_BT.sum(1) > 0).sum())
         )
-        keep_BT, weight_BT = token_weights(
-            self, ids_BT, base_mask_BT, feedback=feedback, rollouts=rollouts, sampled_logp_BT=sampled_logp_BT,
-            teacher_kl_BT=teacher_kl_BT, student_entropy_BT=stats.get("student_entropy"), counts=counts,
+        inputs = TermInputs(
+            student=student, feedback=feedback, rollouts=rollouts, mask_BT=base_mask_BT,
+            max_len=self.max_len(ids_BT), reference=reference, outcome_rewards_B=outcome_rewards_B,
+            logp_BTV=logp_BTV, sampled_logp_BT=sampled_logp_BT, student_entropy_BT=stats.get("student_entropy"),
+            teacher_kl_BT=teacher_kl_BT,
         )
+        keep_BT, weight_BT = token_weights(inputs, self.settings.gates, counts)
+        inputs = replace(inputs, keep_BT=keep_BT, weight_BT=weight_BT)
         stats["gate_keep"] = keep_BT
 
         terms: dict[str, Tensor] = {}
@@ -172,41 +170,36 @@ class Objective:
         zero = torch.zeros((), device=device)
 
         # ---- route 1: distributional loss on the support -------------------------------------
-        rkl_BT: Tensor | None = None
         if self.route1_on or self.needs_closed_form_value:
-            r1 = route1_term(self, student, feedback, rollouts, ids_BT, weight_BT, base_mask_BT,
-                             sampled_logp_BT=sampled_logp_BT, want_sampled=from_route1)
+            r1 = route1_term(inputs, self.settings.route1, want_sampled=from_route1)
             if from_route1:
                 sampled_logp_BT = r1.sampled_logp_BT
                 teacher_kl_BT = on_mask(sampled_logp_BT - teacher_logp_BT, base_mask_BT)
                 stats["teacher_kl"] = teacher_kl_BT
+                inputs = replace(inputs, sampled_logp_BT=sampled_logp_BT, teacher_kl_BT=teacher_kl_BT)
             stats.update(r1.diag)
             if self.route1_on:
-                terms["route1"] = cfg.route1.coef * r1.loss
+                terms["route1"] = self.settings.route1.coef * r1.loss
                 stats["route1_divergence"] = on_mask(r1.divergence_BT, base_mask_BT)
-            rkl_BT = r1.rkl_BT
-            if rkl_BT is not None:
-                stats["rkl"] = on_mask(rkl_BT, base_mask_BT)
+            inputs = replace(inputs, rkl_BT=r1.rkl_BT)
+            if r1.rkl_BT is not None:
+                stats["rkl"] = on_mask(r1.rkl_BT, base_mask_BT)
 
-        if self.route1_on and cfg.route1.uld_coef > 0:  # a teacher with its own vocabulary (teacher.tokenizer=own)
-            uld = cross_vocab_uld_term(student, logp_BTV, feedback, weight_BT, base_mask_BT)
+        uld_coef = self.settings.route1.uld_coef
+        if self.route1_on and uld_coef > 0:  # a teacher with its own vocabulary (teacher.tokenizer=own)
+            uld = cross_vocab_uld_term(inputs)
             if uld is not None:
-                terms["route1_uld"] = cfg.route1.uld_coef * uld
+                terms["route1_uld"] = uld_coef * uld
 
         # ---- route 2: reward → temporal credit → routing --------------------------------------
         if self.route2_on:
-            r2_terms, r2_stats, r2_metrics = route2_term(
-                self, student, logp_BTV, sampled_logp_BT, feedback, rollouts, reference, rkl_BT,
-                base_mask_BT, keep_BT, weight_BT, outcome_rewards_B, stats.get("student_entropy"),
-            )
+            r2_terms, r2_stats, r2_metrics = route2_term(inputs, self.settings.route2)
             terms.update(r2_terms)
             stats.update(r2_stats)
             metrics.update(r2_metrics)
 
         # ---- regularization --------------------------------------------------------------------
-        reg_terms, reg_stats = regularization_terms(
-            self, logp_BTV, sampled_logp_BT, rollouts, reference, base_mask_BT, keep_BT, weight_BT,
-        )
+        reg_terms, reg_stats = regularization_terms(inputs, self.settings.regularization)
         terms.update(reg_terms)
         stats.update(reg_stats)
 
@@ -224,19 +217,20 @@ class Objective:
     def base_mask(self, rollouts: Rollouts) -> Tensor:
         """Tokens that exist: completion tokens up to EOS, minus truncated rollouts if masked."""
         mask = rollouts.completion_mask_BT.bool()
-        if self.cfg.rollout.truncated == "mask":
+        if self.settings.mask_truncated:
             mask = mask & ~rollouts.truncated_B.to(mask.device)[:, None]
         return mask
 
     def max_len(self, ids_BT: Tensor) -> int:
-        return self.cfg.rollout.prefix_tokens or self.cfg.rollout.max_new_tokens or ids_BT.shape[1]
+        """The constant reducer's length: ``rollout.prefix_tokens`` or ``rollout.max_new_tokens``."""
+        return self.settings.max_len or ids_BT.shape[1]
 
     def _diagnostics(self, logp_BTV: Tensor, ids_BT: Tensor, feedback: Feedback, mask_BT: Tensor) -> dict[str, Tensor]:
         teacher_logp = None if feedback.logits_BTV is None else torch.log_softmax(feedback.logits_BTV.float(), -1)
         diags = token_diagnostics(
             logp_BTV, ids_BT, teacher_logp_NV=teacher_logp, teacher_topk_ids_NK=feedback.topk_ids_BTK,
             teacher_topk_logprobs_NK=feedback.topk_logprobs_BTK, teacher_sampled_logprobs_N=feedback.sampled_logprobs_BT,
-            mask_N=mask_BT, k=min(self.cfg.teacher.topk, logp_BTV.shape[-1]),
+            mask_N=mask_BT, k=min(self.settings.diagnostics.topk, logp_BTV.shape[-1]),
         )
         return {f"diag/{k}": v for k, v in diags.items()}
 
@@ -245,10 +239,9 @@ class Objective:
         detached value is used (no route 2, SFT, mismatch or sampled reference KL, no k3 route-1
         estimator), nothing needs it before the loss (no drift position weights, no log-prob gate),
         and the route-1 student temperature is 1."""
-        cfg = self.cfg
-        r1, reg, g = cfg.route1, cfg.regularization, cfg.gates
-        return (self.route1_on and not self.route2_on and reg.ref_kl_coef == 0 and reg.sft_coef == 0
+        r1, reg, g = self.settings.route1, self.settings.regularization, self.settings.gates
+        return (r1.on and not self.route2_on and reg.ref_kl_coef == 0 and reg.sft_coef == 0
                 and reg.mismatch_coef == 0 and g.position not in ("drift", "drift_share") and not g.logprob_gate
                 and g.trust_min is None
                 and "k3" not in (r1.divergence, r1.off_policy_divergence)
-                and cfg.support.student_temperature == 1.0)
+                and r1.support.student_temperature == 1.0)

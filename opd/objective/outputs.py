@@ -1,22 +1,21 @@
-"""What the objective reads and returns, and the view of the objective its terms read.
+"""What the objective reads and returns, and the one inputs record its terms read per micro-batch.
 
 A leaf module: the term modules (:mod:`~opd.objective.route1`, :mod:`~opd.objective.route2`,
 :mod:`~opd.objective.regularization`, :mod:`~opd.objective.weights`) and :mod:`~opd.objective.core`
-all import from here, and nothing here imports them.
+all import from here, and nothing here imports them. Each term takes a :class:`TermInputs` and its
+own settings (:mod:`opd.objective.settings`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from opd.config.schema import Config
-from opd.math.support import SupportSpec
+from opd.types import Feedback, Rollouts
 
-__all__ = ["ObjectiveOutput", "ObjectiveView", "StudentOutputs", "TokenCounts"]
+__all__ = ["ObjectiveOutput", "StudentOutputs", "TermInputs", "TokenCounts"]
 
 
 @dataclass(frozen=True)
@@ -70,29 +69,44 @@ class ObjectiveOutput:
     token_stats: dict[str, Tensor] = field(default_factory=dict)
 
 
-class ObjectiveView(Protocol):
-    """What the term modules read of :class:`opd.objective.Objective` (built once per config)."""
+@dataclass(frozen=True)
+class TermInputs:
+    """Everything a term reads of one micro-batch, built by :class:`opd.objective.Objective` in stages.
 
-    cfg: Config
-    eos_id: int | None
-    special_ids: tuple[int, ...]
-    diagnostics: bool
+    ``mask_BT`` are the tokens that exist (completion up to EOS, truncated rollouts removed if
+    masked); ``max_len`` is the constant reducer's length. The student's forward gives ``logp_BTV``
+    (dense path only), ``sampled_logp_BT`` = ``log π_S(y_t)`` (with gradient; None on the chunked path
+    until route 1 hands it over) and the detached ``student_entropy_BT``; ``teacher_kl_BT`` is
+    ``log π_S(y_t) − log π_T(y_t)`` (detached). The gates add ``keep_BT`` and ``weight_BT`` (``w_t``),
+    route 1 adds ``rkl_BT`` (the per-token RKL on the support, for a closed-form value).
+    """
+
+    student: StudentOutputs
+    feedback: Feedback
+    rollouts: Rollouts
+    reference: Feedback | None
+    outcome_rewards_B: Tensor | None
+    mask_BT: Tensor
+    max_len: int
+    logp_BTV: Tensor | None
+    sampled_logp_BT: Tensor | None
+    student_entropy_BT: Tensor | None
+    teacher_kl_BT: Tensor | None
+    keep_BT: Tensor | None = None
+    weight_BT: Tensor | None = None
+    rkl_BT: Tensor | None = None
 
     @property
-    def route1_on(self) -> bool: ...
+    def ids_BT(self) -> Tensor:
+        return self.rollouts.completion_ids_BT
 
     @property
-    def route2_on(self) -> bool: ...
+    def on_policy_BT(self) -> Tensor:
+        """``[B, T]`` bool: the existing tokens of the rows the student (or a student/teacher mix) sampled."""
+        return self.rollouts.on_policy_B.to(self.mask_BT.device)[:, None] & self.mask_BT
 
-    @property
-    def needs_value_head(self) -> bool: ...
-
-    @property
-    def needs_closed_form_value(self) -> bool: ...
-
-    @property
-    def chunk_size(self) -> int | None: ...
-
-    def support_spec(self) -> SupportSpec: ...
-
-    def max_len(self, ids_BT: Tensor) -> int: ...
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """``(keep_BT, weight_BT)``; a ``ValueError`` before the gates have run."""
+        if self.keep_BT is None or self.weight_BT is None:
+            raise ValueError("TermInputs has no token weights yet (opd.objective.weights.token_weights)")
+        return self.keep_BT, self.weight_BT

@@ -14,17 +14,17 @@ from torch import Tensor
 
 from opd.math import regularizers
 from opd.math.reduce import masked_sum, reduction_weights
-from opd.objective.outputs import ObjectiveView
+from opd.objective.outputs import TermInputs
+from opd.objective.settings import RegularizationSettings
 from opd.objective.weights import on_mask
-from opd.types import Feedback, Rollouts
 
 
-def regularization_terms(obj: ObjectiveView, logp_BTV: Tensor | None, sampled_logp_BT: Tensor | None,
-                         rollouts: Rollouts, reference: Feedback | None, base_mask_BT: Tensor, keep_BT: Tensor,
-                         weight_BT: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def regularization_terms(inputs: TermInputs,
+                         reg: RegularizationSettings) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The active regularization terms and their per-token statistics."""
-    reg, g = obj.cfg.regularization, obj.cfg.gates
-    ids_BT = rollouts.completion_ids_BT
+    logp_BTV, sampled_logp_BT, rollouts = inputs.logp_BTV, inputs.sampled_logp_BT, inputs.rollouts
+    base_mask_BT, reference = inputs.mask_BT, inputs.reference
+    keep_BT, weight_BT = inputs.weights()
     device = base_mask_BT.device
     terms: dict[str, Tensor] = {}
     stats: dict[str, Tensor] = {}
@@ -47,10 +47,10 @@ def regularization_terms(obj: ObjectiveView, logp_BTV: Tensor | None, sampled_lo
     if reg.sft_coef > 0:
         off_BT = (~rollouts.on_policy_B.to(device))[:, None] & base_mask_BT
         ce_BT = -sampled_logp_BT
-        off_w_BT = reduction_weights(off_BT, g.reduction, constant_normalizer=float(obj.max_len(ids_BT)))
+        off_w_BT = reduction_weights(off_BT, reg.reduction, constant_normalizer=float(inputs.max_len))
         terms["sft"] = reg.sft_coef * masked_sum(ce_BT, off_w_BT * keep_BT.float())
     if reg.mismatch_coef > 0:
-        on_BT = rollouts.on_policy_B.to(device)[:, None] & base_mask_BT
+        on_BT = inputs.on_policy_BT
         # (log π_S − log μ)² = 2·k2 of the sampler as the "reference"
         sq_BT = 2.0 * regularizers.sampled_kl(sampled_logp_BT, rollouts.behaviour_logprobs_BT.to(device).float(),
                                               estimator="k2", mask_BT=on_BT)

@@ -26,13 +26,12 @@ from torch import Tensor
 
 from opd.math.diagnostics import diagnostics_extra_fn
 from opd.math.divergences import DivergenceShaping, reverse_kl
-from opd.math.divergences import divergence as divergence_fn
-from opd.math.fused import fused_linear_divergence
+from opd.math.fused import DivergenceOptions, SupportTokens, fused_linear_divergence
 from opd.math.reduce import masked_sum
 from opd.math.regularizers import sampled_kl
 from opd.math.support import build_support, support_from_logprobs
-from opd.objective.outputs import ObjectiveView, StudentOutputs
-from opd.types import Feedback, Rollouts
+from opd.objective.outputs import TermInputs
+from opd.objective.settings import Route1Settings
 
 
 @dataclass
@@ -45,15 +44,6 @@ class Route1Result:
     loss: Tensor
     diag: dict[str, Tensor] = field(default_factory=dict)
     sampled_logp_BT: Tensor | None = None
-
-
-def shaping_of(obj: ObjectiveView) -> DivergenceShaping:
-    """The route-1 shaping; a support with a tail bucket (``support.norm=tail``) floors only its top-k
-    entries and is not clamped from below (verl's tail mode, :class:`DivergenceShaping`)."""
-    r1, spec = obj.cfg.route1, obj.support_spec()
-    return DivergenceShaping(fkl_coef=r1.fkl_coef, fkl_entropy_min=r1.fkl_entropy_min,
-                             logprob_floor=r1.logprob_floor, clamp_low=r1.clamp_low, clamp_high=r1.clamp_high,
-                             tail_bucket=spec.norm == "tail" and spec.kind != "full")
 
 
 def k3_estimator(student_logp_BT: Tensor, teacher_logp_BT: Tensor, shaping: DivergenceShaping,
@@ -70,24 +60,21 @@ def k3_estimator(student_logp_BT: Tensor, teacher_logp_BT: Tensor, shaping: Dive
     return k3
 
 
-def route1_term(obj: ObjectiveView, student: StudentOutputs, feedback: Feedback, rollouts: Rollouts,
-                ids_BT: Tensor, weight_BT: Tensor, mask_BT: Tensor, *, sampled_logp_BT: Tensor | None,
-                want_sampled: bool = False) -> Route1Result:
+def route1_term(inputs: TermInputs, settings: Route1Settings, *, want_sampled: bool = False) -> Route1Result:
     """The route-1 term, row groups by divergence (see the module docstring); with route 1 off it only
-    computes the RKL the closed-form value needs."""
-    r1 = obj.cfg.route1
-    if obj.route1_on:
-        off = r1.off_policy_divergence
-        if off is None or off == r1.divergence:
-            groups = [(r1.divergence, mask_BT)]
+    computes the RKL the closed-form value needs (``settings.rkl_for_value``)."""
+    mask_BT, weight_BT = inputs.mask_BT, inputs.weights()[1]
+    if settings.on:
+        off = settings.off_policy_divergence
+        if off is None or off == settings.divergence:
+            groups = [(settings.divergence, mask_BT)]
         else:
-            on_BT = rollouts.on_policy_B.to(mask_BT.device)[:, None] & mask_BT
-            groups = [(r1.divergence, on_BT), (off, mask_BT & ~on_BT)]
+            on_BT = inputs.on_policy_BT
+            groups = [(settings.divergence, on_BT), (off, mask_BT & ~on_BT)]
         weights_on = True
     else:
         groups, weights_on = [("rkl", mask_BT)], False
-    shaping = shaping_of(obj)
-    want_rkl = obj.needs_closed_form_value
+    want_rkl = settings.rkl_for_value
     d_BT = torch.zeros(mask_BT.shape, dtype=torch.float32, device=mask_BT.device)
     loss = torch.zeros((), dtype=torch.float32, device=mask_BT.device)
     rkl_BT: Tensor | None = None
@@ -98,14 +85,15 @@ def route1_term(obj: ObjectiveView, student: StudentOutputs, feedback: Feedback,
             continue
         w_BT = weight_BT * rows_BT if weights_on else torch.zeros_like(weight_BT)
         if name == "k3":
-            if sampled_logp_BT is None:
+            if inputs.sampled_logp_BT is None:
                 raise ValueError("route1.divergence=k3 needs log π_S(y_t) with gradient")
-            k3_BT = k3_estimator(sampled_logp_BT, feedback.sampled_logprobs_BT.float(), shaping, rows_BT)
+            k3_BT = k3_estimator(inputs.sampled_logp_BT, inputs.feedback.sampled_logprobs_BT.float(),
+                                 settings.shaping, rows_BT)
             d_BT = d_BT + torch.where(rows_BT, k3_BT.detach().float(), torch.zeros((), device=d_BT.device))
             loss = loss + masked_sum(k3_BT, w_BT)
             continue
         # the RKL for a closed-form value comes from the first (on-policy) group
-        part = _support_pass(obj, name, student, feedback, ids_BT, w_BT, rows_BT, shaping=shaping,
+        part = _support_pass(inputs, settings, settings.options(name), rows_BT, w_BT,
                              want_rkl=want_rkl and i == 0, want_sampled=want_sampled)
         d_BT = d_BT + part.divergence_BT
         loss = loss + part.loss
@@ -116,19 +104,18 @@ def route1_term(obj: ObjectiveView, student: StudentOutputs, feedback: Feedback,
         if part.sampled_logp_BT is not None:
             sampled = part.sampled_logp_BT if sampled is None else sampled + part.sampled_logp_BT
     if want_rkl and rkl_BT is None:  # e.g. route1.divergence=k3 with a closed-form value: RKL on its own
-        rkl_BT = _support_pass(obj, "rkl", student, feedback, ids_BT, torch.zeros_like(weight_BT), mask_BT,
-                               shaping=None, want_rkl=True, want_sampled=False).rkl_BT
+        rkl_BT = _support_pass(inputs, settings, settings.options("rkl", shaped=False), mask_BT,
+                               torch.zeros_like(weight_BT), want_rkl=True, want_sampled=False).rkl_BT
     if want_sampled and sampled is None:
         raise ValueError("the chunked path expected log π_S(y_t) from a route-1 support pass")
     return Route1Result(d_BT, rkl_BT, loss, diag, sampled)
 
 
-def _support_pass(obj: ObjectiveView, name: str, student: StudentOutputs, feedback: Feedback, ids_BT: Tensor,
-                  weight_BT: Tensor, mask_BT: Tensor, *, shaping: DivergenceShaping | None, want_rkl: bool,
-                  want_sampled: bool) -> Route1Result:
-    """Divergence ``name`` on the support for the tokens of ``mask_BT`` (dense or chunked path)."""
-    r1 = obj.cfg.route1
-    spec = obj.support_spec()
+def _support_pass(inputs: TermInputs, settings: Route1Settings, options: DivergenceOptions, mask_BT: Tensor,
+                  weight_BT: Tensor, *, want_rkl: bool, want_sampled: bool) -> Route1Result:
+    """Divergence ``options`` on the support for the tokens of ``mask_BT`` (dense or chunked path)."""
+    student, feedback, ids_BT = inputs.student, inputs.feedback, inputs.ids_BT
+    name, spec = options.divergence, options.spec
     weight_N = weight_BT[mask_BT]
     ids_N = ids_BT[mask_BT]
 
@@ -140,7 +127,7 @@ def _support_pass(obj: ObjectiveView, name: str, student: StudentOutputs, feedba
         out[mask_BT] = x_N
         return out
 
-    plain = shaping is None or shaping.plain
+    plain = options.shaping is None or options.shaping.plain
     # the teacher's columns the support reads: its own top-k, or its log-probs at the student's top-k ids
     # chosen when the rollouts were scored (a served teacher without full logits: Feedback docstring)
     fixed = spec.kind == "student_topk" and feedback.student_topk_ids_BTK is not None and not feedback.has_full
@@ -152,8 +139,7 @@ def _support_pass(obj: ObjectiveView, name: str, student: StudentOutputs, feedba
             pack(student.logits_BTV), spec, sampled_ids=ids_N, teacher_logits=pack(feedback.logits_BTV),
             teacher_topk_ids=sup_ids_N, teacher_topk_logprobs=sup_lp_N, student_topk_ids=student_ids_N,
         )
-        d_N = divergence_fn(name, sup.student_logp, sup.teacher_logp, sup.valid,
-                            beta=r1.beta, alpha=r1.alpha, mu=r1.mu, shaping=shaping)
+        d_N = options.resolve()(sup.student_logp, sup.teacher_logp, sup.valid)
         rkl_BT = None
         if want_rkl:
             rkl_BT = unpack(d_N.detach() if (name == "rkl" and plain)
@@ -162,10 +148,10 @@ def _support_pass(obj: ObjectiveView, name: str, student: StudentOutputs, feedba
 
     topk_ids_N, topk_lp_N = pack(feedback.topk_ids_BTK), pack(feedback.topk_logprobs_BTK)
     diag_fn = None
-    if obj.diagnostics:
+    if settings.diagnostics.on:
         diag_fn = diagnostics_extra_fn(
             ids_N, teacher_topk_ids_NK=topk_ids_N, teacher_topk_logprobs_NK=topk_lp_N,
-            teacher_sampled_logprobs_N=pack(feedback.sampled_logprobs_BT), k=obj.cfg.teacher.topk,
+            teacher_sampled_logprobs_N=pack(feedback.sampled_logprobs_BT), k=settings.diagnostics.topk,
         )
     rkl_extra = want_rkl and not (name == "rkl" and plain)
 
@@ -183,16 +169,15 @@ def _support_pass(obj: ObjectiveView, name: str, student: StudentOutputs, feedba
             out["rkl"] = reverse_kl(sup.student_logp, sup.teacher_logp, sup.valid)
         return out
 
-    loss, d_N, extras = fused_linear_divergence(
-        pack(student.hidden_BTH), student.head_weight_VH, weight_N,
-        spec=spec, divergence=name, beta=r1.beta, alpha=r1.alpha, mu=r1.mu, shaping=shaping,
+    tokens = SupportTokens(
         teacher_hidden_NH=pack(feedback.hidden_BTH), teacher_weight_VH=feedback.head_weight_VH,
         teacher_bias_V=feedback.head_bias_V, teacher_logits_NV=pack(feedback.logits_BTV),
-        teacher_topk_ids_NK=sup_ids_N, teacher_topk_logprobs_NK=sup_lp_N,
-        sampled_ids_N=ids_N, student_bias_V=student.head_bias_V,
-        chunk_size=obj.chunk_size,
-        extra_fn=extra_fn if (diag_fn is not None or rkl_extra or want_sampled) else None,
+        teacher_topk_ids_NK=sup_ids_N, teacher_topk_logprobs_NK=sup_lp_N, sampled_ids_N=ids_N,
         student_topk_ids_NK=student_ids_N,
+    )
+    loss, d_N, extras = fused_linear_divergence(
+        pack(student.hidden_BTH), student.head_weight_VH, weight_N, options, tokens, student_bias_V=student.head_bias_V,
+        extra_fn=extra_fn if (diag_fn is not None or rkl_extra or want_sampled) else None,
     )
     rkl_N = d_N if (want_rkl and not rkl_extra) else extras.pop("rkl", None)
     sampled_N = extras.pop("sampled_logp", None)
@@ -201,21 +186,22 @@ def _support_pass(obj: ObjectiveView, name: str, student: StudentOutputs, feedba
                         None if sampled_N is None else unpack(sampled_N))
 
 
-def cross_vocab_uld_term(student: StudentOutputs, logp_BTV: Tensor | None, feedback: Feedback,
-                         weight_BT: Tensor, mask_BT: Tensor) -> Tensor | None:
+def cross_vocab_uld_term(inputs: TermInputs) -> Tensor | None:
     """Route 1 across vocabularies, the part the shared tokens cannot carry (``teacher.tokenizer=own``):
 
         L_ULD = Σ_t w_t · 1[s_t is a teacher state] · Σ_i |sort↓ p_T|U_T (i) − sort↓ q_S|U_S (i)|
 
     the Universal Logit Distillation distance (Boizard et al., arXiv 2402.12030) between the
     teacher's probabilities on the tokens no student token maps to and the student's on its own
-    unmapped tokens (:func:`opd.xtok.uld.unmapped_uld`: the ``U`` largest of each, sorted, plus one
+    unmapped tokens (:func:`opd.token_alignment.uld.unmapped_uld`: the ``U`` largest of each, sorted, plus one
     bucket for the rest). The mapped tokens are trained exactly by the route-1 divergence on the
     teacher's top-k support. Only student states that are also teacher states carry a teacher
     distribution (``state_aligned_BT``). None when the feedback has no cross-vocabulary part.
     """
-    from opd.xtok.uld import unmapped_uld
+    from opd.token_alignment.uld import unmapped_uld
 
+    student, logp_BTV, feedback, mask_BT = inputs.student, inputs.logp_BTV, inputs.feedback, inputs.mask_BT
+    weight_BT = inputs.weights()[1]
     cv = feedback.cross_vocab
     if cv is None or cv.unmapped_topk_BTU is None or cv.student_unmapped_V is None:
         return None

@@ -20,111 +20,141 @@ from torch import Tensor
 
 from opd.math import contrast, credit, f_rewards, policy_gradient, rewards, routing
 from opd.math.reduce import masked_mean, masked_sum
-from opd.objective.outputs import ObjectiveView, StudentOutputs
+from opd.objective.outputs import TermInputs
+from opd.objective.settings import Route2Settings
 from opd.objective.weights import reward_student_logprobs
-from opd.types import Feedback, Rollouts
+
+Terms = tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]
 
 
-def route2_rows(obj: ObjectiveView, rollouts: Rollouts, base_mask_BT: Tensor) -> Tensor:
+def route2_rows(inputs: TermInputs, r2: Route2Settings) -> Tensor:
     """``[B, T]`` bool: the tokens route 2 trains on (on-policy rows, plus off-policy ones if asked)."""
-    if obj.cfg.route2.off_policy_rows:
-        return base_mask_BT
-    return rollouts.on_policy_B.to(base_mask_BT.device)[:, None] & base_mask_BT
+    return inputs.mask_BT if r2.off_policy_rows else inputs.on_policy_BT
 
 
-def route2_term(
-    obj: ObjectiveView, student: StudentOutputs, logp_BTV: Tensor | None, sampled_logp_BT: Tensor,
-    feedback: Feedback, rollouts: Rollouts, reference: Feedback | None, rkl_BT: Tensor | None,
-    base_mask_BT: Tensor, gate_keep_BT: Tensor, weight_BT: Tensor, outcome_rewards_B: Tensor | None,
-    student_entropy_BT: Tensor | None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
-    cfg, r2 = obj.cfg, obj.cfg.route2
-    device = base_mask_BT.device
-    rows_BT = route2_rows(obj, rollouts, base_mask_BT)
-    on_policy_BT = rollouts.on_policy_B.to(device)[:, None] & base_mask_BT
+def route2_term(inputs: TermInputs, r2: Route2Settings) -> Terms:
+    """Route 2's terms (``route2``, and ``value`` for a learned value head), per-token statistics and
+    metrics (module docstring)."""
+    rows_BT = route2_rows(inputs, r2)
+    reward_BT = token_rewards(inputs, r2, rows_BT)
+    terms: dict[str, Tensor] = {}
+    values_BT = value_estimates(inputs, r2, reward_BT)
+    adv_BT = credit_advantages(inputs, r2, reward_BT, values_BT, rows_BT)
+    if r2.needs_value_head:
+        _, targets_BT = credit.gae_advantages(reward_BT, values_BT, rows_BT, gamma=r2.gamma, lam=r2.lam)
+        v_pred_BT = credit.decomposed_value(inputs.rkl_BT, inputs.student.continuation_BT, r2.gamma)
+        terms["value"] = r2.value_coef * masked_sum(credit.value_loss(v_pred_BT, targets_BT),
+                                                    inputs.weights()[1] * rows_BT)
+    adv_BT, outcome_BT = shaped_advantages(inputs, r2, adv_BT, rows_BT)
+    pg_terms, stats = policy_gradient_term(inputs, r2, adv_BT, outcome_BT, rows_BT)
+    terms.update(pg_terms)
+    stats = {"reward": reward_BT.detach(), "advantage": adv_BT, **stats}
+    metrics = {
+        "reward_mean": float(masked_mean(reward_BT, rows_BT)),
+        "advantage_mean": float(masked_mean(adv_BT, rows_BT)),
+    }
+    return terms, stats, metrics
+
+
+def token_rewards(inputs: TermInputs, r2: Route2Settings, rows_BT: Tensor) -> Tensor:
+    """``r_t`` of ``route2.reward``, gated by the verifier's sign with ``outcome.sign_gate`` (OPDVR)."""
+    feedback, reference = inputs.feedback, inputs.reference
     ref_BT = None if reference is None else reference.sampled_logprobs_BT.float()
     if r2.reward == "extrapolated" and ref_BT is None:
         raise ValueError("route2.reward=extrapolated needs reference feedback (regularization.reference)")
     teacher_free = r2.reward in rewards.TEACHER_FREE_REWARDS
-    if r2.reward == "entropy_rank" and student_entropy_BT is None:
+    if r2.reward == "entropy_rank" and inputs.student_entropy_BT is None:
         raise ValueError("route2.reward=entropy_rank needs the student's entropy (the dense path)")
+    student_lp = reward_student_logprobs(inputs, r2.reward_logprobs)
     if r2.reward == "contrastive":  # RLCSD: correct-hint teacher minus wrong-hint reference (opd/math/contrast.py)
         if ref_BT is None:
             raise ValueError("route2.reward=contrastive needs the wrong-hint scores (regularization.reference)")
         reward_BT = contrast.contrastive_reward(feedback.sampled_logprobs_BT.float(), ref_BT, rows_BT)
     elif r2.reward == "f_corrected":  # OPD+: the de-biased f-divergence reward (opd/math/f_rewards.py)
-        reward_BT = f_rewards.corrected_f_reward(
-            reward_student_logprobs(obj, rollouts, sampled_logp_BT), feedback.sampled_logprobs_BT.float(),
-            f=r2.f_divergence, mask_BT=rows_BT,
-        )
+        reward_BT = f_rewards.corrected_f_reward(student_lp, feedback.sampled_logprobs_BT.float(),
+                                                 f=r2.f_divergence, mask_BT=rows_BT)
     else:
         reward_BT = rewards.per_token_reward(
-            r2.reward, reward_student_logprobs(obj, rollouts, sampled_logp_BT), feedback.sampled_logprobs_BT.float(),
+            r2.reward, student_lp, feedback.sampled_logprobs_BT.float(),
             reference_logprobs_BT=ref_BT, low=r2.reward_low, high=r2.reward_high, alpha=r2.box_cox_alpha,
-            lam=r2.extrapolation_lambda, value=r2.constant_reward, entropy_BT=student_entropy_BT,
+            lam=r2.extrapolation_lambda, value=r2.constant_reward, entropy_BT=inputs.student_entropy_BT,
             # teacher-free rewards are ranked over the tokens that are actually trained
-            mask_BT=rows_BT & gate_keep_BT if teacher_free else rows_BT,
+            mask_BT=rows_BT & inputs.weights()[0] if teacher_free else rows_BT,
         )
-    if cfg.outcome.sign_gate:  # OPDVR: the verifier decides the sign, the teacher the size
-        if outcome_rewards_B is None:
+    if r2.outcome.sign_gate:  # OPDVR: the verifier decides the sign, the teacher the size
+        if inputs.outcome_rewards_B is None:
             raise ValueError("outcome.sign_gate needs the verifier's rewards for the rollouts "
                              "(the loop passes them when Objective.needs_outcome_rewards)")
-        reward_BT = rewards.outcome_sign_gate(reward_BT, outcome_rewards_B.to(device) > 0, rows_BT)
+        reward_BT = rewards.outcome_sign_gate(reward_BT, inputs.outcome_rewards_B.to(rows_BT.device) > 0, rows_BT)
+    return reward_BT
 
-    values_BT = None
-    terms: dict[str, Tensor] = {}
-    if obj.needs_closed_form_value or r2.value == "zero":
-        if r2.value == "zero":
-            values_BT = torch.zeros_like(reward_BT)
-        elif r2.value == "closed_form":
-            values_BT = credit.closed_form_value(rkl_BT)
-        else:  # decomposed: V = −RKL_t + γ U_φ(s_t), U_φ a learned head
-            if student.continuation_BT is None:
-                raise ValueError("route2.value=decomposed needs the value head output (continuation_BT)")
-            values_BT = credit.decomposed_value(rkl_BT, student.continuation_BT.detach(), r2.gamma)
 
+def value_estimates(inputs: TermInputs, r2: Route2Settings, reward_BT: Tensor) -> Tensor | None:
+    """``V(s_t)`` of ``route2.value`` when a credit rule or baseline reads one (else None)."""
+    if not (r2.needs_rkl or r2.value == "zero"):
+        return None
+    if r2.value == "zero":
+        return torch.zeros_like(reward_BT)
+    if r2.value == "closed_form":
+        return credit.closed_form_value(inputs.rkl_BT)
+    # decomposed: V = −RKL_t + γ U_φ(s_t), U_φ a learned head
+    if inputs.student.continuation_BT is None:
+        raise ValueError("route2.value=decomposed needs the value head output (continuation_BT)")
+    return credit.decomposed_value(inputs.rkl_BT, inputs.student.continuation_BT.detach(), r2.gamma)
+
+
+def credit_advantages(inputs: TermInputs, r2: Route2Settings, reward_BT: Tensor, values_BT: Tensor | None,
+                      rows_BT: Tensor) -> Tensor:
+    """``A_t`` of ``route2.credit`` and ``route2.baseline`` (:func:`opd.math.credit.temporal_credit`;
+    each rule reads γ as it defines it), from rewards ``t+1..`` with ``route2.future_only``."""
     credit_reward_BT, credit_mask_BT = reward_BT, rows_BT
     if r2.future_only:  # A_t from rewards t+1.. (MiniLLM's long-term term)
         credit_reward_BT = torch.nn.functional.pad(reward_BT[:, 1:], (0, 1))
         credit_mask_BT = torch.nn.functional.pad(rows_BT[:, 1:], (0, 1))
-    kind = r2.credit
-    gamma = r2.gamma if kind in ("discounted", "gae", "window") else (1.0 if kind == "return_to_go" else 0.0)
-    adv_BT = credit.temporal_credit(
-        credit_reward_BT, credit_mask_BT, kind=kind, gamma=gamma, lam=r2.lam,
-        values_BT=values_BT if (kind == "gae" or r2.baseline == "value") else None,
-        baseline=r2.baseline, group_index_B=rollouts.group_index_B.to(device),
+    return credit.temporal_credit(
+        credit_reward_BT, credit_mask_BT, kind=r2.credit, gamma=r2.gamma, lam=r2.lam,
+        values_BT=values_BT if r2.uses_values else None,
+        baseline=r2.baseline, group_index_B=inputs.rollouts.group_index_B.to(rows_BT.device),
         length_normalize=r2.length_normalize, window=r2.window,
     ) * rows_BT
 
-    if obj.needs_value_head:
-        _, targets_BT = credit.gae_advantages(reward_BT, values_BT, rows_BT, gamma=r2.gamma, lam=r2.lam)
-        v_pred_BT = credit.decomposed_value(rkl_BT, student.continuation_BT, r2.gamma)
-        terms["value"] = r2.value_coef * masked_sum(credit.value_loss(v_pred_BT, targets_BT), weight_BT * rows_BT)
 
+def shaped_advantages(inputs: TermInputs, r2: Route2Settings, adv_BT: Tensor,
+                      rows_BT: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Whitening, clipping and the outcome mix ``teacher_tau·A + adv_tau·A^outcome``; returns the detached
+    advantages and the outcome advantage per token (None without ``outcome.adv_tau``)."""
+    device = rows_BT.device
     if r2.whiten:
         adv_BT = policy_gradient.whiten_advantages(adv_BT, rows_BT)
     if r2.adv_clip is not None:
         adv_BT = policy_gradient.clip_advantages(adv_BT, r2.adv_clip)
-    out = cfg.outcome
+    out = r2.outcome
     outcome_BT: Tensor | None = None
     if out.adv_tau > 0:
-        if outcome_rewards_B is None:
+        if inputs.outcome_rewards_B is None:
             raise ValueError("outcome.adv_tau > 0 needs verifier rewards for the rollouts")
         outcome_B = policy_gradient.outcome_advantages(
-            outcome_rewards_B.to(device).float(), rollouts.group_index_B.to(device), normalize_std=out.normalize_std
+            inputs.outcome_rewards_B.to(device).float(), inputs.rollouts.group_index_B.to(device),
+            normalize_std=out.normalize_std,
         )
         outcome_BT = outcome_B[:, None].expand_as(adv_BT) * rows_BT
         adv_BT = policy_gradient.mix_advantages(adv_BT, outcome_B, rows_BT, teacher_tau=out.teacher_tau,
                                                 adv_tau=out.adv_tau)
     elif out.teacher_tau != 1.0:
         adv_BT = adv_BT * out.teacher_tau
-    adv_BT = adv_BT.detach()
+    return adv_BT.detach(), outcome_BT
 
+
+def policy_gradient_term(inputs: TermInputs, r2: Route2Settings, adv_BT: Tensor, outcome_BT: Tensor | None,
+                         rows_BT: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``L_t = −ρ_t · sg[A_t]`` with the ``route2.is_correction`` rule, or CR-OPD's routed loss."""
+    sampled_logp_BT, rollouts, feedback = inputs.sampled_logp_BT, inputs.rollouts, inputs.feedback
+    device = rows_BT.device
     # the sampler's log-probs; fixed off-policy rows have none: ρ = 1 there
-    behaviour_BT = torch.where(on_policy_BT, rollouts.behaviour_logprobs_BT.to(device).float(),
+    behaviour_BT = torch.where(inputs.on_policy_BT, rollouts.behaviour_logprobs_BT.to(device).float(),
                                sampled_logp_BT.detach().float())
     keep_BT = rows_BT
-    stats: dict[str, Tensor] = {"reward": reward_BT.detach(), "advantage": adv_BT}
+    stats: dict[str, Tensor] = {}
     if r2.is_correction == "dppo":
         sign_BT = adv_BT if r2.dppo_sign == "advantage" else (
             outcome_BT if outcome_BT is not None else torch.zeros_like(adv_BT))
@@ -137,16 +167,16 @@ def route2_term(
         keep_BT = keep_BT & policy_gradient.ratio_band_mask(sampled_logp_BT.detach(), behaviour_BT,
                                                             low=r2.icepop_low, high=r2.icepop_high)
         stats["is_masked"] = rows_BT & ~keep_BT
-    if cfg.routing.kind == "cr_opd":
+    if r2.routing.kind == "cr_opd":
         if feedback.topk_ids_BTK is None:
             raise ValueError("routing.kind=cr_opd needs the teacher's top-k (teacher.access topk or full)")
         rho_BT = 1.0
         if r2.is_correction != "none":
             ratio = policy_gradient.importance_ratio(sampled_logp_BT.detach(), behaviour_BT, mask_BT=rows_BT)
             rho_BT = ratio if r2.ratio_cap is None else ratio.clamp(max=r2.ratio_cap)
-        rt = cfg.routing
+        rt = r2.routing
         pg_BT, rmetrics = routing.cr_opd_loss(
-            logp_BTV, rollouts.completion_ids_BT, adv_BT * rho_BT, feedback.topk_ids_BTK,
+            inputs.logp_BTV, rollouts.completion_ids_BT, adv_BT * rho_BT, feedback.topk_ids_BTK,
             feedback.topk_logprobs_BTK.float(), tau_a=rt.tau_a, student_k=rt.student_k, tau_s=rt.tau_s,
             tau_t=rt.tau_t, kappa=rt.kappa, eta=rt.eta, mask_N=keep_BT,
         )
@@ -162,9 +192,4 @@ def route2_term(
         )
         for key, value in pmetrics.items():
             stats[f"is_{key}"] = value.detach()
-    terms["route2"] = r2.coef * masked_sum(pg_BT, weight_BT * keep_BT)
-    metrics = {
-        "reward_mean": float(masked_mean(reward_BT, rows_BT)),
-        "advantage_mean": float(masked_mean(adv_BT, rows_BT)),
-    }
-    return terms, stats, metrics
+    return {"route2": r2.coef * masked_sum(pg_BT, inputs.weights()[1] * keep_BT)}, stats

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from opd.math import gates, trust
 from opd.math.reduce import reduction_weights
-from opd.objective.outputs import ObjectiveView, TokenCounts
-from opd.types import Feedback, Rollouts
+from opd.objective.outputs import TermInputs, TokenCounts
+from opd.objective.settings import GateSettings
 
 
 def on_mask(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
@@ -23,36 +23,26 @@ def on_mask(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
     return torch.where(mask_BT.bool(), x_BT, torch.zeros((), dtype=x_BT.dtype, device=x_BT.device))
 
 
-def reward_student_logprobs(obj: ObjectiveView, rollouts: Rollouts, sampled_logp_BT: Tensor | None) -> Tensor | None:
-    """The student log-probs of the log-ratio reward: the current student's (detached) or the sampler's μ
-    (``route2.reward_logprobs``); off-policy rows always use the current student (they have no μ)."""
-    if sampled_logp_BT is None:
+def reward_student_logprobs(inputs: TermInputs, reward_logprobs: str) -> Tensor | None:
+    """The student log-probs of the log-ratio reward: the current student's (detached) or, with
+    ``reward_logprobs="behaviour"`` (``route2.reward_logprobs``), the sampler's μ; off-policy rows always
+    use the current student (they have no μ)."""
+    if inputs.sampled_logp_BT is None:
         return None
-    current = sampled_logp_BT.detach().float()
-    if obj.cfg.route2.reward_logprobs != "behaviour":
+    current = inputs.sampled_logp_BT.detach().float()
+    if reward_logprobs != "behaviour":
         return current
-    on_B = rollouts.on_policy_B.to(current.device)
-    return torch.where(on_B[:, None], rollouts.behaviour_logprobs_BT.to(current.device).float(), current)
+    on_B = inputs.rollouts.on_policy_B.to(current.device)
+    return torch.where(on_B[:, None], inputs.rollouts.behaviour_logprobs_BT.to(current.device).float(), current)
 
 
-def token_weights(
-    obj: ObjectiveView,
-    ids_BT: Tensor,
-    base_mask_BT: Tensor,
-    *,
-    feedback: Feedback,
-    rollouts: Rollouts,
-    sampled_logp_BT: Tensor | None,
-    teacher_kl_BT: Tensor | None,
-    student_entropy_BT: Tensor | None,
-    counts: TokenCounts,
-) -> tuple[Tensor, Tensor]:
+def token_weights(inputs: TermInputs, g: GateSettings, counts: TokenCounts) -> tuple[Tensor, Tensor]:
     """``(keep_BT, weight_BT)``: the gates' keep mask and ``w_t`` = reducer weight × gates × position weight."""
-    g = obj.cfg.gates
+    ids_BT, base_mask_BT, feedback = inputs.ids_BT, inputs.mask_BT, inputs.feedback
+    sampled_logp_BT, teacher_kl_BT = inputs.sampled_logp_BT, inputs.teacher_kl_BT
     keep_BT = base_mask_BT.clone()
     if g.mask_special_tokens:
-        specials = [i for i in obj.special_ids if i != obj.eos_id]
-        keep_BT &= gates.special_token_mask(ids_BT, specials)
+        keep_BT &= gates.special_token_mask(ids_BT, g.special_ids)
     if g.coverage_gate:
         if feedback.topk_ids_BTK is None:
             raise ValueError("gates.coverage_gate needs the teacher's top-k (teacher.access topk or full)")
@@ -63,10 +53,10 @@ def token_weights(
         keep_BT &= trust.trust_region_mask(sampled_logp_BT.detach(), feedback.sampled_logprobs_BT.float(),
                                            base_mask_BT, g.trust_min)
     if g.entropy_gate != "none":
-        if student_entropy_BT is None:
+        if inputs.student_entropy_BT is None:
             raise ValueError("gates.entropy_gate needs the student's logits (the dense path)")
         keep_BT &= gates.entropy_gate(
-            student_entropy_BT, teacher_kl_BT.abs(), base_mask_BT, mode=g.entropy_gate,
+            inputs.student_entropy_BT, teacher_kl_BT.abs(), base_mask_BT, mode=g.entropy_gate,
             keep_fraction=g.keep_fraction, entropy_low=g.entropy_low, divergence_high=g.divergence_high,
         )
     if g.logprob_gate:  # OPSA: the lowest log π_S(y_t) among the tokens still kept
@@ -75,14 +65,14 @@ def token_weights(
     if g.position == "drift":
         drift_BT = teacher_kl_BT.clamp(min=0.0)
     elif g.position == "drift_share":  # IW-OPD: |log π_T − log π_S| with the reward's student log-probs
-        student_lp = reward_student_logprobs(obj, rollouts, sampled_logp_BT)
+        student_lp = reward_student_logprobs(inputs, g.reward_logprobs)
         drift_BT = on_mask(feedback.sampled_logprobs_BT.float() - student_lp, base_mask_BT)
     pos_w_BT = gates.position_weights(
         base_mask_BT, kind=g.position, prefix_fraction=g.prefix_fraction, decay_to=g.decay_to,
         drift_BT=drift_BT, beta=g.drift_beta, gamma=g.drift_gamma,
     )
     norm_BT = reduction_weights(
-        base_mask_BT, g.reduction, constant_normalizer=float(obj.max_len(ids_BT)),
+        base_mask_BT, g.reduction, constant_normalizer=float(inputs.max_len),
         num_tokens=counts.num_tokens, num_sequences=counts.num_sequences,
     ) * counts.world_size
     return keep_BT, norm_BT * keep_BT.float() * pos_w_BT

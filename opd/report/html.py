@@ -15,9 +15,9 @@ from opd.report.load import FINISHED, RunData, fault_note, run_status
 from opd.report.plots import Plot
 from opd.report.samples import mark, sample_groups
 
-__all__ = ["log_ratio_color", "render_html"]
+__all__ = ["CSS", "escape", "html_table", "log_ratio_color", "render_html"]
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
 main{max-width:1180px;margin:0 auto;padding:18px 26px 40px}
 h1{font-size:1.5em;margin:.4em 0 .1em}h2{font-size:1.15em;margin:1.6em 0 .5em;border-bottom:1px solid #ddd;
@@ -50,13 +50,15 @@ def log_ratio_color(ell: float, scale: float = 3.0) -> str:
     return f"rgba({rgb},{a:.2f})"
 
 
-def _e(x: Any) -> str:
+def escape(x: Any) -> str:
+    """``str(x)`` with HTML's special characters escaped."""
     return html.escape(str(x))
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A ``<table>`` of escaped ``headers`` and ``rows`` (cells as text)."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -70,20 +72,20 @@ def _events(run: RunData) -> str:
                              for k, v in (ev.get("evidence") or {}).items())
         over = " ".join(ev.get("overrides") or [])
         out.append(
-            f'<div class="event{" stop" if ev.get("action") == "stop" else ""}"><b>step {_e(ev.get("step"))} · '
-            f'{_e(ev.get("title"))}</b> ({_e(ev.get("detector"))}, action {_e(ev.get("action"))})<br>'
-            f'{_e(ev.get("message"))}<br><i>evidence:</i> {_e(evidence)}<br><i>recipe:</i> {_e(ev.get("recipe"))}'
-            + (f"<br><i>overrides:</i> <code>{_e(over)}</code>" if over else "")
-            + (f"<br><i>outcome:</i> {_e(ev.get('outcome'))}" if ev.get("outcome") else "") + "</div>")
+            f'<div class="event{" stop" if ev.get("action") == "stop" else ""}"><b>step {escape(ev.get("step"))} · '
+            f'{escape(ev.get("title"))}</b> ({escape(ev.get("detector"))}, action {escape(ev.get("action"))})<br>'
+            f'{escape(ev.get("message"))}<br><i>evidence:</i> {escape(evidence)}<br><i>recipe:</i> {escape(ev.get("recipe"))}'
+            + (f"<br><i>overrides:</i> <code>{escape(over)}</code>" if over else "")
+            + (f"<br><i>outcome:</i> {escape(ev.get('outcome'))}" if ev.get("outcome") else "") + "</div>")
     return "".join(out)
 
 
 def _tokens(s: dict[str, Any]) -> str:
     ratios = s.get("log_ratio")
     if not ratios:
-        return "".join(f'<span class="tok">{_e(t)}</span>' for t in s.get("tokens", []))
+        return "".join(f'<span class="tok">{escape(t)}</span>' for t in s.get("tokens", []))
     return "".join(f'<span class="tok" style="background:{log_ratio_color(float(v))}" title="ℓ = {float(v):+.3f}">'
-                   f"{_e(t)}</span>" for t, v in zip(s.get("tokens", []), ratios, strict=False))
+                   f"{escape(t)}</span>" for t, v in zip(s.get("tokens", []), ratios, strict=False))
 
 
 def _samples(run: RunData, limit: int = 8) -> str:
@@ -95,16 +97,16 @@ def _samples(run: RunData, limit: int = 8) -> str:
            '(the teacher disagrees) · <span style="background:rgba(31,119,180,.6)">ℓ &lt; 0</span> teacher more '
            "confident · hover a token for ℓ_t = log π_S − log π_T (nats).</p>"]
     for group in sample_groups(run, limit):
-        out.append(f"<h3 class='sub'>{_e(group.title)}</h3><p class='sub'>{_e(group.note)}</p>")
+        out.append(f"<h3 class='sub'>{escape(group.title)}</h3><p class='sub'>{escape(group.note)}</p>")
         for s in group.samples:
             symbol, word = mark(s.get("score"))
             cls = {"correct": "right", "wrong": "wrong", "not verified": "none"}.get(word, "")
             ratios = s.get("log_ratio") or []
             tail = (f" · Σℓ = {sum(float(v) for v in ratios):+.2f}" if ratios else "") + \
-                (f' · answer {_e(s["answer"])}' if s.get("answer") is not None else "") + \
+                (f' · answer {escape(s["answer"])}' if s.get("answer") is not None else "") + \
                 (" · truncated" if s.get("truncated") else "")
-            out.append(f'<div class="sample"><span class="mark {cls}" title="{_e(word)}">{_e(symbol)}</span> '
-                       f'<code>{_e(s.get("prompt"))}</code> → {_tokens(s)} <span class="sub">{tail.lstrip(" ·")}'
+            out.append(f'<div class="sample"><span class="mark {cls}" title="{escape(word)}">{escape(symbol)}</span> '
+                       f'<code>{escape(s.get("prompt"))}</code> → {_tokens(s)} <span class="sub">{tail.lstrip(" ·")}'
                        "</span></div>")
     return "".join(out)
 
@@ -112,11 +114,11 @@ def _samples(run: RunData, limit: int = 8) -> str:
 def _status(run: RunData, single: bool) -> str:
     status, why = run_status(run)
     faults = fault_note(run)
-    resumed = f'<div class="status"><b>{_e(faults)}.</b></div>' if faults else ""
+    resumed = f'<div class="status"><b>{escape(faults)}.</b></div>' if faults else ""
     if status in FINISHED:
         return resumed
-    who = "This run" if single else f"Run {_e(run.name)}"
-    return resumed + (f'<div class="status"><b>{who} did not finish: {_e(status)}.</b> {_e(why)}. Its curves and '
+    who = "This run" if single else f"Run {escape(run.name)}"
+    return resumed + (f'<div class="status"><b>{who} did not finish: {escape(status)}.</b> {escape(why)}. Its curves and '
                       '"accuracy after" stop at its last logged step.</div>')
 
 
@@ -125,30 +127,30 @@ def _warnings(run: RunData) -> str:
         return "<p class='sub'>Not recorded (no warnings.json in the run folder).</p>"
     if not run.warnings:
         return "<p class='sub'>None: every option set has an effect in this configuration.</p>"
-    return "".join(f'<div class="warn">{_e(w)}</div>' for w in run.warnings)
+    return "".join(f'<div class="warn">{escape(w)}</div>' for w in run.warnings)
 
 
 def _checklist_single(items: list[Item]) -> str:
     rows, section = [], None
     for it in items:
-        sec = f"<td><b>{_e(it.section)}</b></td>" if it.section != section else "<td></td>"
+        sec = f"<td><b>{escape(it.section)}</b></td>" if it.section != section else "<td></td>"
         section = it.section
         flag = '<span class="flag">✗ missing</span>' if it.missing else '<span class="ok">✓</span>'
-        rows.append(f'<tr class="{"missing" if it.missing else ""}">{sec}<td>{_e(it.name)}</td><td>{flag}</td>'
-                    f'<td class="value">{_e(it.value)}</td></tr>')
+        rows.append(f'<tr class="{"missing" if it.missing else ""}">{sec}<td>{escape(it.name)}</td><td>{flag}</td>'
+                    f'<td class="value">{escape(it.value)}</td></tr>')
     n_missing = sum(it.missing for it in items)
     return (f'<p class="sub">{len(items)} items, {n_missing} flagged missing (the run cannot answer them).</p>'
             "<table><tr><th>section</th><th>item</th><th></th><th>this run</th></tr>" + "".join(rows) + "</table>")
 
 
 def _checklist_multi(runs: Sequence[RunData], items: Sequence[list[Item]]) -> str:
-    head = "<tr><th>section</th><th>item</th>" + "".join(f"<th>{_e(r.name)}</th>" for r in runs) + "</tr>"
+    head = "<tr><th>section</th><th>item</th>" + "".join(f"<th>{escape(r.name)}</th>" for r in runs) + "</tr>"
     rows = []
     for i, first in enumerate(items[0]):
         cells = "".join(
             '<td class="value">' + ('<span class="flag">✗ missing</span> ' if its[i].missing else "")
-            + f"{_e(its[i].value)}</td>" for its in items)
-        rows.append(f"<tr><td>{_e(first.section)}</td><td>{_e(first.name)}</td>{cells}</tr>")
+            + f"{escape(its[i].value)}</td>" for its in items)
+        rows.append(f"<tr><td>{escape(first.section)}</td><td>{escape(first.name)}</td>{cells}</tr>")
     return "<table>" + head + "".join(rows) + "</table>"
 
 
@@ -156,39 +158,39 @@ def render_html(runs: Sequence[RunData], plots: Sequence[Plot], items: Sequence[
     """The report page for one run, or the comparison page for several."""
     single = len(runs) == 1
     title = f"opd report — {runs[0].name}" if single else f"opd comparison — {len(runs)} runs"
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
-             f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{_CSS}</style></head>"
-             f"<body><main><h1>{_e(title)}</h1><p class='sub'>generated {time.strftime('%Y-%m-%d %H:%M:%S')} · "
-             + " · ".join(_e(r.path) for r in runs) + "</p>"]
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
+             f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{CSS}</style></head>"
+             f"<body><main><h1>{escape(title)}</h1><p class='sub'>generated {time.strftime('%Y-%m-%d %H:%M:%S')} · "
+             + " · ".join(escape(r.path) for r in runs) + "</p>"]
     parts += [_status(run, single) for run in runs]
-    parts.append("<h2>Summary</h2>" + _table(SUMMARY_COLUMNS, summary_rows(runs)))
+    parts.append("<h2>Summary</h2>" + html_table(SUMMARY_COLUMNS, summary_rows(runs)))
     for run in runs:
-        parts += [f"<p class='sub'>{_e(run.name)}: {_e(note)}</p>" for note in run.notes]
+        parts += [f"<p class='sub'>{escape(run.name)}: {escape(note)}</p>" for note in run.notes]
     parts.append("<h2>Configuration warnings</h2><p class='sub'>printed when the run started (options with no "
                  "effect in this configuration, and similar)</p>")
     for run in runs:
-        parts.append(("" if single else f"<h3 class='sub'>{_e(run.name)}</h3>") + _warnings(run))
+        parts.append(("" if single else f"<h3 class='sub'>{escape(run.name)}</h3>") + _warnings(run))
     if not single:
         diffs = config_differences(runs)
         parts.append("<h2>Configuration differences</h2>" + (
-            _table(["option", *[r.name for r in runs]], [[k, *v] for k, v in diffs]) if diffs
+            html_table(["option", *[r.name for r in runs]], [[k, *v] for k, v in diffs]) if diffs
             else "<p class='sub'>The runs share every option.</p>"))
     parts.append("<h2>Detector events</h2>")
     for run in runs:
-        parts.append(("" if single else f"<h3 class='sub'>{_e(run.name)}</h3>") + _events(run))
+        parts.append(("" if single else f"<h3 class='sub'>{escape(run.name)}</h3>") + _events(run))
         if run.applied_config is not None:
             parts.append("<p class='sub'>A recipe changed the configuration mid-run: config.applied.yaml holds the "
                          "final one; the checklist shows the starting config.yaml.</p>")
     parts.append("<h2>Curves</h2>")
     for p in plots:
         data = base64.b64encode(p.png).decode("ascii")
-        parts.append(f"<figure id='fig-{_e(p.slug)}'><img alt='{_e(p.title)}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption><b>{_e(p.title)}</b>: {_e(p.caption)}</figcaption></figure>")
+        parts.append(f"<figure id='fig-{escape(p.slug)}'><img alt='{escape(p.title)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption><b>{escape(p.title)}</b>: {escape(p.caption)}</figcaption></figure>")
     parts.append("<h2>Reporting checklist</h2><p class='sub'>The survey's reporting checklist (arXiv 2606.22793), "
                  "filled from the resolved config, the logs and run_info.json (what actually ran).</p>")
     parts.append(_checklist_single(items[0]) if single else _checklist_multi(runs, items))
     parts.append("<h2>Sample completions</h2>")
     for run in runs:
-        parts.append(("" if single else f"<h3 class='sub'>{_e(run.name)}</h3>") + _samples(run, 8 if single else 3))
+        parts.append(("" if single else f"<h3 class='sub'>{escape(run.name)}</h3>") + _samples(run, 8 if single else 3))
     parts.append("</main></body></html>\n")
     return "".join(parts)

@@ -10,14 +10,15 @@ from opd.report.compare import SUMMARY_COLUMNS, config_differences, summary_rows
 from opd.report.load import FINISHED, RunData, fault_note, run_status
 from opd.report.samples import mark, sample_groups
 
-__all__ = ["render_markdown"]
+__all__ = ["markdown_table", "render_markdown"]
 
 
 def _cell(x: object) -> str:
     return str(x).replace("|", "\\|").replace("\n", " ")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table (``|`` in cells escaped), ending with a blank line."""
     return ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "---|" * len(headers),
             *("| " + " | ".join(_cell(c) for c in row) + " |" for row in rows), ""]
 
@@ -84,7 +85,7 @@ def render_markdown(runs: Sequence[RunData], figures: Sequence[tuple[str, str, s
              "Run folder(s): " + ", ".join(f"`{r.path}`" for r in runs), ""]
     for run in runs:
         lines += _status(run, single)
-    lines += ["## Summary", "", *_table(SUMMARY_COLUMNS, summary_rows(runs))]
+    lines += ["## Summary", "", *markdown_table(SUMMARY_COLUMNS, summary_rows(runs))]
     notes = [f"*{run.name}: {note}*" for run in runs for note in run.notes]
     lines += [*notes, ""] if notes else []
     lines += ["## Configuration warnings", "", "Printed when the run started.", ""]
@@ -93,7 +94,7 @@ def render_markdown(runs: Sequence[RunData], figures: Sequence[tuple[str, str, s
     if not single:
         diffs = config_differences(runs)
         lines += ["## Configuration differences", "",
-                  *(_table(["option", *[r.name for r in runs]], [[k, *v] for k, v in diffs]) if diffs
+                  *(markdown_table(["option", *[r.name for r in runs]], [[k, *v] for k, v in diffs]) if diffs
                     else ["The runs share every option.", ""])]
     lines += ["## Detector events", ""]
     for run in runs:
@@ -105,10 +106,10 @@ def render_markdown(runs: Sequence[RunData], figures: Sequence[tuple[str, str, s
               "resolved config, the logs and run_info.json (what actually ran); **MISSING** marks what the run "
               "cannot answer.", ""]
     if single:
-        lines += _table(["section", "item", "this run"],
+        lines += markdown_table(["section", "item", "this run"],
                         [[it.section, it.name, ("**MISSING** " if it.missing else "") + it.value] for it in items[0]])
     else:
-        lines += _table(["section", "item", *[r.name for r in runs]],
+        lines += markdown_table(["section", "item", *[r.name for r in runs]],
                         [[first.section, first.name, *[("**MISSING** " if its[i].missing else "") + its[i].value
                                                        for its in items]] for i, first in enumerate(items[0])])
     lines += ["## Sample completions", ""]

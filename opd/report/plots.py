@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from opd.report.compare import legacy_teacher_kl
 from opd.report.load import RunData, series
 
-__all__ = ["FIGURES", "Plot", "make_plots"]
+__all__ = ["COLORS", "FIGURES", "Plot", "make_plots", "smooth"]
 
 # (slug, title, caption, panels); a panel is (y label, [(metric key, label)], log scale); a key
 # "a|b" plots the first of a, b that was logged (b: the loop's own all-rows value)
@@ -64,7 +64,7 @@ FIGURES: list[tuple[str, str, str, list[Panel]]] = [
      [("fraction r_t < 0", [("diag/reward_neg_frac", "negative rewards")], False),
       ("‖g‖ (log)", [("grad_norm", "gradient norm")], True)]),
 ]
-_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class Plot:
     png: bytes
 
 
-def _smooth(ys: list[float], width: int) -> list[float]:
+def smooth(ys: list[float], width: int) -> list[float]:
     """Trailing moving average (the raw series is drawn faintly underneath)."""
     out, acc = [], 0.0
     for i, y in enumerate(ys):
@@ -108,7 +108,7 @@ def _draw_panel(ax, runs: Sequence[RunData], panel: Panel) -> bool:
             if multi and shown:  # several runs: one line per run (the panel's first logged key)
                 continue
             xs, ys = [x for x, _ in finite], [y for _, y in finite]
-            color = _COLORS[(r_i if multi else k_i) % len(_COLORS)]
+            color = COLORS[(r_i if multi else k_i) % len(COLORS)]
             if key == "teacher_kl" and legacy_teacher_kl(run):  # older logs: teacher_kl over every row
                 label = "log π_S − log π_T, all rows incl. off-policy (logged as teacher_kl)"
             name = f"{run.name}" if multi else label
@@ -116,7 +116,7 @@ def _draw_panel(ax, runs: Sequence[RunData], panel: Panel) -> bool:
                 ax.plot(xs, ys, marker="o", ms=3, lw=1.5, color=color, label=name)
             else:
                 ax.plot(xs, ys, lw=0.8, alpha=0.3, color=color)
-                ax.plot(xs, _smooth(ys, max(2, len(ys) // 25)), lw=1.6, color=color, label=name)
+                ax.plot(xs, smooth(ys, max(2, len(ys) // 25)), lw=1.6, color=color, label=name)
             shown += 1
             drew = True
             if label not in shown_labels:

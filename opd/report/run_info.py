@@ -77,7 +77,7 @@ def run_info(cfg: Config, *, student: torch.nn.Module, teacher: Any, reference: 
 
 def _card(model: str) -> dict[str, Any] | None:
     """How the student was made, from the ``opd_card.json`` shipped beside opd's own checkpoints."""
-    from opd.build import resolve_model_path
+    from opd.model_paths import resolve_model_path
 
     try:
         card = read_json(Path(resolve_model_path(model)) / "opd_card.json")

@@ -11,44 +11,31 @@ module (``hf``) has nothing to do there.
 * ``vllm`` — :mod:`opd.rollout.vllm_engine`: a ``vllm.LLM`` in the training process, or a vLLM
   server (``rollout.server``), with the student's weights pushed every ``rollout.sync_every`` steps.
 
-:func:`build_engine` picks the engine named by ``rollout.engine``; adding an engine is a module
-with a class that satisfies :class:`RolloutEngine` and one entry in :func:`build_engine`.
+:data:`opd.config.engines.ENGINES` names every engine (the choices of ``rollout.engine``);
+CONTRIBUTING.md, "Adding a rollout engine", walks through adding one.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+import importlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from opd.rollout.generate import generate_rollouts
+from opd.rollout.generate import Sampling, generate_rollouts
+from opd.config.engines import ENGINES
 from opd.tasks.base import Example
 from opd.types import Rollouts
 
-__all__ = ["HFEngine", "RolloutEngine", "Sampling", "build_engine", "sampling_from_config"]
+if TYPE_CHECKING:
+    from opd.config.schema import Config
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the behaviour policy μ samples: ``μ = softmax(filter_top_p(filter_top_k(logits / τ)))``.
-
-    ``greedy`` takes the argmax (evaluation; the recorded log-probs are then the untempered
-    model's). ``prefix_tokens`` generates only that many tokens (partial rollouts, never marked
-    truncated). ``samples_per_prompt`` is ``G``: rows of one prompt are adjacent.
-    """
-
-    max_new_tokens: int
-    samples_per_prompt: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    prefix_tokens: int | None = None
-    greedy: bool = False
+__all__ = ["EngineFactory", "HFEngine", "RolloutEngine", "Sampling", "build_engine",
+           "hf_engine", "sampling_from_config"]
 
 
 def sampling_from_config(rollout_cfg) -> Sampling:
@@ -64,9 +51,13 @@ class RolloutEngine(Protocol):
     RNG state (the loop seeds it per step) or from the engine's own seed per call."""
 
     name: str
+    #: the in-process module the engine samples from (its own copy of the weights, or the live
+    #: student); None when it samples elsewhere (a vLLM engine or server). The student-top-k support
+    #: of a served teacher reads it under ``rollout.overlap``.
+    sampling_module: nn.Module | None
 
     def generate(self, examples: Sequence[Example], sampling: Sampling, *, group_offset: int = 0) -> Rollouts:
-        """``len(examples) · G`` rollouts (layout of :func:`opd.rollout.generate.generate_rollouts`)."""
+        """``len(examples) · G`` rollouts (layout of :func:`opd.rollout.generate.finish_rollouts`)."""
         ...
 
     def sync_weights(self, model: nn.Module) -> None:
@@ -94,12 +85,12 @@ class HFEngine:
         self.model = _frozen_copy(model) if own_copy else model
         self.tokenizer = tokenizer
 
+    @property
+    def sampling_module(self) -> nn.Module:
+        return self.model
+
     def generate(self, examples: Sequence[Example], sampling: Sampling, *, group_offset: int = 0) -> Rollouts:
-        s = sampling
-        return generate_rollouts(self.model, self.tokenizer, examples, samples_per_prompt=s.samples_per_prompt,
-                                 max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                 top_k=s.top_k, greedy=s.greedy, prefix_tokens=s.prefix_tokens,
-                                 group_offset=group_offset)
+        return generate_rollouts(self.model, self.tokenizer, examples, sampling, group_offset=group_offset)
 
     @torch.no_grad()
     def sync_weights(self, model: nn.Module) -> None:
@@ -119,30 +110,20 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
-def build_engine(cfg, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> RolloutEngine:
+#: How an engine is built: ``factory(cfg, student, tokenizer)``, with ``student`` the unwrapped student
+#: module and ``tokenizer`` its tokenizer; it reads its own settings from ``cfg.rollout``.
+EngineFactory = Callable[["Config", nn.Module, PreTrainedTokenizerBase], RolloutEngine]
+
+
+def hf_engine(cfg: Config, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> HFEngine:
+    """``rollout.engine=hf``: the live student, or a private copy with ``rollout.overlap``."""
+    return HFEngine(model, tokenizer, own_copy=cfg.rollout.overlap)
+
+
+def build_engine(cfg: Config, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> RolloutEngine:
     """The engine named by ``cfg.rollout.engine`` sampling from ``model`` (the unwrapped student)."""
     name = cfg.rollout.engine
-    if name == "hf":
-        return HFEngine(model, tokenizer, own_copy=cfg.rollout.overlap)
-    if name == "vllm":
-        return _vllm_engine(cfg, model, tokenizer)
-    raise ValueError(f"unknown rollout.engine={name!r}; choose hf or vllm")
-
-
-def _vllm_engine(cfg, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> RolloutEngine:
-    """``rollout.engine=vllm``: the server at ``rollout.server``, else a colocated ``vllm.LLM`` loaded
-    from the student's checkpoint (the loop pushes the live weights before the first rollout)."""
-    from opd.rollout.vllm_engine import VLLMEngine, VLLMServerEngine
-
-    r = cfg.rollout
-    if r.server:
-        from opd.serve.client import ServiceClient
-
-        client = ServiceClient(r.server, role="rollout server", timeout=r.server_timeout, retries=r.server_retries)
-        return VLLMServerEngine(client, tokenizer, sync_every=r.sync_every, sync_dir=r.sync_dir)
-    from opd.build import resolve_model_path
-
-    return VLLMEngine(resolve_model_path(cfg.student.model), tokenizer, sync_every=r.sync_every,
-                      memory=r.vllm_memory, max_model_len=r.vllm_max_model_len, dtype=cfg.student.dtype,
-                      seed=cfg.seed,
-                      tokenizer_path=resolve_model_path(cfg.student.tokenizer) if cfg.student.tokenizer else None)
+    if name not in ENGINES:
+        raise ValueError(f"unknown rollout.engine={name!r}; choose one of {', '.join(ENGINES)}")
+    module, _, factory = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), factory)(cfg, model, tokenizer)

@@ -30,23 +30,59 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from opd.rollout.forward import (
-    _cache_kwarg,
-    _forward_params,
-    _output_cache,
-    model_device,
-    position_ids_from_mask,
-)
+from opd.forward import cache_kwarg, forward_params, model_device, output_cache, position_ids_from_mask
 from opd.tasks.base import Example, RenderedPrompt
 from opd.types import Rollouts
 
-__all__ = ["encode_prompts", "generate_mixed_rollouts", "generate_rollouts", "stop_token_ids"]
+__all__ = ["Sampling", "encode_prompts", "finish_rollouts", "generate_mixed_rollouts", "generate_rollouts",
+           "stop_token_ids"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the behaviour policy μ samples: ``μ = softmax(filter_top_p(filter_top_k(logits / τ)))``.
+
+    ``greedy`` takes the argmax (evaluation; the recorded log-probs are then the untempered
+    model's). ``prefix_tokens`` generates only ``min(prefix_tokens, max_new_tokens)`` tokens
+    (partial rollouts, never marked truncated). ``samples_per_prompt`` is ``G``: rows of one prompt
+    are adjacent. ``top_k=0`` and ``top_p=1`` are off.
+    """
+
+    max_new_tokens: int
+    samples_per_prompt: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    prefix_tokens: int | None = None
+    greedy: bool = False
+
+    @property
+    def new_tokens(self) -> int:
+        """How many tokens a row may get: ``min(prefix_tokens, max_new_tokens)`` for partial rollouts."""
+        return self.max_new_tokens if self.prefix_tokens is None else min(self.prefix_tokens, self.max_new_tokens)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first knob out of range."""
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; use greedy=True for argmax decoding")
+        if self.prefix_tokens is not None and self.prefix_tokens < 1:
+            raise ValueError(f"prefix_tokens must be >= 1 or None, got {self.prefix_tokens}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
 
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], device: torch.device | str = "cpu"
@@ -107,43 +143,33 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, eos_token_ids: Sequence[i
     return ids
 
 
-def _validate(examples: Sequence[Example], samples_per_prompt: int, max_new_tokens: int,
-              temperature: float, prefix_tokens: int | None) -> None:
+def _check(examples: Sequence[Example], sampling: Sampling) -> None:
     if not examples:
         raise ValueError("no examples: pass at least one Example")
-    if samples_per_prompt < 1:
-        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}; use greedy=True for argmax decoding")
-    if prefix_tokens is not None and prefix_tokens < 1:
-        raise ValueError(f"prefix_tokens must be >= 1 or None, got {prefix_tokens}")
+    sampling.check()
 
 
-def _check_filters(top_p: float, top_k: int) -> None:
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-
-
-def _finish(
+def finish_rollouts(
     examples: Sequence[Example],
     tokenizer: PreTrainedTokenizerBase,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    tokens_BT: Tensor,
-    logprobs_BT: Tensor,
+    prompt: tuple[Tensor, Tensor],
+    sampled: tuple[Tensor, Tensor],
     stop_ids: list[int],
+    sampling: Sampling,
     *,
-    samples_per_prompt: int,
-    partial: bool,
-    group_offset: int,
-    on_policy: bool,
+    group_offset: int = 0,
+    on_policy: bool = True,
 ) -> Rollouts:
-    """Mask after the first stop token, flag truncation and lay out the groups."""
-    g = samples_per_prompt
+    """Mask after the first stop token, flag truncation and lay out the groups.
+
+    ``prompt = (ids_BP, mask_BP)`` one row per example; ``sampled = (tokens_BT, logprobs_BT)`` one row per
+    sample (``G`` adjacent rows per example, ``G = sampling.samples_per_prompt``). A row keeps its tokens
+    up to and including the first stop id; it is truncated when it has none (never for partial rollouts,
+    ``sampling.prefix_tokens`` set). Every engine lays out its samples through this function.
+    """
+    g = sampling.samples_per_prompt
+    prompt_ids, prompt_mask = prompt
+    tokens_BT, logprobs_BT = sampled
     device = tokens_BT.device
     is_stop = torch.isin(tokens_BT, torch.tensor(stop_ids, device=device))
     # True up to and including the first stop token: no stop token strictly before t.
@@ -153,7 +179,7 @@ def _finish(
     completion = torch.where(mask, tokens_BT, torch.full_like(tokens_BT, pad))
     logprobs = torch.where(mask, logprobs_BT.float(), torch.zeros((), device=device))
     truncated = torch.zeros(tokens_BT.shape[0], dtype=torch.bool, device=device)
-    if not partial:
+    if sampling.prefix_tokens is None:
         truncated = ~(is_stop & mask).any(dim=1)
     n = len(examples)
     return Rollouts(
@@ -224,14 +250,8 @@ def generate_rollouts(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
+    sampling: Sampling,
     *,
-    samples_per_prompt: int = 1,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    greedy: bool = False,
-    prefix_tokens: int | None = None,
     group_offset: int = 0,
     on_policy: bool = True,
     sampling_prompt_texts: Sequence[str] | None = None,
@@ -250,12 +270,8 @@ def generate_rollouts(
             pass ``on_policy=False``). Evaluated in eval mode; its train/eval mode is restored.
         tokenizer: encodes ``Example.prompt`` (left-padded) and defines pad / EOS.
         examples: one per prompt; each is repeated ``G`` times, rows of a prompt adjacent.
-        samples_per_prompt: ``G``.
-        max_new_tokens: completion length limit.
-        temperature, top_p, top_k: sampling transforms (``top_k=0`` and ``top_p=1`` are off).
-        greedy: argmax decoding (evaluation).
-        prefix_tokens: partial rollouts (Prefix-OPD): generate only ``min(prefix_tokens,
-            max_new_tokens)`` tokens; no row is marked truncated.
+        sampling: ``G``, the length limit, the sampling transforms, greedy decoding and partial
+            rollouts (Prefix-OPD: ``prefix_tokens``; no row is then marked truncated), see :class:`Sampling`.
         group_offset: added to the prompt index in ``group_index_B``.
         on_policy: the value of ``on_policy_B`` (False when ``model`` is not the student).
         sampling_prompt_texts: texts the model is conditioned on while sampling (e.g. a teacher's
@@ -271,20 +287,13 @@ def generate_rollouts(
         ValueError: empty ``examples``, a non-positive size or temperature, or
             ``sampling_prompt_texts`` of the wrong length.
     """
-    _validate(examples, samples_per_prompt, max_new_tokens, temperature, prefix_tokens)
-    _check_filters(top_p, top_k)
+    _check(examples, sampling)
     stop_ids = stop_token_ids(tokenizer, eos_token_ids)
     device = model_device(model)
-    g = samples_per_prompt
+    g, greedy, temperature = sampling.samples_per_prompt, sampling.greedy, sampling.temperature
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in examples], device)
-    if sampling_prompt_texts is None:
-        gen_ids, gen_mask = prompt_ids, prompt_mask
-    else:
-        if len(sampling_prompt_texts) != len(examples):
-            raise ValueError(f"{len(sampling_prompt_texts)} sampling_prompt_texts for {len(examples)} examples; "
-                             "pass one text per example")
-        gen_ids, gen_mask = encode_prompts(tokenizer, sampling_prompt_texts, device)
-    n_new = max_new_tokens if prefix_tokens is None else min(prefix_tokens, max_new_tokens)
+    gen_ids, gen_mask = _conditioning(tokenizer, sampling_prompt_texts, (prompt_ids, prompt_mask), device,
+                                      "sampling_prompt_texts")
     was_training = model.training
     model.eval()
     try:
@@ -295,16 +304,25 @@ def generate_rollouts(
             if greedy:
                 return torch.log_softmax(logits, dim=-1)
             scaled = logits if temperature == 1.0 else logits / temperature
-            return _filter_logprobs(torch.log_softmax(scaled, dim=-1), top_k, top_p)
+            return _filter_logprobs(torch.log_softmax(scaled, dim=-1), sampling.top_k, sampling.top_p)
 
-        tokens, logprobs = _decode([decoder], next_logprobs, n_new=n_new, stop_ids=stop_ids,
+        tokens, logprobs = _decode([decoder], next_logprobs, n_new=sampling.new_tokens, stop_ids=stop_ids,
                                    pad_id=tokenizer.pad_token_id, greedy=greedy)
     finally:
         if was_training:  # train(False) would only repeat eval()'s walk over the modules
             model.train()
-    return _finish(examples, tokenizer, prompt_ids, prompt_mask, tokens, logprobs, stop_ids,
-                   samples_per_prompt=g, partial=prefix_tokens is not None, group_offset=group_offset,
-                   on_policy=on_policy)
+    return finish_rollouts(examples, tokenizer, (prompt_ids, prompt_mask), (tokens, logprobs), stop_ids, sampling,
+                           group_offset=group_offset, on_policy=on_policy)
+
+
+def _conditioning(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str] | None, prompt: tuple[Tensor, Tensor],
+                  device: torch.device | str, what: str) -> tuple[Tensor, Tensor]:
+    """The batch a model reads while sampling: ``texts`` (one per example) encoded, else ``prompt``."""
+    if texts is None:
+        return prompt
+    if len(texts) != prompt[0].shape[0]:
+        raise ValueError(f"{len(texts)} {what} for {prompt[0].shape[0]} examples; pass one text per example")
+    return encode_prompts(tokenizer, texts, device)
 
 
 class _CachedDecoder:
@@ -315,11 +333,11 @@ class _CachedDecoder:
         self.device = model_device(model)
         self.mask = mask_BP.to(self.device)
         kwargs: dict[str, Any] = {}
-        if "logits_to_keep" in _forward_params(type(model)):
+        if "logits_to_keep" in forward_params(type(model)):
             kwargs["logits_to_keep"] = 1
         out = model(input_ids=ids_BP.to(self.device), attention_mask=self.mask,
                     position_ids=position_ids_from_mask(self.mask), use_cache=True, **kwargs)
-        self.cache = _output_cache(out)
+        self.cache = output_cache(out)
         self.logits = out.logits[:, -1]
 
     def step(self, tokens_B: Tensor) -> Tensor:
@@ -328,8 +346,8 @@ class _CachedDecoder:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         positions = self.mask.sum(dim=1, keepdim=True) - 1
         out = self.model(input_ids=tokens_B[:, None], attention_mask=self.mask, position_ids=positions,
-                         use_cache=True, **{_cache_kwarg(self.model): self.cache})
-        self.cache = _output_cache(out)
+                         use_cache=True, **{cache_kwarg(self.model): self.cache})
+        self.cache = output_cache(out)
         self.logits = out.logits[:, -1]
         return self.logits
 
@@ -374,15 +392,10 @@ def generate_mixed_rollouts(
     teacher: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
+    sampling: Sampling,
     *,
     alpha: float,
     teacher_prompt_texts: Sequence[str] | None = None,
-    samples_per_prompt: int = 1,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    prefix_tokens: int | None = None,
     group_offset: int = 0,
     eos_token_ids: Sequence[int] | int | None = None,
 ) -> Rollouts:
@@ -408,24 +421,20 @@ def generate_mixed_rollouts(
     available).
 
     Raises:
-        ValueError: ``alpha`` outside ``[0, 1]``, or the arguments ``generate_rollouts`` rejects.
+        ValueError: ``alpha`` outside ``[0, 1]``, ``sampling.greedy`` (the mixture is sampled), or the
+            arguments ``generate_rollouts`` rejects.
     """
-    _validate(examples, samples_per_prompt, max_new_tokens, temperature, prefix_tokens)
+    _check(examples, sampling)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (MiniLLM uses 0.2), got {alpha}")
-    _check_filters(top_p, top_k)
+    if sampling.greedy:
+        raise ValueError("teacher-mixed sampling draws from the mixture; greedy decoding is not supported")
     stop_ids = stop_token_ids(tokenizer, eos_token_ids)
-    g = samples_per_prompt
+    g, temperature = sampling.samples_per_prompt, sampling.temperature
     device = model_device(student)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in examples], device)
-    if teacher_prompt_texts is None:
-        t_ids, t_mask = prompt_ids, prompt_mask
-    else:
-        if len(teacher_prompt_texts) != len(examples):
-            raise ValueError(f"{len(teacher_prompt_texts)} teacher_prompt_texts for {len(examples)} examples; "
-                             "pass one text per example")
-        t_ids, t_mask = encode_prompts(tokenizer, teacher_prompt_texts, model_device(teacher))
-    n_new = max_new_tokens if prefix_tokens is None else min(prefix_tokens, max_new_tokens)
+    t_ids, t_mask = _conditioning(tokenizer, teacher_prompt_texts, (prompt_ids, prompt_mask), model_device(teacher),
+                                  "teacher_prompt_texts")
     modes = (student.training, teacher.training)
     student.eval()
     teacher.eval()
@@ -435,12 +444,12 @@ def generate_mixed_rollouts(
 
         def next_logprobs(decoders: Sequence[_CachedDecoder]) -> Tensor:
             log_mix = _mixture_logprobs(decoders[0].logits, decoders[1].logits, alpha, temperature)
-            return _filter_logprobs(log_mix, top_k, top_p)
+            return _filter_logprobs(log_mix, sampling.top_k, sampling.top_p)
 
-        tokens, logprobs = _decode([s_dec, t_dec], next_logprobs, n_new=n_new, stop_ids=stop_ids,
+        tokens, logprobs = _decode([s_dec, t_dec], next_logprobs, n_new=sampling.new_tokens, stop_ids=stop_ids,
                                    pad_id=tokenizer.pad_token_id)
     finally:
         student.train(modes[0])
         teacher.train(modes[1])
-    return _finish(examples, tokenizer, prompt_ids, prompt_mask, tokens, logprobs, stop_ids, samples_per_prompt=g,
-                   partial=prefix_tokens is not None, group_offset=group_offset, on_policy=True)
+    return finish_rollouts(examples, tokenizer, (prompt_ids, prompt_mask), (tokens, logprobs), stop_ids, sampling,
+                           group_offset=group_offset, on_policy=True)

@@ -16,8 +16,8 @@ seeds per step, so a step's rollouts are reproducible with the in-process engine
 batching may differ between runs).
 
 * :class:`VLLMEngine` — ``vllm.LLM`` in the training process (colocated). ``sync_weights`` pushes
-  the live student's ``state_dict`` with ``collective_rpc("reload_weights", weights_iterator=...)``
-  and clears the prefix cache (cached prompt KV was computed with the old weights).
+  the live student's ``state_dict`` (a LoRA student's merged weights) with
+  ``collective_rpc("reload_weights", weights_iterator=...)`` and clears the prefix cache (cached prompt KV was computed with the old weights).
 * :class:`VLLMServerEngine` — a vLLM OpenAI-compatible server (``rollout.server``), started with
   ``--logprobs-mode processed_logprobs`` and ``VLLM_SERVER_DEV_MODE=1``: ``sync_weights`` writes the
   weights (:func:`write_weights`) under ``rollout.sync_dir`` and asks the server to reload them
@@ -44,12 +44,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from opd.rollout.generate import _finish, encode_prompts, stop_token_ids
+from opd.model_paths import resolve_model_path
+from opd.rollout.generate import encode_prompts, finish_rollouts, stop_token_ids
 from opd.tasks.base import Example
 from opd.types import Rollouts
 
 __all__ = ["ROTARY_RELOAD_FILTER", "VLLMEngine", "VLLMServerEngine", "engine_log_quieted", "import_vllm",
-           "sampling_args", "write_weights"]
+           "pushed_state", "sampling_args", "vllm_engine", "write_weights"]
 
 _DOC = "docs/serving.md"
 #: Environment variables through which a user takes charge of vLLM's own logging (then opd leaves it be).
@@ -162,7 +163,7 @@ def import_vllm():
 
 
 def sampling_args(sampling, stop_ids: list[int], seed: int | None) -> dict[str, Any]:
-    """vLLM sampling parameters that mean what ``sampling`` (:class:`opd.rollout.engine.Sampling`)
+    """vLLM sampling parameters that mean what ``sampling`` (:class:`opd.rollout.generate.Sampling`)
     means to the hf engine (module docstring)."""
     n_new = sampling.max_new_tokens if sampling.prefix_tokens is None else min(sampling.prefix_tokens,
                                                                                 sampling.max_new_tokens)
@@ -176,20 +177,32 @@ def sampling_args(sampling, stop_ids: list[int], seed: int | None) -> dict[str, 
     return args
 
 
+def pushed_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What a push sends to vLLM: ``(name, tensor)`` under the plain model's names, as vLLM loaded
+    it. A plain student: its ``state_dict``. A LoRA student: the merged weights
+    ``W + (α/r)·B A`` (:func:`opd.lora.merged_state_dict`) — its own ``state_dict`` holds
+    ``…base_layer.weight`` / ``…lora_A…`` entries that vLLM's modules do not have."""
+    from opd.lora import is_lora, merged_state_dict
+
+    with torch.no_grad():
+        state = merged_state_dict(model) if is_lora(model) else model.state_dict()
+        return [(name, t.detach()) for name, t in state.items()]
+
+
 def write_weights(model: nn.Module, sync_dir: str | os.PathLike) -> Path:
     """The model's full ``state_dict`` as ``<sync_dir>/opd-weights/model.safetensors`` (+ ``config.json``),
     replaced atomically; returns that folder.
 
     Every entry is written, tied ones included: ``save_pretrained`` drops ``lm_head.weight`` when it
     is tied to the embedding, and vLLM's CPU backend keeps a separate (repacked) output layer that is
-    then left stale (measured: greedy completions diverge from the updated model's).
+    then left stale (measured: greedy completions diverge from the updated model's). A LoRA student's
+    weights are written merged (:func:`pushed_state`).
     """
     from safetensors.torch import save_file
 
     folder = Path(sync_dir) / "opd-weights"
     folder.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        state = {name: t.detach().to("cpu").clone().contiguous() for name, t in model.state_dict().items()}
+    state = {name: t.to("cpu").clone().contiguous() for name, t in pushed_state(model)}
     tmp = folder / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
@@ -230,9 +243,8 @@ class _Layout:
                 raise ValueError(f"row {i}: {len(t)} tokens but {len(lp)} log-probs from vLLM")
             tokens_BT[i, : len(t)] = torch.tensor(t, dtype=torch.long)
             logprobs_BT[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-        return _finish(examples, tokenizer, self.prompt_ids, self.prompt_mask, tokens_BT, logprobs_BT, stop_ids,
-                       samples_per_prompt=sampling.samples_per_prompt, partial=sampling.prefix_tokens is not None,
-                       group_offset=group_offset, on_policy=True)
+        return finish_rollouts(examples, tokenizer, (self.prompt_ids, self.prompt_mask), (tokens_BT, logprobs_BT),
+                               stop_ids, sampling, group_offset=group_offset)
 
 
 def _row_seeds(n: int, greedy: bool) -> list[int | None]:
@@ -275,6 +287,7 @@ class VLLMEngine:
     """
 
     name = "vllm"
+    sampling_module = None  # samples in vLLM, not from an in-process module
 
     def __init__(self, model_path: str, tokenizer: PreTrainedTokenizerBase, *, sync_every: int = 1,
                  memory: float = 0.1, max_model_len: int | None = None, dtype: str = "float32", seed: int = 0,
@@ -320,9 +333,7 @@ class VLLMEngine:
     def sync_weights(self, model: nn.Module) -> None:
         if not self.sync.due():
             return
-        with torch.no_grad():
-            state = [(name, t.detach()) for name, t in model.state_dict().items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state)})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pushed_state(model))})
         self.llm.reset_prefix_cache()
         self.sync.pushes += 1
 
@@ -343,6 +354,7 @@ class VLLMServerEngine:
     """
 
     name = "vllm"
+    sampling_module = None  # samples in vLLM, not from an in-process module
 
     def __init__(self, client, tokenizer: PreTrainedTokenizerBase, *, sync_every: int = 1,
                  sync_dir: str | os.PathLike | None = None, model: str | None = None, concurrency: int = 32):
@@ -446,3 +458,18 @@ class VLLMServerEngine:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def vllm_engine(cfg, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> VLLMEngine | VLLMServerEngine:
+    """``rollout.engine=vllm``: the server at ``rollout.server``, else a colocated ``vllm.LLM`` loaded
+    from the student's checkpoint (the loop pushes the live weights before the first rollout)."""
+    r = cfg.rollout
+    if r.server:
+        from opd.serve.client import ServiceClient
+
+        client = ServiceClient(r.server, role="rollout server", timeout=r.server_timeout, retries=r.server_retries)
+        return VLLMServerEngine(client, tokenizer, sync_every=r.sync_every, sync_dir=r.sync_dir)
+    return VLLMEngine(resolve_model_path(cfg.student.model), tokenizer, sync_every=r.sync_every,
+                      memory=r.vllm_memory, max_model_len=r.vllm_max_model_len, dtype=cfg.student.dtype,
+                      seed=cfg.seed,
+                      tokenizer_path=resolve_model_path(cfg.student.tokenizer) if cfg.student.tokenizer else None)

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from opd.rollout import HeadNotLinearError, lm_head_of, lm_head_vocab_size
+from opd.forward import HeadNotLinearError, lm_head_of, lm_head_vocab_size
 from opd.serve.batcher import Batcher
 from opd.serve.hidden import encode_head, head_digest, score_hidden, weights_digest
 from opd.serve.payload import PAYLOADS, PROTOCOL, ScoreRequest
@@ -40,7 +40,7 @@ __all__ = ["build_app", "hidden_payload_info", "tokenizer_files"]
 def hidden_payload_info(model: nn.Module) -> dict[str, Any] | None:
     """What ``payload=hidden`` needs announced (``hidden_size``, ``head_sha256``, ``weights_sha256``) and
     the ``GET /v1/head`` body (``head``); None when the model's head is not a plain linear layer
-    (:func:`opd.rollout.lm_head_of` says why), so hidden states would not reproduce its logits."""
+    (:func:`opd.forward.lm_head_of` says why), so hidden states would not reproduce its logits."""
     try:
         weight, bias = lm_head_of(model)
     except HeadNotLinearError:

@@ -8,7 +8,7 @@ teacher's output head ``z = h Wᵀ + b`` itself, chunk by chunk (:mod:`opd.math.
     hidden_t = h_T(s_t)                      (the decoder's output, what lm_head reads)
     log π_T(· | s_t) = log_softmax((h_t Wᵀ + b) / τ)   (computed by the caller, fp32)
 
-— the same forward pass as the log-prob payload (:func:`opd.rollout.completion_forward` with
+— the same forward pass as the log-prob payload (:func:`opd.forward.completion_forward` with
 ``output="hidden"``). Bytes per token: ``H·4`` (fp32) or ``H·2`` (fp16 / bf16) against ``V·4`` for
 full fp32 log-probs; at ``V = 49,152, H = 576`` that is 85× / 170× fewer.
 

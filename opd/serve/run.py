@@ -9,7 +9,7 @@ __all__ = ["load_teacher", "serve_teacher"]
 
 def load_teacher(model: str, *, dtype: str = "float32", device: str = "cpu"):
     """``(model, tokenizer)`` for ``model`` (a folder, a hub id or ``builtin:arith/teacher``)."""
-    from opd.build import resolve_model_path
+    from opd.model_paths import resolve_model_path
     from opd.models import load_model, load_tokenizer
 
     path = resolve_model_path(model)

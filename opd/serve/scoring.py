@@ -9,7 +9,7 @@ For sequence ``i`` with teacher prompt ``x_i`` and completion ``y_i`` and each c
     chosen_t[m]   = lp_t[token_ids[t, m]]                    (caller-chosen ids, e.g. the student's top-k)
 
 — exactly what :class:`opd.teachers.ModelTeacher` computes in process, through the same forward
-pass (:func:`opd.rollout.completion_forward`: left-padded prompts, right-padded completions,
+pass (:func:`opd.forward.completion_forward`: left-padded prompts, right-padded completions,
 position ids from the attention mask, so padding does not change a row's values).
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from opd.rollout import completion_forward, lm_head_vocab_size, model_device
+from opd.forward import completion_forward, lm_head_vocab_size, model_device
 from opd.serve.payload import ScoreAnswer, ScoreRequest
 
 __all__ = ["forward_groups", "pad_rows", "score_request", "split_batches"]

@@ -7,7 +7,7 @@ resumable, then one aggregate with 95 % confidence intervals.
 Modules: :mod:`~opd.sweep.spec` (the specification), :mod:`~opd.sweep.execute` (planning, resuming,
 the local pool and Ray), :mod:`~opd.sweep.posteval` (sampled evaluation of a finished run),
 :mod:`~opd.sweep.aggregate` (final metrics and curves per cell), :mod:`~opd.sweep.stats`
-(Student-t intervals); the pages are written by :mod:`opd.report.sweep`.
+(Student-t intervals); the pages are written by :mod:`opd.sweep.report`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class SweepOutcome:
 def write_aggregate(spec: SweepSpec, runs: list[Run], out: Path, *, command: str | None = None
                     ) -> tuple[list[CellResult], list[Path]]:
     """Aggregate the finished runs into ``sweep_results.json``, ``sweep.html`` and ``sweep.md`` in ``out``."""
-    from opd.report.sweep import write_sweep_report
+    from opd.sweep.report import write_sweep_report
 
     cells = aggregate(spec, runs)
     data = results_dict(spec, cells)

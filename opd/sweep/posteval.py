@@ -32,11 +32,12 @@ def sampled_evaluation(run_dir: str | Path, samples: int, model_path: str | None
     run's held-out set and settings."""
     import torch
 
-    from opd.build import build_task, resolve_model_path
     from opd.config.load import load_config
     from opd.evaluate import decode_completions
+    from opd.factories import build_task
+    from opd.model_paths import resolve_model_path
     from opd.models import load_model, load_tokenizer
-    from opd.rollout import generate_rollouts
+    from opd.rollout import Sampling, generate_rollouts
 
     run = Path(run_dir)
     final = Path(resolve_model_path(model_path)) if model_path else run / "final"
@@ -56,9 +57,9 @@ def sampled_evaluation(run_dir: str | Path, samples: int, model_path: str | None
     with torch.no_grad():
         for start in range(0, len(examples), batch):
             chunk = examples[start:start + batch]
-            for kind, kwargs in (("sample", {"samples_per_prompt": samples, "temperature": 1.0}),
-                                 ("greedy", {"greedy": True})):
-                rollouts = generate_rollouts(model, tokenizer, chunk, max_new_tokens=max_new, **kwargs)
+            for kind, sampling in (("sample", Sampling(max_new, samples_per_prompt=samples, temperature=1.0)),
+                                   ("greedy", Sampling(max_new, greedy=True))):
+                rollouts = generate_rollouts(model, tokenizer, chunk, sampling)
                 texts = decode_completions(tokenizer, rollouts)
                 for ex, text in zip(rollouts.examples, texts, strict=True):
                     if kind == "sample":

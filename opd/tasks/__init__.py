@@ -1,4 +1,7 @@
-"""Built-in tasks: prompt sources with a held-out set and a verifier (see :mod:`opd.tasks.base`)."""
+"""Built-in tasks: prompt sources with a held-out set and a verifier (see :mod:`opd.tasks.base`).
+
+The checkpoints shipped for them lie under ``opd/assets/`` (:mod:`opd.tasks.assets`); the code that
+trains those is :mod:`opd.shipped`."""
 
 from __future__ import annotations
 
@@ -20,15 +23,9 @@ __all__ = [
     "make_task",
 ]
 
-def _arith_chat(**kwargs: Any) -> Task:
-    # imported on use: the chat task reads conversations through opd.data, which imports this package
-    from opd.tasks.arith_chat import ArithChatTask
-
-    return ArithChatTask(**kwargs)
-
-
-#: Built-in tasks by name (a class or a factory taking the constructor's keyword arguments).
-TASKS: dict[str, Callable[..., Task]] = {"arith": ArithTask, "arith_chat": _arith_chat, **CASE_TASKS}
+#: Built-in generated tasks by name (a class or a factory taking the constructor's keyword arguments).
+#: ``arith_chat`` is read through the user-data path: :class:`opd.data.ArithChatTask`.
+TASKS: dict[str, Callable[..., Task]] = {"arith": ArithTask, **CASE_TASKS}
 
 
 def make_task(name: str, **kwargs: Any) -> Task:

@@ -37,7 +37,8 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerFast
 
-from opd.tasks.base import Example
+from opd.tasks.assets import shipped_checkpoint
+from opd.tasks.base import Example, draw_training_examples
 from opd.tokenization import char_tokenizer
 
 __all__ = [
@@ -59,9 +60,6 @@ ARITH_EOS = "$"
 #: Names of the checkpoints shipped in ``opd/assets/arith/``.
 ARITH_CHECKPOINTS = ("teacher", "student", "smoke_teacher", "smoke_student")
 
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "arith"
-
-
 def arith_tokenizer() -> PreTrainedTokenizerFast:
     """The task's character tokenizer: ``_``=pad 0, ``^``=bos 1, ``$``=eos 2, ``?``=unk 3, then
     ``0``-``9`` = 4-13, ``+`` = 14, ``=`` = 15, ``|`` = 16 (vocabulary size 17)."""
@@ -74,17 +72,9 @@ def arith_checkpoint(name: str) -> Path:
 
     Raises:
         ValueError: unknown name. FileNotFoundError: the checkpoint was not generated; run
-            ``python scripts/make_arith_checkpoints.py``.
+            ``opd make-checkpoints arith``.
     """
-    if name not in ARITH_CHECKPOINTS:
-        raise ValueError(f"unknown arith checkpoint {name!r}; choose one of {list(ARITH_CHECKPOINTS)}")
-    path = _ASSETS / name
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the arith checkpoint {name!r} is missing at {path}; regenerate the shipped checkpoints "
-            "with `python scripts/make_arith_checkpoints.py`"
-        )
-    return path
+    return shipped_checkpoint("arith", name, ARITH_CHECKPOINTS, make="opd make-checkpoints arith")
 
 
 class ArithTask:
@@ -171,15 +161,8 @@ class ArithTask:
 
         A pure function of ``(self.digits, self.seed, seed, step, batch_size)``.
         """
-        if step < 0 or batch_size < 1:
-            raise ValueError(f"step must be >= 0 and batch_size >= 1, got step={step}, batch_size={batch_size}")
         rng = random.Random(f"arith-train:{self.digits}:{self.seed}:{seed}:{step}")
-        out: list[Example] = []
-        while len(out) < batch_size:
-            pair = self._draw(rng)
-            if pair not in self._eval_set:
-                out.append(self.example(*pair))
-        return out
+        return draw_training_examples(step, batch_size, rng, self._draw, self._eval_set, lambda ab: self.example(*ab))
 
     def eval_examples(self, n: int | None = None) -> list[Example]:
         """The first ``n`` (default: all ``eval_size``) held-out examples, always the same ones."""

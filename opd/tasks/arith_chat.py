@@ -1,5 +1,6 @@
-"""The built-in ``arith_chat`` task: short multi-turn conversations with tool turns, read through the
-same ``data.format=chat`` path as a user's JSONL file (:mod:`opd.chat`, :mod:`opd.data`).
+"""The built-in ``arith_chat`` conversations: short multi-turn conversations with tool turns, their
+tokenizer and shipped checkpoints. The task over them, :class:`opd.data.ArithChatTask`, reads them
+through the same ``data.format=chat`` path as a user's JSONL file (:mod:`opd.chat`, :mod:`opd.data`).
 
 Every conversation has two assistant turns; numbers are 2-digit operands written least
 significant digit first, as in :mod:`opd.tasks.arith`::
@@ -24,7 +25,7 @@ turn are prompt tokens and never enter the loss. With ``train_turns=all`` each c
 two examples (the first turn with the conversation before it). The held-out conversations are drawn
 from their own seed and never appear in training. Verifier: exact match of the turn's text.
 
-``python scripts/make_chat_checkpoints.py`` trains the shipped pair (:mod:`opd.tasks.chat_checkpoints`).
+``opd make-checkpoints chat`` trains the shipped pair (:mod:`opd.shipped.chat`).
 """
 
 from __future__ import annotations
@@ -35,14 +36,12 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-from opd.chat import ChatFormat
-from opd.data import _RecordTask
+from opd.tasks.assets import shipped_checkpoint
 from opd.tokenization import char_tokenizer
 
-__all__ = ["ARITH_CHAT_CHECKPOINTS", "ArithChatTask", "arith_chat_checkpoint", "arith_chat_tokenizer",
+__all__ = ["ARITH_CHAT_CHECKPOINTS", "arith_chat_checkpoint", "arith_chat_records", "arith_chat_tokenizer",
            "conversation", "conversations", "write_jsonl"]
 
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "arith_chat"
 ARITH_CHAT_CHECKPOINTS = ("teacher", "student")
 #: Characters of the task (roles are special tokens; ``\n`` and space let system prompts be merged).
 CHAT_ALPHABET = "0123456789+=x: \n"
@@ -67,15 +66,9 @@ def arith_chat_checkpoint(name: str) -> Path:
     """Folder of a shipped checkpoint (``teacher`` or ``student``).
 
     Raises:
-        ValueError: unknown name. FileNotFoundError: not generated; run ``python scripts/make_chat_checkpoints.py``.
+        ValueError: unknown name. FileNotFoundError: not generated; run ``opd make-checkpoints chat``.
     """
-    if name not in ARITH_CHAT_CHECKPOINTS:
-        raise ValueError(f"unknown arith_chat checkpoint {name!r}; choose one of {list(ARITH_CHAT_CHECKPOINTS)}")
-    path = _ASSETS / name
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the checkpoint arith_chat/{name} is missing at {path}; regenerate it with "
-                                "`python scripts/make_chat_checkpoints.py`")
-    return path
+    return shipped_checkpoint("arith_chat", name, ARITH_CHAT_CHECKPOINTS, make="opd make-checkpoints chat")
 
 
 def _rev(n: int, width: int = 2) -> str:
@@ -114,26 +107,11 @@ def write_jsonl(path: str | Path, n: int = TRAIN_CONVERSATIONS, seed: str = "ari
     return path
 
 
-class ArithChatTask(_RecordTask):
-    """The built-in conversations as a task (module docstring). ``tokenizer``: the student's (its chat
-    template renders the prompts); other arguments as :class:`opd.data.JsonlTask` / :class:`opd.chat.ChatFormat`."""
-
-    name = "arith_chat"
-
-    def __init__(self, tokenizer: PreTrainedTokenizerFast | None = None, *, train_turns: str = "all",
-                 eval_size: int | None = 500, seed: int = 0, system_prompt: str | None = None,
-                 max_prompt_tokens: int | None = None, context_window: int | None = None,
-                 eos_token: str | None = "$"):
-        tokenizer = arith_chat_tokenizer() if tokenizer is None else tokenizer
-        train = conversations(TRAIN_CONVERSATIONS, f"arith-chat-train:{seed}")
-        held = conversations(EVAL_CONVERSATIONS, f"arith-chat-eval:{seed}")
-        seen = {str(r["messages"]) for r in held}
-        train = [r for r in train if str(r["messages"]) not in seen]
-        fmt = ChatFormat(tokenizer=tokenizer, train_turns=train_turns, system_prompt=system_prompt,  # type: ignore[arg-type]
-                         max_prompt_tokens=max_prompt_tokens, context_window=context_window)
-        super().__init__(train, held, source="arith_chat", eval_source="arith_chat (held out)", prompt_field="prompt",
-                         answer_field=None, context_field=None, route_field=None, verifier="exact_match",
-                         eval_size=eval_size, seed=seed, eos_token=eos_token, chat=fmt)
-
-    def __repr__(self) -> str:
-        return f"ArithChatTask(train_turns={self.chat.train_turns!r}, seed={self.seed})"
+def arith_chat_records(seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(training, held-out)`` conversation records of task seed ``seed``: :data:`TRAIN_CONVERSATIONS`
+    drawn from ``"arith-chat-train:<seed>"`` less those that also occur among the
+    :data:`EVAL_CONVERSATIONS` held-out ones (drawn from ``"arith-chat-eval:<seed>"``)."""
+    train = conversations(TRAIN_CONVERSATIONS, f"arith-chat-train:{seed}")
+    held = conversations(EVAL_CONVERSATIONS, f"arith-chat-eval:{seed}")
+    seen = {str(r["messages"]) for r in held}
+    return [r for r in train if str(r["messages"]) not in seen], held

@@ -12,11 +12,14 @@ stopped. A verifier reads the text up to the first EOS; text with no EOS is a tr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Example", "RenderedPrompt", "Task"]
+__all__ = ["Example", "RenderedPrompt", "Task", "draw_training_examples"]
+
+_Problem = TypeVar("_Problem")
 
 
 class RenderedPrompt(str):
@@ -77,3 +80,23 @@ class Task(Protocol):
     def verify(self, example: Example, completion: str) -> float:
         """Score a completion (special tokens kept): 1.0 correct, 0.0 wrong."""
         ...
+
+
+def draw_training_examples(step: int, batch_size: int, rng: random.Random,
+                           draw: Callable[[random.Random], _Problem], held_out: Container[_Problem],
+                           example: Callable[[_Problem], Example]) -> list[Example]:
+    """The training batch of a generated task: ``example(x)`` for successive draws ``x = draw(rng)``,
+    skipping every ``x`` in ``held_out``, until there are ``batch_size`` (``rng`` seeded from the
+    task, the run seed and ``step``, so the batch is a pure function of them).
+
+    Raises:
+        ValueError: ``step < 0`` or ``batch_size < 1``.
+    """
+    if step < 0 or batch_size < 1:
+        raise ValueError(f"step must be >= 0 and batch_size >= 1, got step={step}, batch_size={batch_size}")
+    out: list[Example] = []
+    while len(out) < batch_size:
+        x = draw(rng)
+        if x not in held_out:
+            out.append(example(x))
+    return out

@@ -34,7 +34,7 @@ in it are redrawn, so the two never overlap. Verifier: 1.0 when the completion b
 EOS is a correct answer (any of the accepted ones), 0.0 otherwise (no EOS: truncated, 0.0).
 :meth:`CaseTask.strategy` names which accepted answer a completion is (for the sampled
 evaluation of a sweep: how often each mode is produced). The checkpoints are made by
-:mod:`opd.tasks.case_checkpoints`.
+:mod:`opd.shipped.cases` (``opd make-checkpoints cases``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from opd.tasks.base import Example
+from opd.tasks.assets import shipped_checkpoint
+from opd.tasks.base import Example, draw_training_examples
 from opd.tokenization import char_tokenizer
 
 __all__ = [
@@ -72,9 +73,6 @@ CASE_ALPHABET = "0123456789=ab"
 CASE_EOS = "$"
 #: Names of the checkpoints shipped per case in ``opd/assets/<case>/``.
 CASE_CHECKPOINTS = ("teacher", "student")
-
-_ASSETS = Path(__file__).resolve().parent.parent / "assets"
-
 
 def case_tokenizer() -> PreTrainedTokenizerFast:
     """The case tasks' character tokenizer: ``_``=pad 0, ``^``=bos 1, ``$``=eos 2, ``?``=unk 3,
@@ -158,15 +156,8 @@ class CaseTask(ABC):
     def train_examples(self, step: int, batch_size: int, seed: int) -> list[Example]:
         """``batch_size`` random inputs for ``step``, never from the held-out set; a pure function of
         ``(name, length, self.seed, seed, step, batch_size)``."""
-        if step < 0 or batch_size < 1:
-            raise ValueError(f"step must be >= 0 and batch_size >= 1, got step={step}, batch_size={batch_size}")
         rng = random.Random(f"{self.name}-train:{self.length}:{self.seed}:{seed}:{step}")
-        out: list[Example] = []
-        while len(out) < batch_size:
-            x = self._draw(rng)
-            if x not in self._eval_set:
-                out.append(self.example(x))
-        return out
+        return draw_training_examples(step, batch_size, rng, self._draw, self._eval_set, self.example)
 
     def eval_examples(self, n: int | None = None) -> list[Example]:
         """The first ``n`` (default: all ``eval_size``) held-out examples, always the same ones."""
@@ -288,13 +279,9 @@ def case_checkpoint(case: str, name: str) -> Path:
 
     Raises:
         ValueError: unknown case or name. FileNotFoundError: not generated; run
-            ``python scripts/make_case_checkpoints.py``.
+            ``opd make-checkpoints cases``.
     """
-    if case not in CASE_TASKS or name not in CASE_CHECKPOINTS:
+    if case not in CASE_TASKS:
         raise ValueError(f"unknown case checkpoint {case}/{name}; the shipped ones are "
                          + ", ".join(f"builtin:{c}/{n}" for c in CASE_TASKS for n in CASE_CHECKPOINTS))
-    path = _ASSETS / case / name
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the case checkpoint {case}/{name} is missing at {path}; generate it with "
-                                f"`python scripts/make_case_checkpoints.py --only {case}`")
-    return path
+    return shipped_checkpoint(case, name, CASE_CHECKPOINTS, make=f"opd make-checkpoints cases --only {case}")

@@ -18,13 +18,14 @@ student's own weights under a privileged context, frozen copy or live), :class:`
 tokenizer: it scores the student's *text* and answers in the student's positions and vocabulary).
 """
 
-from opd.teachers.base import Teacher, teacher_prompt_texts
+from opd.teachers.base import LocalModel, Teacher, teacher_prompt_texts
 from opd.teachers.cross_tokenizer import CrossTokenizerTeacher
 from opd.teachers.model import ModelTeacher, SelfTeacher
 from opd.teachers.routed import RoutedTeacher
 
 __all__ = [
     "CrossTokenizerTeacher",
+    "LocalModel",
     "ModelTeacher",
     "RoutedTeacher",
     "SelfTeacher",

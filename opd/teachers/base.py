@@ -3,23 +3,59 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from opd.chat import render_prompt, with_system_prompt
 from opd.tasks.base import Example
 from opd.types import ACCESS_LEVELS, Access, Feedback, Rollouts
 
-__all__ = ["Teacher", "check_request", "teacher_prompt_texts"]
+__all__ = ["LocalModel", "Teacher", "check_request", "teacher_prompt_texts"]
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """An in-process network behind a teacher, with what reads its prompts.
+
+    ``teacher`` is the teacher that runs it (inside caches and routing); ``own_tokenizer`` is True
+    when ``tokenizer`` is the teacher's own (``teacher.tokenizer=own``: nothing may feed it the
+    student's token ids).
+    """
+
+    teacher: Any
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    own_tokenizer: bool
+    use_context: bool
+    context_template: str
+
+    def prompt_texts(self, examples: Sequence[Example]) -> list[str]:
+        """What this network reads before each completion (:func:`teacher_prompt_texts`)."""
+        return teacher_prompt_texts(examples, self.use_context, self.context_template,
+                                    tokenizer=self.tokenizer if self.own_tokenizer else None)
 
 
 @runtime_checkable
 class Teacher(Protocol):
-    """Anything that scores rollouts: ``score(rollouts, access=..., topk=...) -> Feedback``."""
+    """Anything that scores rollouts: ``score(rollouts, access=..., topk=...) -> Feedback``.
+
+    ``model`` is the network that may sample with the *student's* token ids (teacher-mixed sampling,
+    off-policy teacher samples), None when there is none (a server, a teacher with its own
+    tokenizer, several routed teachers). :meth:`local_models` lists every in-process network
+    behind the teacher (context-length checks, the teacher's held-out evaluation).
+    """
+
+    model: nn.Module | None
 
     def score(self, rollouts: Rollouts, *, access: Access = "sampled", topk: int = 32) -> Feedback:
         """Teacher feedback on ``rollouts`` at the teacher temperature (0 on padding)."""
+        ...
+
+    def local_models(self) -> list[LocalModel]:
+        """The in-process networks behind this teacher (empty for a server)."""
         ...
 
 

@@ -4,22 +4,22 @@ the student's token ids, and answers in the student's token positions and vocabu
 For each rollout:
 
 1. the student's completion is decoded in context into its text ``x`` (its final EOS, if any, is
-   kept apart) with the character offset after each student token (:func:`opd.xtok.decode_offsets`);
+   kept apart) with the character offset after each student token (:func:`opd.tokenization.decode_offsets`);
 2. the teacher's prompt is rendered for the teacher (:func:`opd.teachers.teacher_prompt_texts` with
    the teacher's tokenizer: a conversation goes through the *teacher's* chat template), ``x`` is
    re-tokenized by the teacher's tokenizer, followed by the teacher's EOS where the student wrote its
    EOS (student EOS ↔ teacher EOS), and the teacher scores that sequence in one forward pass;
 3. the two tokenizations are aligned by character offsets and the teacher's log-probs are merged
-   over the spans on which both agree (:func:`opd.xtok.align_tokens`): the entry of a student token
+   over the spans on which both agree (:func:`opd.token_alignment.align_tokens`): the entry of a student token
    is the teacher's log-prob of the same text given the same prefix, exact on tokens whose both ends
    are teacher boundaries and split within a teacher token by the teacher's own prefix probabilities
    otherwise. ``Σ_t sampled_logprobs_BT[b, t]`` is the teacher's log-prob of the completion.
 
 Distributions (``access="topk"`` / ``"full"``) exist only at student states that are teacher states
 (the student token starts on a teacher boundary): there the teacher's next-token distribution is
-mapped onto the student vocabulary by token text (:func:`opd.xtok.vocab_map`), which is exact on the
+mapped onto the student vocabulary by token text (:func:`opd.tokenization.vocab_map`), which is exact on the
 shared tokens. The teacher mass on tokens no student token maps to is reported for the ULD term
-(:class:`opd.types.CrossVocabFeedback`, :mod:`opd.xtok.uld`). Elsewhere no teacher distribution over
+(:class:`opd.types.CrossVocabFeedback`, :mod:`opd.token_alignment.uld`). Elsewhere no teacher distribution over
 the student's next token exists: ``topk`` is empty there (ids ``-1``, log-probs ``-inf``; a
 ``teacher_topk`` support is then empty and the route-1 term 0), and ``logits_BTV`` holds the sampled
 token's merged log-prob against a uniform rest **[INFER]** (only so that a full-vocabulary consumer,
@@ -35,22 +35,41 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from opd.rollout import completion_forward, encode_prompts, lm_head_vocab_size, model_device
-from opd.teachers.base import check_request, teacher_prompt_texts
+from opd.teachers.base import LocalModel, check_request, teacher_prompt_texts
+from opd.token_alignment.align import align_tokens
+from opd.tokenization.tokens import PrefixIndex, decode_offsets, token_strings, vocab_map
 from opd.types import Access, CrossVocabFeedback, Feedback, Rollouts
-from opd.xtok.align import align_tokens
-from opd.xtok.tokens import PrefixIndex, decode_offsets, token_strings, vocab_map
 
 __all__ = ["CrossTokenizerTeacher"]
 
 #: Elements of one ``[rows, T, V_T]`` fp32 block of teacher log-probs (≈ 256 MiB).
 _BLOCK_ELEMENTS = 1 << 26
 _NEG_INF = float("-inf")
+
+
+@dataclass
+class _Distributions:
+    """The teacher's distributions mapped onto the student's positions, filled row by row:
+    top-k ids / log-probs ``[B, T, K]``, the largest unmapped probabilities ``[B, T, U]``, the
+    unmapped mass ``[B, T]`` and (``access="full"``) the full log-probs ``[B, T, V_S]``."""
+
+    top_ids: Tensor
+    top_lp: Tensor
+    un_top: Tensor
+    un_mass: Tensor
+    full: Tensor | None
+
+    @classmethod
+    def empty(cls, b: int, t: int, k: int, u: int, full_vocab: int | None) -> _Distributions:
+        return cls(torch.full((b, t, k), -1, dtype=torch.long), torch.full((b, t, k), _NEG_INF), torch.zeros(b, t, u),
+                   torch.zeros(b, t), None if full_vocab is None else torch.zeros(b, t, full_vocab))
 
 
 class CrossTokenizerTeacher:
@@ -128,6 +147,12 @@ class CrossTokenizerTeacher:
         self.teacher_unmapped_V = ~mapped_t
 
     # ---------------------------------------------------------------------------------------
+    #: nothing may sample this teacher with the student's ids (its network is :attr:`teacher_model`)
+    model = None
+
+    def local_models(self) -> list[LocalModel]:
+        return [LocalModel(self, self.teacher_model, self.tokenizer, True, self.use_context, self.context_template)]
+
     def prompt_texts(self, rollouts: Rollouts) -> list[str]:
         """The teacher's prompt text of every row (its own chat template for conversations); rows
         without examples use the student's prompt decoded to text."""
@@ -183,12 +208,7 @@ class CrossTokenizerTeacher:
         dist = access != "sampled"
         k = min(topk, v_s)
         u = self.unmapped_topk
-        if dist:
-            top_ids = torch.full((b, t, k), -1, dtype=torch.long)
-            top_lp = torch.full((b, t, k), _NEG_INF)
-            un_top = torch.zeros(b, t, u)
-            un_mass = torch.zeros(b, t)
-            full = torch.zeros(b, t, v_s) if access == "full" else None
+        out = _Distributions.empty(b, t, k, u, v_s if access == "full" else None) if dist else None
 
         width = max([len(r["t_completion"]) for r in rows] + [1])
         v_t = lm_head_vocab_size(self.teacher_model)
@@ -202,9 +222,8 @@ class CrossTokenizerTeacher:
                 for i, row_b in enumerate(part):
                     self._score_row(rows[row_b], logp[i], row_b, rollouts, sampled, token_aligned, state_aligned,
                                     state_index)
-                    if dist:
-                        self._distribution_row(logp[i], row_b, rollouts, state_index, sampled, k, top_ids, top_lp,
-                                               un_top, un_mass, full)
+                    if out is not None:
+                        self._distribution_row(logp[i], row_b, rollouts, state_index, sampled, out)
         finally:
             if was_training:
                 self.teacher_model.train()
@@ -213,14 +232,14 @@ class CrossTokenizerTeacher:
         result: dict[str, Tensor | None] = {"sampled_logprobs_BT": torch.where(mask, sampled, 0.0)}
         cross = {"token_aligned_BT": token_aligned & mask, "state_aligned_BT": state_aligned & mask,
                  "student_unmapped_V": (self.map_V < 0)}
-        if dist:
+        if out is not None:
             keep = mask[..., None]
-            result["topk_ids_BTK"] = torch.where(keep, top_ids, 0)
-            result["topk_logprobs_BTK"] = torch.where(keep, top_lp, 0.0)
-            if full is not None:
-                result["logits_BTV"] = torch.where(keep, full, 0.0)
-            cross["unmapped_topk_BTU"] = torch.where(keep, un_top, 0.0)
-            cross["unmapped_mass_BT"] = torch.where(mask, un_mass, 0.0)
+            result["topk_ids_BTK"] = torch.where(keep, out.top_ids, 0)
+            result["topk_logprobs_BTK"] = torch.where(keep, out.top_lp, 0.0)
+            if out.full is not None:
+                result["logits_BTV"] = torch.where(keep, out.full, 0.0)
+            cross["unmapped_topk_BTU"] = torch.where(keep, out.un_top, 0.0)
+            cross["unmapped_mass_BT"] = torch.where(mask, out.un_mass, 0.0)
         moved = {key: None if v is None else v.to(out_device) for key, v in result.items()}
         cross_fb = CrossVocabFeedback(**{key: v.to(out_device) for key, v in cross.items()})
         return Feedback(access=access, cross_vocab=cross_fb, **moved)
@@ -298,9 +317,10 @@ class CrossTokenizerTeacher:
             state_index[b, n_text] = n_t if aligned else -1
 
     def _distribution_row(self, logp_TV: Tensor, b: int, rollouts: Rollouts, state_index: Tensor, sampled: Tensor,
-                          k: int, top_ids: Tensor, top_lp: Tensor, un_top: Tensor, un_mass: Tensor,
-                          full: Tensor | None) -> None:
+                          out: _Distributions) -> None:
         """Top-k (and full) teacher distributions mapped onto the student vocabulary for row ``b``."""
+        top_ids, top_lp, un_top, un_mass, full = out.top_ids, out.top_lp, out.un_top, out.un_mass, out.full
+        k = top_ids.shape[-1]
         n = int(rollouts.completion_mask_BT[b].sum())
         if n == 0:
             return

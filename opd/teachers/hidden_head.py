@@ -39,7 +39,7 @@ from opd.math.head_logprobs import head_logprobs
 from opd.serve.client import ServiceClient
 from opd.serve.hidden import HiddenAnswer, decode_head, head_digest
 from opd.serve.payload import ScoreRequest
-from opd.teachers.served_backends import OPDBackend
+from opd.teachers.served_backends import ClientBackend, OPDBackend
 from opd.types import Access, Feedback, Rollouts
 
 __all__ = ["HIDDEN_DTYPES", "HiddenBackend", "HiddenPayloadCheck", "hidden_payload_difference"]
@@ -54,7 +54,7 @@ def _scatter(rows_N: Tensor, mask_BT: Tensor) -> Tensor:
     return out
 
 
-class HiddenBackend:
+class HiddenBackend(ClientBackend):
     """Client of ``opd serve-teacher`` for ``payload=hidden`` (module docstring).
 
     Args:
@@ -94,13 +94,6 @@ class HiddenBackend:
         self.hidden_size: int | None = None
         self.weights_sha256: str | None = None
         self._tempered: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
-
-    @property
-    def url(self) -> str:
-        return self.client.url
-
-    def close(self) -> None:
-        self.client.close()
 
     def check(self) -> dict[str, Any]:
         """Reach the server (protocol, vocabulary, tokenizer: :meth:`OPDBackend.check`), check that it serves

@@ -21,7 +21,7 @@ from opd.rollout import (
     lm_head_vocab_size,
     model_device,
 )
-from opd.teachers.base import check_request, teacher_prompt_texts
+from opd.teachers.base import LocalModel, check_request, teacher_prompt_texts
 from opd.types import Access, Feedback, Rollouts
 
 __all__ = ["ModelTeacher", "SelfTeacher"]
@@ -72,6 +72,9 @@ class ModelTeacher:
         self.context_template = context_template
         self.full_as_hidden_above_vocab = full_as_hidden_above_vocab
         self.micro_batch_size = micro_batch_size
+
+    def local_models(self) -> list[LocalModel]:
+        return [LocalModel(self, self.model, self.tokenizer, False, self.use_context, self.context_template)]
 
     def prompt_batch(self, rollouts: Rollouts) -> tuple[Tensor, Tensor]:
         """The teacher's left-padded prompt ``(ids_BP, mask_BP)`` for each row of ``rollouts``,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opd.tasks.base import Example
-from opd.teachers.base import Teacher, check_request
+from opd.teachers.base import LocalModel, Teacher, check_request
 from opd.types import Access, Feedback, Rollouts
 
 __all__ = ["RoutedTeacher"]
@@ -43,6 +43,13 @@ class RoutedTeacher:
         self.routes = {str(k): v for k, v in routes.items()}
         self.default = default
         self.field = field
+
+    model = None  # several networks: none samples for the student
+
+    def local_models(self) -> list[LocalModel]:
+        """The default teacher's networks first, then each route's."""
+        teachers = [t for t in (self.default, *self.routes.values()) if t is not None]
+        return [m for t in teachers for m in t.local_models()]
 
     def teacher_for(self, example: Example) -> Teacher:
         """The teacher that scores ``example``."""

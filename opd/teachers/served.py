@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from opd.errors import FeedbackUnavailable
 from opd.rollout import encode_prompts
 from opd.serve.payload import ScoreAnswer
-from opd.teachers.base import check_request, teacher_prompt_texts
+from opd.teachers.base import LocalModel, check_request, teacher_prompt_texts
 from opd.types import Access, Feedback, Rollouts
 
 __all__ = ["FULL_VOCAB_LIMIT", "ServedTeacher", "rollout_sequences"]
@@ -89,9 +89,14 @@ class ServedTeacher:
         self.use_context = use_context
         self.context_template = context_template
 
+    model = None  # the network is on the server
+
     @property
     def url(self) -> str:
         return self.backend.url
+
+    def local_models(self) -> list[LocalModel]:
+        return []
 
     def close(self) -> None:
         self.backend.close()

@@ -32,10 +32,23 @@ from transformers import PreTrainedTokenizerBase
 from opd.serve.client import BadAnswer, ServiceClient, ServiceRejected
 from opd.serve.payload import PROTOCOL, ScoreAnswer, ScoreRequest
 
-__all__ = ["OPDBackend", "VLLMBackend"]
+__all__ = ["ClientBackend", "OPDBackend", "VLLMBackend"]
 
 
-class OPDBackend:
+class ClientBackend:
+    """What every protocol client shares: the server's URL and closing its connection."""
+
+    client: ServiceClient
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class OPDBackend(ClientBackend):
     """Client of ``opd serve-teacher`` (module docstring). ``dtype``: float dtype of the answer's
     log-probs (``float16`` halves the payload; sampled-token log-probs then carry ~1e-3 relative error)."""
 
@@ -53,13 +66,6 @@ class OPDBackend:
         self.check_tokenizer = check_tokenizer
         self.vocab_size = vocab_size
         self._checked = False
-
-    @property
-    def url(self) -> str:
-        return self.client.url
-
-    def close(self) -> None:
-        self.client.close()
 
     def check(self) -> dict[str, Any]:
         """The server's ``/v1/info``, after checking its protocol and (``check_tokenizer``) tokenizer."""
@@ -117,7 +123,7 @@ def _tempered(logprobs_NV: np.ndarray, temperature: float) -> np.ndarray:
     return x - (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))
 
 
-class VLLMBackend:
+class VLLMBackend(ClientBackend):
     """Client of vLLM's OpenAI-compatible server (module docstring).
 
     Args:
@@ -144,13 +150,6 @@ class VLLMBackend:
         self._tokenizer_checked = False
         # the largest prompt_logprobs the server answered / the smallest it refused (serves_logprobs)
         self._served_k, self._refused_k = 0, math.inf
-
-    @property
-    def url(self) -> str:
-        return self.client.url
-
-    def close(self) -> None:
-        self.client.close()
 
     # -- set-up ---------------------------------------------------------------------------------
     def _model_name(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from opd.tasks.base import Example
-from opd.teachers.base import Teacher
+from opd.teachers.base import LocalModel, Teacher
 from opd.types import Access, Feedback, Rollouts
 
 
@@ -39,8 +39,13 @@ class WrongHintTeacher:
     """Scores rollouts with ``inner`` after swapping every row's hint for a wrong one
     (:func:`wrong_hint_examples`); ``inner`` must read the context (``use_context=True``)."""
 
+    model = None  # a reference: it never samples
+
     def __init__(self, inner: Teacher) -> None:
         self.inner = inner
+
+    def local_models(self) -> list[LocalModel]:
+        return self.inner.local_models()
 
     def score(self, rollouts: Rollouts, *, access: Access = "sampled", topk: int = 32) -> Feedback:
         if not rollouts.examples:

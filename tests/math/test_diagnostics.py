@@ -20,6 +20,7 @@ from opd.math.diagnostics import (
     truncation_rate,
 )
 from opd.math.routing import cr_opd_loss
+from tests.math.fused_call import call
 
 F64 = torch.float64
 B, T, V, K = 3, 7, 11, 4
@@ -293,7 +294,7 @@ def test_extra_fn_in_fused_pass_matches_dense(teacher):
     extra = diagnostics_extra_fn(y, mask_N=mask, k=K, **topk)
     spec = SupportSpec(kind="full" if teacher == "full" else "teacher_topk", k=3)
     teacher_kw = dict(teacher_logits_NV=t_logits) if teacher == "full" else topk
-    _, _, got = fused_linear_divergence(h, W, mask.float(), spec=spec, divergence="rkl", chunk_size=4,
+    _, _, got = call(fused_linear_divergence, h, W, mask.float(), spec=spec, divergence="rkl", chunk_size=4,
                                         extra_fn=extra, **teacher_kw)
     dense = token_diagnostics(s_logp, y, mask_N=mask, k=K,
                               **(dict(teacher_logp_NV=t_logp) if teacher == "full" else topk))

@@ -9,6 +9,7 @@ from opd.math.fused import (
     fused_linear_token_logprobs,
 )
 from opd.math.support import SupportSpec
+from tests.math.fused_call import call
 
 N, V, H, HT, CHUNK = 37, 23, 5, 7, 8  # N is not a multiple of the chunk size
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -43,7 +44,7 @@ def run(fn, h, W, b, w, **kw):
     for x in (h, W, b):
         if x is not None:
             x.grad = None
-    loss, per_token, extras = fn(h, W, w, student_bias_V=b, chunk_size=CHUNK, **kw)
+    loss, per_token, extras = call(fn, h, W, w, student_bias_V=b, chunk_size=CHUNK, **kw)
     loss.backward()
     grads = [None if x is None else x.grad.clone() for x in (h, W, b)]
     return loss.detach(), per_token, extras, grads
@@ -158,12 +159,12 @@ def test_extras_grad_output_no_grad_and_no_bias():
     assert torch.equal(chunked[2]["rows"], torch.arange(N).float())
     # the loss scales the stored gradients by the incoming gradient
     h.grad = W.grad = None
-    loss, _, _ = fused_linear_divergence(h, W, w, chunk_size=CHUNK, **kw)
+    loss, _, _ = call(fused_linear_divergence, h, W, w, chunk_size=CHUNK, **kw)
     (3.0 * loss).backward()
     torch.testing.assert_close(h.grad, 3.0 * chunked[3][0], **TOL)
     torch.testing.assert_close(W.grad, 3.0 * chunked[3][1], **TOL)
     with torch.no_grad():
-        loss, per_token, extras = fused_linear_divergence(h, W, w, chunk_size=CHUNK, **kw)
+        loss, per_token, extras = call(fused_linear_divergence, h, W, w, chunk_size=CHUNK, **kw)
     assert loss.grad_fn is None
     torch.testing.assert_close(loss, chunked[0], **TOL)
     torch.testing.assert_close(extras["entropy"], chunked[2]["entropy"], **TOL)
@@ -174,28 +175,28 @@ def test_errors_name_shapes_and_arguments():
     spec = SupportSpec()
     logits = th @ tW.T
     with pytest.raises(ValueError, match=r"student_hidden_NH has shape \(37, 5\) and student_weight_VH has shape \(23, 4\)"):
-        fused_linear_divergence(h, W[:, :4], w, spec=spec, divergence="fkl", teacher_logits_NV=logits)
+        call(fused_linear_divergence, h, W[:, :4], w, spec=spec, divergence="fkl", teacher_logits_NV=logits)
     with pytest.raises(ValueError, match=r"weights_N has shape \(36,\)"):
-        fused_linear_divergence(h, W, w[:-1], spec=spec, divergence="fkl", teacher_logits_NV=logits)
+        call(fused_linear_divergence, h, W, w[:-1], spec=spec, divergence="fkl", teacher_logits_NV=logits)
     with pytest.raises(ValueError, match=r"teacher_logits_NV has shape \(37, 22\)"):
-        fused_linear_divergence(h, W, w, spec=spec, divergence="fkl", teacher_logits_NV=logits[:, :22])
+        call(fused_linear_divergence, h, W, w, spec=spec, divergence="fkl", teacher_logits_NV=logits[:, :22])
     with pytest.raises(ValueError, match="not both"):
-        fused_linear_divergence(h, W, w, spec=spec, divergence="fkl", teacher_logits_NV=logits,
+        call(fused_linear_divergence, h, W, w, spec=spec, divergence="fkl", teacher_logits_NV=logits,
                                 teacher_hidden_NH=th, teacher_weight_VH=tW)
     with pytest.raises(ValueError, match="go together"):
-        fused_linear_divergence(h, W, w, spec=spec, divergence="fkl", teacher_hidden_NH=th)
+        call(fused_linear_divergence, h, W, w, spec=spec, divergence="fkl", teacher_hidden_NH=th)
     with pytest.raises(ValueError, match="pass teacher_hidden_NH with teacher_weight_VH, or teacher_logits_NV"):
-        fused_linear_divergence(h, W, w, spec=spec, divergence="fkl", teacher_topk_ids_NK=y[:, None],
+        call(fused_linear_divergence, h, W, w, spec=spec, divergence="fkl", teacher_topk_ids_NK=y[:, None],
                                 teacher_topk_logprobs_NK=torch.zeros(N, 1))
     with pytest.raises(ValueError, match="pass sampled_ids_N"):
-        fused_linear_divergence(h, W, w, spec=SupportSpec(kind="sampled", norm="tail"), divergence="fkl",
+        call(fused_linear_divergence, h, W, w, spec=SupportSpec(kind="sampled", norm="tail"), divergence="fkl",
                                 teacher_logits_NV=logits)
     with pytest.raises(ValueError, match="unknown divergence"):
-        dense_linear_divergence(h, W, w, spec=spec, divergence="kl", teacher_logits_NV=logits)
+        call(dense_linear_divergence, h, W, w, spec=spec, divergence="kl", teacher_logits_NV=logits)
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
-        fused_linear_divergence(h, W, w, spec=spec, divergence="fkl", teacher_logits_NV=logits, chunk_size=0)
+        call(fused_linear_divergence, h, W, w, spec=spec, divergence="fkl", teacher_logits_NV=logits, chunk_size=0)
     with pytest.raises(ValueError, match=r"student_bias_V has shape \(22,\)"):
-        fused_linear_divergence(h, W, w, spec=spec, divergence="fkl", teacher_logits_NV=logits,
+        call(fused_linear_divergence, h, W, w, spec=spec, divergence="fkl", teacher_logits_NV=logits,
                                 student_bias_V=torch.zeros(22))
 
 
@@ -206,8 +207,8 @@ def test_auto_chunk_size():
         auto_chunk_size(0)
     h, W, b, th, tW, tb, w, _ = make()
     kw = dict(spec=SupportSpec(), divergence="jsd", teacher_logits_NV=th @ tW.T, student_bias_V=b)
-    a = fused_linear_divergence(h, W, w, chunk_size=None, **kw)[0]  # auto: one chunk at this tiny V
-    c = fused_linear_divergence(h, W, w, chunk_size=1, **kw)[0]  # one token per chunk
+    a = call(fused_linear_divergence, h, W, w, chunk_size=None, **kw)[0]  # auto: one chunk at this tiny V
+    c = call(fused_linear_divergence, h, W, w, chunk_size=1, **kw)[0]  # one token per chunk
     torch.testing.assert_close(a, c, **TOL)
 
 

@@ -9,6 +9,7 @@ import torch
 from opd.math.chunking import log_softmax_inplace
 from opd.math.fused import dense_linear_divergence, fused_linear_divergence, fused_linear_token_logprobs
 from opd.math.support import SupportSpec
+from tests.math.fused_call import call
 
 N, V, H = 13, 29, 6
 
@@ -45,7 +46,7 @@ def test_fused_divergence_is_precise_at_large_logits(name):
     ref = reference_fp64(h, W, b, th, weights, name)
     for fn in (fused_linear_divergence, dense_linear_divergence):
         hh, WW, bb = (x.clone().requires_grad_(True) for x in (h, W, b))
-        loss, _, _ = fn(hh, WW, weights, spec=SupportSpec(kind="full"), divergence=name, student_bias_V=bb,
+        loss, _, _ = call(fn, hh, WW, weights, spec=SupportSpec(kind="full"), divergence=name, student_bias_V=bb,
                         teacher_hidden_NH=th, teacher_weight_VH=W, teacher_bias_V=b, chunk_size=4)
         grads = torch.autograd.grad(loss, (hh, WW, bb))
         assert abs(float(loss.detach()) - float(ref[0])) < 2e-6, (fn.__name__, float(loss), float(ref[0]))
@@ -92,7 +93,7 @@ def test_float64_student_stays_float64():
         out = []
         for fn in (fused_linear_divergence, dense_linear_divergence):
             hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
-            loss, per_token, _ = fn(hh, WW, weights, spec=spec, divergence=name, teacher_logits_NV=t_logits,
+            loss, per_token, _ = call(fn, hh, WW, weights, spec=spec, divergence=name, teacher_logits_NV=t_logits,
                                     chunk_size=4)
             grads = torch.autograd.grad(loss, (hh, WW))
             assert loss.dtype == per_token.dtype == torch.float64, (fn.__name__, loss.dtype)

@@ -9,35 +9,47 @@ source does not pin **[INFER]** (our reconstruction) or **[MEMORY]** (recalled, 
 docs/methods.md §0 explains the tags and §4 lists every preset.
 
 The presets live in one module per family (:mod:`.foundations`, :mod:`.estimators`,
-:mod:`.stability`, :mod:`.self_distillation`, :mod:`.frameworks`, :mod:`.recent`); ``opd methods`` and
-``opd config-help`` print them (:mod:`opd.config.docs`).
+:mod:`.stability`, :mod:`.self_distillation`, :mod:`.frameworks`, :mod:`.recent`), each a ``PRESETS``
+tuple that :func:`collect_presets` gathers; the values blocks are built by the helpers of
+:mod:`.base` (:func:`~.base.route1_values`, :func:`~.base.route2_values`). ``opd methods`` and
+``opd config-help`` print them (:mod:`opd.config.docs`). Adding a preset: CONTRIBUTING.md.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 from opd.config.fields import suggest
 from opd.config.presets import estimators, foundations, frameworks, recent, self_distillation, stability
 from opd.config.presets.base import Preset
 
-__all__ = ["PRESETS", "Preset", "unknown_method_message"]
+__all__ = ["FAMILIES", "PRESETS", "Preset", "collect_presets", "unknown_method_message"]
 
-_BY_NAME = {p.name: p for module in (foundations, estimators, stability, self_distillation, frameworks, recent)
-            for p in module.PRESETS}
-# the order of `opd methods`: the first twelve presets as they were introduced, then the rest by family
-_ORDER = (
-    "thinking-machines", "gkd", "minillm", "vopd", "gae-opd", "cr-opd", "opsd", "sft-teacher", "fu-topk",
-    "distillm", "power-opd", "exopd",
-    "distillm-2", "akl", "tvd",
-    "iw-opd", "opdvr", "opsa",
-    "eopd", "stable-opd", "tip", "lightning-opd",
-    "sdft", "sdpo",
-    "verl-fkl-topk", "verl-k3", "nemo-rl-opd", "prime-rl-hybrid", "slime-opd",
-    "opd-plus", "tropd", "tropd-clip", "mopd", "async-opd", "bridging", "topd", "rlcsd",
-)
-if set(_ORDER) != set(_BY_NAME) or len(_ORDER) != len(_BY_NAME):
-    raise RuntimeError(f"preset order and preset modules disagree: {sorted(set(_ORDER) ^ set(_BY_NAME))}")
+#: The family modules, in the order ``opd methods`` lists their presets (after :data:`INTRODUCED`).
+FAMILIES = (foundations, estimators, stability, self_distillation, frameworks, recent)
+#: The first presets, listed first and in the order they were introduced.
+INTRODUCED = ("thinking-machines", "gkd", "minillm", "vopd", "gae-opd", "cr-opd", "opsd", "sft-teacher", "fu-topk",
+              "distillm", "power-opd", "exopd")
 
-PRESETS: dict[str, Preset] = {name: _BY_NAME[name] for name in _ORDER}
+
+def collect_presets(families: tuple[ModuleType, ...] = FAMILIES) -> dict[str, Preset]:
+    """Every family module's ``PRESETS`` by name: :data:`INTRODUCED` first, then the others in family
+    order (a preset added to a family's tuple is listed without another edit). A ``ValueError`` for a
+    name used twice or an :data:`INTRODUCED` name no family defines."""
+    by_name: dict[str, Preset] = {}
+    for module in families:
+        for preset in module.PRESETS:
+            if preset.name in by_name:
+                raise ValueError(f"preset {preset.name!r} is defined twice ({module.__name__})")
+            by_name[preset.name] = preset
+    missing = [name for name in INTRODUCED if name not in by_name]
+    if missing:
+        raise ValueError(f"INTRODUCED names presets no family defines: {', '.join(missing)}")
+    order = [*INTRODUCED, *(name for name in by_name if name not in INTRODUCED)]
+    return {name: by_name[name] for name in order}
+
+
+PRESETS: dict[str, Preset] = collect_presets()
 
 
 def unknown_method_message(name: str) -> str:

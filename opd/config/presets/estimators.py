@@ -4,7 +4,7 @@ teacher-free placebo (OPSA)."""
 
 from __future__ import annotations
 
-from opd.config.presets.base import ON_POLICY, ROUTE1_OFF, Preset, sampled_token
+from opd.config.presets.base import Preset, route2_values, sampled_token
 
 PRESETS: tuple[Preset, ...] = (
     Preset(
@@ -18,14 +18,8 @@ PRESETS: tuple[Preset, ...] = (
               "top-K baseline uses the student's top-K (support.kind=student_topk, still full teacher logits); "
               "with top-k teacher feedback use support.kind=teacher_topk support.norm=tail teacher.access=topk "
               "(any state function is a valid baseline). is_correction=ratio (π_S/μ = 1 on-policy) is [INFER].",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "full"},
-            "support": {"kind": "full"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(baseline="value", value="closed_form"),
-            "routing": {"kind": "softmax"},
-        },
+        values=route2_values(sampled_token(baseline="value", value="closed_form"), teacher={"access": "full"},
+                             support={"kind": "full"}),
     ),
     Preset(
         name="gae-opd",
@@ -39,14 +33,9 @@ PRESETS: tuple[Preset, ...] = (
                 "L = −mean_t ρ_t A_t + c_V·mean_t ½(V_φ(s_t) − sg[A_t + V(s_t)])²",
         notes="All constants are [INFER]: γ = 1 keeps the sequence reverse-KL objective; λ < 1 trades bias for "
               "variance (λ = 1 is unbiased for any state value); value_coef = 0.5 as in PPO.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "topk", "topk": 32},
-            "support": {"kind": "teacher_topk", "k": 32, "norm": "tail"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(credit="gae", gamma=1.0, lam=0.95, value="decomposed", value_coef=0.5),
-            "routing": {"kind": "softmax"},
-        },
+        values=route2_values(sampled_token(credit="gae", gamma=1.0, lam=0.95, value="decomposed", value_coef=0.5),
+                             teacher={"access": "topk", "topk": 32},
+                             support={"kind": "teacher_topk", "k": 32, "norm": "tail"}),
     ),
     Preset(
         name="cr-opd",
@@ -59,15 +48,11 @@ PRESETS: tuple[Preset, ...] = (
                 "ρ̃_t ∝ π_T on C_t = (TopK_T ∩ TopK'_S) \\ {y_t};  else L_t = −A_t log π_S(y_t)",
         notes="The baseline's RKL_t is taken on the teacher's top-16 with a tail bucket, so top-k feedback "
               "suffices. κ = 1 (teacher-only target), η = 1 (full routing) and τ's = 0 are [INFER].",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "topk", "topk": 16},
-            "support": {"kind": "teacher_topk", "k": 16, "norm": "tail"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(baseline="value", value="closed_form"),
-            "routing": {"kind": "cr_opd", "student_k": 8, "tau_s": 0.0, "tau_t": 0.0, "kappa": 1.0,
-                        "eta": 1.0, "tau_a": 0.0},
-        },
+        values=route2_values(sampled_token(baseline="value", value="closed_form"),
+                             teacher={"access": "topk", "topk": 16},
+                             support={"kind": "teacher_topk", "k": 16, "norm": "tail"},
+                             routing={"kind": "cr_opd", "student_k": 8, "tau_s": 0.0, "tau_t": 0.0, "kappa": 1.0,
+                                      "eta": 1.0, "tau_a": 0.0}),
     ),
     Preset(
         name="power-opd",
@@ -78,13 +63,7 @@ PRESETS: tuple[Preset, ...] = (
         formula="A_t = ((π_T(y_t)/π_S(y_t))^α − 1)/α,  α = 0.5;  L = −mean_t ρ_t A_t",
         notes="The explicit transform and α = 0.5 are [INFER] (the paper's family is Box–Cox with α > 0; the "
               "constant was not retrieved).",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(reward="box_cox", box_cox_alpha=0.5),
-            "routing": {"kind": "softmax"},
-        },
+        values=route2_values(sampled_token(reward="box_cox", box_cox_alpha=0.5)),
     ),
     Preset(
         name="exopd",
@@ -96,14 +75,8 @@ PRESETS: tuple[Preset, ...] = (
         notes="λ = 1.25 is [INFER] (no default was retrieved); the per-token expansion of J_G is [INFER]. For "
               "strong-to-weak distillation the paper's reward correction uses the teacher's pre-RL base model "
               "as the reference: regularization.reference=PATH.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(reward="extrapolated", extrapolation_lambda=1.25),
-            "routing": {"kind": "softmax"},
-            "regularization": {"reference": "initial"},
-        },
+        values=route2_values(sampled_token(reward="extrapolated", extrapolation_lambda=1.25),
+                             regularization={"reference": "initial"}),
     ),
     Preset(
         name="iw-opd",
@@ -117,14 +90,8 @@ PRESETS: tuple[Preset, ...] = (
         notes="As TRL implements it: REINFORCE without an importance ratio (route2.is_correction=none), token "
               "mean, top_p = 1 (TRL's IW-OPD table maps the paper's rollouts to top_p 1.0). The paper's own "
               "runs wrap this in verl's PPO clipping, not reproduced here.",
-        values={
-            "rollout": {**ON_POLICY, "top_p": 1.0, "temperature": 1.0},
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(is_correction="none"),
-            "routing": {"kind": "softmax"},
-            "gates": {"position": "drift_share", "drift_gamma": 0.5, "reduction": "token_mean"},
-        },
+        values=route2_values(sampled_token(is_correction="none"), rollout={"top_p": 1.0, "temperature": 1.0},
+                             gates={"position": "drift_share", "drift_gamma": 0.5, "reduction": "token_mean"}),
     ),
     Preset(
         name="opdvr",
@@ -138,14 +105,8 @@ PRESETS: tuple[Preset, ...] = (
         notes="[INFER]: verl's PPO clip 0.2 and token mean (the fork's defaults, not restated in the paper). The "
               "GRPD variant (sign from the group advantage) is not a preset. The loop must pass the verifier's "
               "rewards (Objective.needs_outcome_rewards).",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(is_correction="ppo_clip", clip_low=0.2, clip_high=0.2),
-            "routing": {"kind": "softmax"},
-            "outcome": {"sign_gate": True, "adv_tau": 0.0},
-        },
+        values=route2_values(sampled_token(is_correction="ppo_clip", clip_low=0.2, clip_high=0.2),
+                             outcome={"sign_gate": True, "adv_tau": 0.0}),
     ),
     Preset(
         name="opsa",
@@ -162,14 +123,8 @@ PRESETS: tuple[Preset, ...] = (
               "tokens (the selected 20 % are not renormalised: a 1/0.2 learning-rate scale). The teacher is still "
               "loaded and scored for the teacher_kl diagnostic only; route2.reward=constant (a fixed negative "
               "advantage) is the paper's simpler control.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(reward="entropy_rank", constant_reward=-1.0, is_correction="ppo_clip",
-                                    clip_low=0.2, clip_high=0.2),
-            "routing": {"kind": "softmax"},
-            "gates": {"logprob_gate": True, "logprob_fraction": 0.2},
-        },
+        values=route2_values(sampled_token(reward="entropy_rank", constant_reward=-1.0, is_correction="ppo_clip",
+                                           clip_low=0.2, clip_high=0.2),
+                             gates={"logprob_gate": True, "logprob_fraction": 0.2}),
     ),
 )

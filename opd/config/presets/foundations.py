@@ -3,7 +3,7 @@ family, the f-divergence baselines (TVD, AKL) and the supervised baseline."""
 
 from __future__ import annotations
 
-from opd.config.presets.base import ON_POLICY, ROUTE1_OFF, ROUTE2_OFF, Preset, sampled_token
+from opd.config.presets.base import ROUTE1_OFF, ROUTE2_OFF, Preset, route1_values, route2_values, sampled_token
 
 PRESETS: tuple[Preset, ...] = (
     Preset(
@@ -24,14 +24,8 @@ PRESETS: tuple[Preset, ...] = (
               "the loss is summed (gates.reduction=sum), as tinker does; opd's other presets use the current "
               "student's log-probs and a token mean. The two choices agree only when μ = π_S (one update per "
               "rollout batch, temperature 1, no top-p/top-k) and up to the 1/N scale of the mean.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(length_normalize=False, reward_logprobs="behaviour"),
-            "routing": {"kind": "softmax"},
-            "gates": {"reduction": "sum"},
-        },
+        values=route2_values(sampled_token(length_normalize=False, reward_logprobs="behaviour"),
+                             gates={"reduction": "sum"}),
     ),
     Preset(
         name="gkd",
@@ -50,14 +44,9 @@ PRESETS: tuple[Preset, ...] = (
               "(the first round(λ·n) prompts of every batch are the student's samples), where TRL draws one "
               "Bernoulli(λ) per batch (the whole batch is on-policy or none of it): the same fraction in "
               "expectation, without whole off-policy steps.",
-        values={
-            "rollout": {"on_policy_fraction": 0.5, "off_policy_source": "answer", "temperature": 0.9,
-                        "teacher_mix": 0.0},
-            "teacher": {"access": "full", "temperature": 1.0},
-            "support": {"kind": "full", "student_temperature": 1.0},
-            "route1": {"divergence": "jsd", "beta": 0.5, "coef": 1.0},
-            "route2": dict(ROUTE2_OFF),
-        },
+        values=route1_values({"divergence": "jsd", "beta": 0.5, "coef": 1.0},
+                             rollout={"on_policy_fraction": 0.5, "off_policy_source": "answer", "temperature": 0.9},
+                             teacher={"temperature": 1.0}, support={"kind": "full", "student_temperature": 1.0}),
     ),
     Preset(
         name="minillm",
@@ -113,13 +102,7 @@ PRESETS: tuple[Preset, ...] = (
         formula="L = mean_t KL(π_S ‖ (1−α)·π_T + α·π_S)(s_t),  α = 0.1",
         notes="α = 0.1 is [MEMORY]. DistiLLM's adaptive off-policy scheduler (replayed student outputs mixed "
               "with fixed data) is not reproduced: every prompt is sampled on-policy.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "full"},
-            "support": {"kind": "full"},
-            "route1": {"divergence": "srkl", "alpha": 0.1, "coef": 1.0},
-            "route2": dict(ROUTE2_OFF),
-        },
+        values=route1_values({"divergence": "srkl", "alpha": 0.1, "coef": 1.0}),
     ),
     Preset(
         name="distillm-2",
@@ -142,14 +125,9 @@ PRESETS: tuple[Preset, ...] = (
               "one-token-mean form (about half the scale, and longer sequences weigh more). [INFER]: the 50/50 "
               "mix and a fixed α = 0.1 — the paper uses a curriculum for α and regenerates the student's "
               "outputs once per epoch (batch on-policy) rather than every step.",
-        values={
-            "rollout": {"on_policy_fraction": 0.5, "off_policy_source": "teacher", "teacher_mix": 0.0},
-            "teacher": {"access": "full"},
-            "support": {"kind": "full"},
-            "route1": {"divergence": "srkl_sg", "off_policy_divergence": "skl", "alpha": 0.1, "coef": 2.0},
-            "route2": dict(ROUTE2_OFF),
-            "gates": {"reduction": "sequence_mean"},
-        },
+        values=route1_values({"divergence": "srkl_sg", "off_policy_divergence": "skl", "alpha": 0.1, "coef": 2.0},
+                             rollout={"on_policy_fraction": 0.5, "off_policy_source": "teacher"},
+                             gates={"reduction": "sequence_mean"}),
     ),
     Preset(
         name="akl",
@@ -161,13 +139,7 @@ PRESETS: tuple[Preset, ...] = (
                 "teacher-sorted prefix with mass ≤ μ,  g = Σ |π_T − sg π_S| over head / tail",
         notes="[INFER]: the paper distils on fixed responses; here the states are the student's own samples "
               "(rollout.on_policy_fraction=0 with off_policy_source=answer reproduces the paper's setting).",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "full"},
-            "support": {"kind": "full"},
-            "route1": {"divergence": "akl", "mu": 0.5, "coef": 1.0},
-            "route2": dict(ROUTE2_OFF),
-        },
+        values=route1_values({"divergence": "akl", "mu": 0.5, "coef": 1.0}),
     ),
     Preset(
         name="tvd",
@@ -178,12 +150,7 @@ PRESETS: tuple[Preset, ...] = (
         formula="L = mean_t ½ Σ_v |π_T(v|s_t) − π_S(v|s_t)|,  s_t from π_S or π_T (half each)",
         notes="The half-and-half sampling from both models is [MEMORY] (f-DISTILL's symmetric losses sample from "
               "both); rollout.on_policy_fraction=1 gives TVD on the student's states only.",
-        values={
-            "rollout": {"on_policy_fraction": 0.5, "off_policy_source": "teacher", "teacher_mix": 0.0},
-            "teacher": {"access": "full"},
-            "support": {"kind": "full"},
-            "route1": {"divergence": "tvd", "coef": 1.0},
-            "route2": dict(ROUTE2_OFF),
-        },
+        values=route1_values({"divergence": "tvd", "coef": 1.0},
+                             rollout={"on_policy_fraction": 0.5, "off_policy_source": "teacher"}),
     ),
 )

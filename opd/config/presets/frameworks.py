@@ -4,9 +4,7 @@ A − λ·KL."""
 
 from __future__ import annotations
 
-from opd.config.presets.base import ON_POLICY, ROUTE1_OFF, ROUTE2_OFF, Preset, sampled_token
-
-_HYBRID_ROLLOUT = {**ON_POLICY, "samples_per_prompt": 4}
+from opd.config.presets.base import Preset, route1_values, route2_values, sampled_token
 
 PRESETS: tuple[Preset, ...] = (
     Preset(
@@ -25,14 +23,10 @@ PRESETS: tuple[Preset, ...] = (
               "mass — and clamp_low is not applied (the value is then a true KL ≥ 0), as in verl's tail mode. "
               "With a top-k-only teacher, opd floors the teacher's bucket at the resolution of 1 − Σ, "
               "log(K·eps) (≈ 1.5e-5 at K = 128 in fp32), where verl's floor is 1e-7.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "topk", "topk": 128},
-            "support": {"kind": "teacher_topk", "k": 128, "norm": "none"},
-            "route1": {"divergence": "fkl", "coef": 1.0, "logprob_floor": -10.0, "clamp_low": 0.0,
-                       "clamp_high": 10.0},
-            "route2": dict(ROUTE2_OFF),
-        },
+        values=route1_values({"divergence": "fkl", "coef": 1.0, "logprob_floor": -10.0, "clamp_low": 0.0,
+                              "clamp_high": 10.0},
+                             teacher={"access": "topk", "topk": 128},
+                             support={"kind": "teacher_topk", "k": 128, "norm": "none"}),
     ),
     Preset(
         name="verl-k3",
@@ -46,12 +40,8 @@ PRESETS: tuple[Preset, ...] = (
         notes="verl also clamps δ to ±20 before the exponential; opd does not (it changes nothing unless "
               "|δ| > 20). verl's default runs k3 as a policy-gradient reward (use_policy_gradient=True); its "
               "documentation recommends k3 as a supervised loss, which this preset is.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": {"divergence": "k3", "coef": 1.0, "clamp_low": -10.0, "clamp_high": 10.0},
-            "route2": dict(ROUTE2_OFF),
-        },
+        values=route1_values({"divergence": "k3", "coef": 1.0, "clamp_low": -10.0, "clamp_high": 10.0},
+                             teacher={"access": "sampled"}, support={}),
     ),
     Preset(
         name="nemo-rl-opd",
@@ -67,14 +57,8 @@ PRESETS: tuple[Preset, ...] = (
         notes="NeMo-RL's prev_logprobs (the training engine's log-probs before the update) are the current "
               "student's on the first pass over a batch; with rollout.updates_per_rollout > 1 opd recomputes "
               "them. Token-level loss (NeMo-RL's default LossType.TOKEN_LEVEL).",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(is_correction="icepop", icepop_low=0.2, icepop_high=5.0),
-            "routing": {"kind": "softmax"},
-            "gates": {"reduction": "token_mean"},
-        },
+        values=route2_values(sampled_token(is_correction="icepop", icepop_low=0.2, icepop_high=5.0),
+                             gates={"reduction": "token_mean"}),
     ),
     Preset(
         name="prime-rl-hybrid",
@@ -90,15 +74,9 @@ PRESETS: tuple[Preset, ...] = (
               "DPPO mask is keyed by that reward advantage before the teacher term is added, with A = 0 on the "
               "low band (route2.dppo_sign=outcome). [INFER]: 4 samples per prompt (rollouts_per_example is "
               "task-specific). Pure OPD in prime-rl is teacher_tau=1, adv_tau=0.",
-        values={
-            "rollout": dict(_HYBRID_ROLLOUT),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(is_correction="dppo", clip_low=0.2, clip_high=0.2, dppo_sign="outcome"),
-            "routing": {"kind": "softmax"},
-            "regularization": {"mismatch_coef": 1e-3},
-            "outcome": {"adv_tau": 1.0, "teacher_tau": 0.5, "normalize_std": False},
-        },
+        values=route2_values(sampled_token(is_correction="dppo", clip_low=0.2, clip_high=0.2, dppo_sign="outcome"),
+                             rollout={"samples_per_prompt": 4}, regularization={"mismatch_coef": 1e-3},
+                             outcome={"adv_tau": 1.0, "teacher_tau": 0.5, "normalize_std": False}),
     ),
     Preset(
         name="slime-opd",
@@ -111,13 +89,8 @@ PRESETS: tuple[Preset, ...] = (
         notes="[INFER]: GRPO's std normalisation on, 4 samples per prompt and PPO ε = 0.2 (slime's defaults "
               "for its GRPO runs); slime's log π_S is the recomputed (training-engine) log-prob, the current "
               "student's on the first pass.",
-        values={
-            "rollout": dict(_HYBRID_ROLLOUT),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(is_correction="ppo_clip", clip_low=0.2, clip_high=0.2),
-            "routing": {"kind": "softmax"},
-            "outcome": {"adv_tau": 1.0, "teacher_tau": 1.0, "normalize_std": True},
-        },
+        values=route2_values(sampled_token(is_correction="ppo_clip", clip_low=0.2, clip_high=0.2),
+                             rollout={"samples_per_prompt": 4},
+                             outcome={"adv_tau": 1.0, "teacher_tau": 1.0, "normalize_std": True}),
     ),
 )

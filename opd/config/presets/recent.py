@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from opd.config.presets.base import ON_POLICY, ROUTE1_OFF, Preset, sampled_token
+from opd.config.presets.base import SELF_TEACHER, Preset, route2_values, sampled_token
 
 PRESETS: tuple[Preset, ...] = (
     Preset(
@@ -28,13 +28,7 @@ PRESETS: tuple[Preset, ...] = (
               "f(u) − u f'(u) is our derivation of the unbiased single-sample gradient (the paper's per-f "
               "expressions were not retrieved), and f = Jensen–Shannon (route2.f_divergence: rkl, fkl, hellinger, "
               "jsd); immediate credit and ρ = π_S/μ as in sampled-token OPD.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(reward="f_corrected", f_divergence="jsd"),
-            "routing": {"kind": "softmax"},
-        },
+        values=route2_values(sampled_token(reward="f_corrected", f_divergence="jsd")),
     ),
     Preset(
         name="tropd",
@@ -50,14 +44,7 @@ PRESETS: tuple[Preset, ...] = (
               "[INFER]: the fixed δ = 0.1 (the paper's threshold is adaptive). Not reproduced: the forward-KL "
               "estimator on the outliers and the teacher-prefix guidance (opd has no route-1 term restricted "
               "to the outliers nor teacher-prefix continuation).",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(),
-            "routing": {"kind": "softmax"},
-            "gates": {"trust_min": 0.1},
-        },
+        values=route2_values(gates={"trust_min": 0.1}),
     ),
     Preset(
         name="tropd-clip",
@@ -71,13 +58,7 @@ PRESETS: tuple[Preset, ...] = (
               "clipping, masking (the `tropd` preset) or a top-k forward-KL estimator. [INFER]: clipping is "
               "read as a floor on the outlier's log-ratio at the trust-region edge log δ (route2.reward=clipped, "
               "route2.reward_low = log 0.1), which bounds its per-token gradient weight; δ = 0.1 as in `tropd`.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(reward="clipped", reward_low=math.log(0.1)),
-            "routing": {"kind": "softmax"},
-        },
+        values=route2_values(sampled_token(reward="clipped", reward_low=math.log(0.1))),
     ),
     Preset(
         name="mopd",
@@ -95,15 +76,9 @@ PRESETS: tuple[Preset, ...] = (
               "(NeMo-RL's MOPD recipe), 4 samples per prompt. The routing is opd's routed teachers: set "
               "data.route_field and teacher.routes={DOMAIN: TEACHER, ...}; prompts without a route (and the "
               "demo, which has one domain) use teacher.model.",
-        values={
-            "rollout": {**ON_POLICY, "samples_per_prompt": 4},
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(is_correction="icepop", icepop_low=0.2, icepop_high=5.0),
-            "routing": {"kind": "softmax"},
-            "gates": {"reduction": "sequence_mean"},
-            "outcome": {"adv_tau": 1.0, "teacher_tau": 1.0, "normalize_std": True},
-        },
+        values=route2_values(sampled_token(is_correction="icepop", icepop_low=0.2, icepop_high=5.0),
+                             rollout={"samples_per_prompt": 4}, gates={"reduction": "sequence_mean"},
+                             outcome={"adv_tau": 1.0, "teacher_tau": 1.0, "normalize_std": True}),
     ),
     Preset(
         name="async-opd",
@@ -121,13 +96,8 @@ PRESETS: tuple[Preset, ...] = (
               "(route2.is_correction=ratio) for the lag, and teacher.cache=memory as the score cache. Not "
               "reproduced: the paper's multi-sample Monte Carlo estimator and its sparse top-k cache variant "
               "(route 1 on support.kind=teacher_topk is the closest; opd warns that it has no lag correction).",
-        values={
-            "rollout": {**ON_POLICY, "overlap": True},
-            "teacher": {"access": "sampled", "cache": "memory"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(reward_logprobs="current", is_correction="ratio"),
-            "routing": {"kind": "softmax"},
-        },
+        values=route2_values(sampled_token(reward_logprobs="current", is_correction="ratio"),
+                             rollout={"overlap": True}, teacher={"cache": "memory"}),
     ),
     Preset(
         name="bridging",
@@ -142,13 +112,7 @@ PRESETS: tuple[Preset, ...] = (
               "also helps. [INFER]: the truncated-return form, W = 4 and γ = 1 (route2.window, route2.gamma). "
               "Not reproduced: the paper's suppression of non-divergent high-loss tokens. The paper also calls "
               "its method TOPD; opd's `topd` preset is the truncated-rollout TOPD of arXiv 2605.31490.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(credit="window", window=4, gamma=1.0),
-            "routing": {"kind": "softmax"},
-        },
+        values=route2_values(sampled_token(credit="window", window=4, gamma=1.0)),
     ),
     Preset(
         name="topd",
@@ -162,13 +126,7 @@ PRESETS: tuple[Preset, ...] = (
               "horizon; POPD grows the horizon during training. [INFER]: H = 4 tokens (half of the demo's "
               "8-token horizon; set rollout.prefix_tokens to ~10 % of your max_new_tokens) and sampled-token "
               "OPD as the loss. POPD's growing horizon is not a preset (no schedule for rollout.prefix_tokens).",
-        values={
-            "rollout": {**ON_POLICY, "prefix_tokens": 4},
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(),
-            "routing": {"kind": "softmax"},
-        },
+        values=route2_values(rollout={"prefix_tokens": 4}),
     ),
     Preset(
         name="rlcsd",
@@ -185,14 +143,8 @@ PRESETS: tuple[Preset, ...] = (
               "and 1), the wrong hint as the context of another prompt in the batch (opd/teachers/wrong_hint.py), "
               "the frozen initial student as both hinted models (regularization.reference=initial holds the "
               "wrong-hint copy), 4 samples per prompt.",
-        values={
-            "rollout": {**ON_POLICY, "samples_per_prompt": 4},
-            "teacher": {"model": "self", "self_mode": "frozen", "use_context": True, "access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(reward="contrastive"),
-            "routing": {"kind": "softmax"},
-            "regularization": {"reference": "initial"},
-            "outcome": {"adv_tau": 1.0, "teacher_tau": 1.0, "normalize_std": True},
-        },
+        values=route2_values(sampled_token(reward="contrastive"), rollout={"samples_per_prompt": 4},
+                             teacher=SELF_TEACHER, regularization={"reference": "initial"},
+                             outcome={"adv_tau": 1.0, "teacher_tau": 1.0, "normalize_std": True}),
     ),
 )

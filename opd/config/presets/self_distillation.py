@@ -3,7 +3,7 @@ demonstration, feedback) — frozen at its initial weights or live."""
 
 from __future__ import annotations
 
-from opd.config.presets.base import ON_POLICY, ROUTE1_OFF, ROUTE2_OFF, Preset, sampled_token
+from opd.config.presets.base import SELF_TEACHER, Preset, route1_values, route2_values, sampled_token
 
 PRESETS: tuple[Preset, ...] = (
     Preset(
@@ -17,13 +17,7 @@ PRESETS: tuple[Preset, ...] = (
         notes="The full-vocabulary reverse-KL default is [MEMORY]; the paper's generalized-JSD variant: "
               "route1.divergence=jsd. The built-in arith task supplies a teacher-only hint; for your data set "
               "data.context_field.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"model": "self", "self_mode": "frozen", "use_context": True, "access": "full"},
-            "support": {"kind": "full"},
-            "route1": {"divergence": "rkl", "coef": 1.0},
-            "route2": dict(ROUTE2_OFF),
-        },
+        values=route1_values({"divergence": "rkl", "coef": 1.0}, teacher=SELF_TEACHER),
     ),
     Preset(
         name="sdft",
@@ -37,14 +31,8 @@ PRESETS: tuple[Preset, ...] = (
         notes="Follows the tinker-cookbook recipe (static base weights as teacher, importance-sampling loss "
               "summed, reward from the sampler's log-probs); its lr 2e-5 and LoRA rank 128 are task-specific "
               "and left to the run. The demonstration comes from data.context_field (the arith task's hint).",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"model": "self", "self_mode": "frozen", "use_context": True, "access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(reward_logprobs="behaviour"),
-            "routing": {"kind": "softmax"},
-            "gates": {"reduction": "sum"},
-        },
+        values=route2_values(sampled_token(reward_logprobs="behaviour"), teacher=SELF_TEACHER,
+                             gates={"reduction": "sum"}),
     ),
     Preset(
         name="sdpo",
@@ -56,12 +44,6 @@ PRESETS: tuple[Preset, ...] = (
         notes="The paper uses a top-K approximation for memory (support.kind=teacher_topk support.norm=tail "
               "teacher.access=topk) and can mix in GRPO (outcome.adv_tau with route 2); the full vocabulary "
               "here is exact. The feedback comes from data.context_field (the arith task's hint stands in).",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"model": "self", "self_mode": "live", "use_context": True, "access": "full"},
-            "support": {"kind": "full"},
-            "route1": {"divergence": "rkl", "coef": 1.0},
-            "route2": dict(ROUTE2_OFF),
-        },
+        values=route1_values({"divergence": "rkl", "coef": 1.0}, teacher={**SELF_TEACHER, "self_mode": "live"}),
     ),
 )

@@ -3,7 +3,7 @@ rollout mixtures (StableOPD), token-importance gates (TIP), offline teacher scor
 
 from __future__ import annotations
 
-from opd.config.presets.base import ON_POLICY, ROUTE1_OFF, ROUTE2_OFF, Preset, sampled_token
+from opd.config.presets.base import Preset, route1_values, route2_values, sampled_token
 
 PRESETS: tuple[Preset, ...] = (
     Preset(
@@ -17,14 +17,10 @@ PRESETS: tuple[Preset, ...] = (
                 "special tokens (other than EOS) masked;  y ~ top-p π_S",
         notes="top_p = 0.95 is [INFER]: the paper recommends top-p rollouts; the value was not retrieved. The "
               "renormalised top-k form of the loss is [INFER].",
-        values={
-            "rollout": {"on_policy_fraction": 1.0, "teacher_mix": 0.0, "top_p": 0.95},
-            "teacher": {"access": "topk", "topk": 32},
-            "support": {"kind": "teacher_topk", "k": 32, "norm": "renorm"},
-            "route1": {"divergence": "rkl", "coef": 1.0},
-            "route2": dict(ROUTE2_OFF),
-            "gates": {"mask_special_tokens": True},
-        },
+        values=route1_values({"divergence": "rkl", "coef": 1.0}, rollout={"top_p": 0.95},
+                             teacher={"access": "topk", "topk": 32},
+                             support={"kind": "teacher_topk", "k": 32, "norm": "renorm"},
+                             gates={"mask_special_tokens": True}),
     ),
     Preset(
         name="eopd",
@@ -37,13 +33,7 @@ PRESETS: tuple[Preset, ...] = (
         notes="[INFER]: the hard gate at τ = 1 nat, equal weights and the full vocabulary (the paper reports "
               "top-K approximations: support.kind=teacher_topk support.norm=tail teacher.access=topk); the exact "
               "gate was not retrieved.",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "full"},
-            "support": {"kind": "full"},
-            "route1": {"divergence": "rkl", "coef": 1.0, "fkl_coef": 1.0, "fkl_entropy_min": 1.0},
-            "route2": dict(ROUTE2_OFF),
-        },
+        values=route1_values({"divergence": "rkl", "coef": 1.0, "fkl_coef": 1.0, "fkl_entropy_min": 1.0}),
     ),
     Preset(
         name="stable-opd",
@@ -57,15 +47,9 @@ PRESETS: tuple[Preset, ...] = (
         notes="[INFER]: β = 0.1, the k3 estimator, the 50/50 mixture and ν = 1 (the paper names the two "
               "mechanisms; their coefficients were not retrieved). 'Rollout mixture distillation' is read as "
               "SFT on golden answers beside the on-policy rows.",
-        values={
-            "rollout": {"on_policy_fraction": 0.5, "off_policy_source": "answer", "teacher_mix": 0.0},
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(),
-            "routing": {"kind": "softmax"},
-            "regularization": {"reference": "initial", "ref_kl_coef": 0.1, "ref_kl_estimator": "k3",
-                               "sft_coef": 1.0},
-        },
+        values=route2_values(rollout={"on_policy_fraction": 0.5, "off_policy_source": "answer"},
+                             regularization={"reference": "initial", "ref_kl_coef": 0.1, "ref_kl_estimator": "k3",
+                                             "sft_coef": 1.0}),
     ),
     Preset(
         name="tip",
@@ -76,14 +60,7 @@ PRESETS: tuple[Preset, ...] = (
         notes="[INFER]: the batch quantile form of the gate, and sampled-token OPD as the base loss (TIP gates any "
               "OPD loss). Keeping 50 % by entropy is the paper's headline setting; gates.entropy_gate=q3 or "
               "q1_or_q3 adds the low-entropy, high-divergence tokens (the Q3 form and thresholds are [INFER]).",
-        values={
-            "rollout": dict(ON_POLICY),
-            "teacher": {"access": "sampled"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(),
-            "routing": {"kind": "softmax"},
-            "gates": {"entropy_gate": "q1", "keep_fraction": 0.5},
-        },
+        values=route2_values(gates={"entropy_gate": "q1", "keep_fraction": 0.5}),
     ),
     Preset(
         name="lightning-opd",
@@ -97,12 +74,8 @@ PRESETS: tuple[Preset, ...] = (
               "sampled-token form with ρ = 1. teacher.cache=memory reuses scores within a run; "
               "teacher.cache=disk teacher.cache_dir=DIR keeps them across runs. The paper's teacher-consistency "
               "condition: use the teacher that produced the SFT data.",
-        values={
-            "rollout": {"on_policy_fraction": 0.0, "off_policy_source": "answer", "teacher_mix": 0.0},
-            "teacher": {"access": "sampled", "cache": "memory"},
-            "route1": dict(ROUTE1_OFF),
-            "route2": sampled_token(off_policy_rows=True, is_correction="none"),
-            "routing": {"kind": "softmax"},
-        },
+        values=route2_values(sampled_token(off_policy_rows=True, is_correction="none"),
+                             rollout={"on_policy_fraction": 0.0, "off_policy_source": "answer"},
+                             teacher={"cache": "memory"}),
     ),
 )

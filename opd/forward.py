@@ -1,4 +1,5 @@
-"""The one forward pass that scores completions: shared by student training and teacher scoring.
+"""The one forward pass that scores completions: shared by student training, teacher scoring and the
+teacher server (it sits below the rollout engine and serving; :mod:`opd.rollout` re-exports it).
 
 A batch is a left-padded prompt block followed by a right-padded completion block::
 
@@ -25,10 +26,13 @@ from opd.math._checks import check_ndim, check_same_shape
 
 __all__ = [
     "HeadNotLinearError",
+    "cache_kwarg",
     "completion_forward",
+    "forward_params",
     "lm_head_of",
     "lm_head_vocab_size",
     "model_device",
+    "output_cache",
     "position_ids_from_mask",
 ]
 
@@ -64,17 +68,19 @@ def position_ids_from_mask(mask_BL: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=None)
-def _forward_params(cls: type) -> frozenset[str]:
+def forward_params(cls: type) -> frozenset[str]:
+    """Names of the keyword arguments ``cls.forward`` accepts (cached per class)."""
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
-def _cache_kwarg(model: nn.Module) -> str:
+def cache_kwarg(model: nn.Module) -> str:
     """``cache`` (transformers ≥ 5.2x) or the older ``past_key_values``."""
-    params = _forward_params(type(model))
+    params = forward_params(type(model))
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _output_cache(out: Any) -> Any:
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward pass returned (``out.cache``, else the older ``out.past_key_values``)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
@@ -151,7 +157,7 @@ def completion_forward(
         vocab = lm_head_vocab_size(model)
         return torch.zeros(b, 0, vocab, device=device)
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
-    if "logits_to_keep" in _forward_params(type(model)):
+    if "logits_to_keep" in forward_params(type(model)):
         kwargs["logits_to_keep"] = t
     logits = model(**kwargs).logits
     return logits[:, logits.shape[1] - t:]

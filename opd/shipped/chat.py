@@ -1,7 +1,7 @@
 """Train the shipped ``arith_chat`` pair (:mod:`opd.tasks.arith_chat`): a teacher on the ground truth,
 a student warm-started on the teacher's samples.
 
-``python scripts/make_chat_checkpoints.py`` (:func:`main`) writes ``opd/assets/arith_chat/teacher``
+``opd make-checkpoints chat`` (:func:`main`) writes ``opd/assets/arith_chat/teacher``
 (3 layers × 128) and ``student`` (2 × 64), each with an ``opd_card.json``. Both are trained on every
 assistant turn (``train_turns=all``) with the conversation before the turn as the prompt — exactly
 the prompt ids the chat data path produces — and the loss on the turn's tokens and its EOS only.
@@ -13,22 +13,24 @@ thread count a rerun writes the same weights.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opd.tasks.arith_chat import ArithChatTask, arith_chat_tokenizer
-from opd.tasks.shipped import save_shipped_checkpoint
-from opd.tasks.tiny_sft import SFTPhase, train_sft
+from opd.data import ArithChatTask
+from opd.evaluate import verify_rollouts
+from opd.models import load_model
+from opd.rollout import Sampling, generate_rollouts
+from opd.shipped.options import apply_options, family_parser
+from opd.shipped.save import log, train_and_save
+from opd.shipped.sft import SFTPhase, train_sft
+from opd.tasks.arith_chat import arith_chat_tokenizer
+from opd.tasks.assets import ASSETS
 
-__all__ = ["PHASES", "main"]
-
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "arith_chat"
+__all__ = ["PHASES", "greedy_accuracy", "main"]
 #: Longest completion: a 3-digit answer and the end-of-turn token (one spare).
 MAX_NEW_TOKENS = 5
 
@@ -41,37 +43,25 @@ PHASES: dict[str, SFTPhase] = {
 }
 
 
-def greedy_accuracy(model: PreTrainedModel, task: ArithChatTask, tokenizer, n: int = 500) -> float:
+def greedy_accuracy(model: PreTrainedModel, task: ArithChatTask, tokenizer: PreTrainedTokenizerBase,
+                    n: int = 500) -> float:
     """Held-out verifier accuracy of greedy turns, through opd's rollout engine (as ``opd distill`` evaluates)."""
-    from opd.evaluate import verify_rollouts
-    from opd.rollout import generate_rollouts
-
     examples = task.eval_examples(n)
-    rollouts = generate_rollouts(model, tokenizer, examples, max_new_tokens=MAX_NEW_TOKENS, greedy=True)
+    rollouts = generate_rollouts(model, tokenizer, examples, Sampling(max_new_tokens=MAX_NEW_TOKENS, greedy=True))
     return float(verify_rollouts(task, tokenizer, rollouts).mean())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train and save the pair; 0 on success, 1 when a checkpoint missed its accuracy range."""
-    import transformers
-
-    parser = argparse.ArgumentParser(prog="make_chat_checkpoints",
-                                     description="Train the arith_chat teacher/student (deterministic; minutes on 2 "
-                                                 "CPU cores).")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = family_parser("chat", "Train the arith_chat teacher/student (deterministic; minutes on 2 CPU cores).",
+                           out=ASSETS / "arith_chat", threads=2)
     parser.add_argument("--only", nargs="+", choices=list(PHASES), default=list(PHASES))
-    parser.add_argument("--out", type=Path, default=_ASSETS, help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2; changes the numerics)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
-    transformers.utils.logging.disable_progress_bar()
-    from opd.models import load_model
-    from opd.rollout import generate_rollouts
-
+    command = apply_options(parser, args, "chat", argv)
     tokenizer = arith_chat_tokenizer()
     task = ArithChatTask(tokenizer, train_turns="all", eval_size=500, seed=0)
     eos = int(tokenizer.eos_token_id)
-    command = "python scripts/make_chat_checkpoints.py " + " ".join(sys.argv[1:] if argv is None else argv)
     models: dict[str, PreTrainedModel] = {}
     started = time.perf_counter()
     for name in [n for n in PHASES if n in args.only]:
@@ -93,21 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             def batch(step: int, phase=phase, teacher=teacher):
                 examples = task.train_examples(step, phase.batch_size, seed=phase.seed)
                 with torch.no_grad():
-                    samples = generate_rollouts(teacher, tokenizer, examples, max_new_tokens=MAX_NEW_TOKENS)
+                    samples = generate_rollouts(teacher, tokenizer, examples, Sampling(max_new_tokens=MAX_NEW_TOKENS))
                 prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
                 answers = [ids[m.bool()].tolist() for ids, m in zip(samples.completion_ids_BT,
                                                                      samples.completion_mask_BT, strict=True)]
                 return prompts, answers
         print(f"training arith_chat/{name}: {phase.layers}x{phase.hidden}", flush=True)
-        try:
-            model, card = train_sft(phase, tokenizer, batch, lambda m: greedy_accuracy(m, task, tokenizer),
-                                    log=lambda s: print(s, flush=True))
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
+        done = train_and_save(
+            lambda: train_sft(phase, tokenizer, batch, lambda m: greedy_accuracy(m, task, tokenizer), log=log),
+            tokenizer, args.out / name, task=repr(task), heldout_size=500, command=command,
+            trained_on="ground truth" if name == "teacher" else "teacher samples (temperature 1)")
+        if done is None:
             return 1
-        card.update(task=repr(task), heldout_size=500, command=command.strip(),
-                    trained_on="ground truth" if name == "teacher" else "teacher samples (temperature 1)")
-        size = save_shipped_checkpoint(model, tokenizer, card, args.out / name)
+        model, card, size = done
         models[name] = model
         print(f"arith_chat/{name}: {card['parameters']:,} parameters, {size / 1e6:.2f} MB, held-out accuracy "
               f"{card['heldout_accuracy']:.1%} after {card['steps']} steps ({card['train_seconds']:.0f} s training)",

@@ -473,7 +473,7 @@ class CachedTeacher:
             if self.teacher is None:
                 raise ValueError(f"the offline teacher cache has no {access!r} signal (topk={topk}) for "
                                  f"{len(miss)} of {len(keys)} sequences and there is no teacher to score them; "
-                                 "warm the cache over these rollouts first (opd.teacher_cache.warm_cache)")
+                                 "warm the cache over these rollouts first (opd.teachers.cache.warm_cache)")
             sub = rollouts if len(miss) == len(keys) else rollouts.select(miss)
             live = self.teacher.score(sub, access=access, topk=topk)
             compact = compress_feedback(live, sub.completion_mask_BT, store_dtype=self.store.store_dtype,

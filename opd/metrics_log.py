@@ -18,7 +18,7 @@ from typing import Any
 
 from opd.io import atomic_write_text, read_jsonl_tolerant, write_error
 
-__all__ = ["RunLog", "read_metrics"]
+__all__ = ["MetricsLog", "read_metrics"]
 
 
 def _clean(value: Any) -> Any:
@@ -27,7 +27,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class RunLog:
+class MetricsLog:
     """Append-only metrics log of a run (rank 0 writes; other ranks hold a no-op log)."""
 
     def __init__(self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = False,

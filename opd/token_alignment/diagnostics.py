@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from opd.tokenization.tokens import decode_offsets
 from opd.types import Feedback
-from opd.xtok.tokens import decode_offsets
 
 __all__ = ["BoundaryAlignment", "alignment_metrics", "boundary_alignment"]
 

@@ -1,4 +1,4 @@
-"""Supervised training of the small shipped checkpoints (cross-tokenizer and chat demo pairs).
+"""Supervised training of the small shipped checkpoints (arith, cross-tokenizer and chat families).
 
 One loop for every phase: a fresh tiny Llama (:func:`opd.models.tiny_llama_config`) trained with
 AdamW on ``(prompt ids, completion ids)`` batches that the caller draws per step, cross-entropy on

@@ -1,6 +1,6 @@
 """Train the shipped case-study checkpoints: per case a teacher from scratch and a warm student.
 
-``python scripts/make_case_checkpoints.py`` (which calls :func:`main`) writes
+``opd make-checkpoints cases`` (which calls :func:`main`) writes
 ``opd/assets/<case>/{teacher,student}`` for the cases of :mod:`opd.tasks.cases` (``fork``,
 ``route``, ``modes``, ``long``), each a ``save_pretrained`` folder (model + tokenizer, safetensors,
 float32) with an ``opd_card.json`` recording the phase settings, the checks below, the training
@@ -37,28 +37,25 @@ writes the same weights.
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.models import build_model, count_parameters, tiny_llama_config
-from opd.tasks.arith_checkpoints import generate_completions
+from opd.shipped.arith import generate_completions
+from opd.shipped.options import apply_options, family_parser
+from opd.shipped.save import log, train_and_save
+from opd.shipped.sft import lr_factor, pad_batch, sft_update
+from opd.tasks.assets import ASSETS
 from opd.tasks.cases import CASE_EOS, CASE_TASKS, CaseTask, case_tokenizer, make_case_task
-from opd.tasks.shipped import save_shipped_checkpoint
-from opd.tasks.tiny_sft import lr_factor, pad_batch, sft_update
 
 __all__ = ["CHECKS", "PHASES", "CasePhase", "case_checks", "main", "train_case_phase"]
-
-_ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 @dataclass(frozen=True)
@@ -169,12 +166,6 @@ def case_checks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, case
 
 
 
-def _batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[list[int]]
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`opd.tasks.tiny_sft.pad_batch` of the tokenized ``prompts``."""
-    return pad_batch(tokenizer(list(prompts)).input_ids, completions, tokenizer.pad_token_id)
-
-
 def train_case_phase(phase: CasePhase, teacher: PreTrainedModel | None = None, *,
                      log: Callable[[str], None] = print) -> tuple[PreTrainedModel, dict]:
     """Train one case checkpoint as ``phase`` says; return the model and its card.
@@ -214,7 +205,8 @@ def train_case_phase(phase: CasePhase, teacher: PreTrainedModel | None = None, *
             completions = generate_completions(teacher, tokenizer, [e.prompt for e in examples],
                                                task.max_new_tokens, sample=True)
             completions = [c if c and c[-1] == eos else c + [eos] for c in completions]
-        ids, mask, labels = _batch(tokenizer, [e.prompt for e in examples], completions)
+        ids, mask, labels = pad_batch(tokenizer([e.prompt for e in examples]).input_ids, completions,
+                                      tokenizer.pad_token_id)
         if phase.withhold is not None:  # the withheld strategy's tokens after the first `keep` are not trained
             name, keep = phase.withhold
             texts = tokenizer.batch_decode(completions, skip_special_tokens=False)
@@ -265,22 +257,15 @@ def train_case_phase(phase: CasePhase, teacher: PreTrainedModel | None = None, *
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: train and save the case checkpoints; print a table. Exit status 0, or 1
     when a checkpoint missed its accepted range (stderr says which check)."""
-    parser = argparse.ArgumentParser(
-        prog="make_case_checkpoints",
-        description="Train the case-study teacher/student checkpoints shipped in opd/assets/<case> (deterministic).")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = family_parser("cases", "Train the case-study teacher/student checkpoints shipped in opd/assets/<case> "
+                           "(deterministic).", out=ASSETS, threads=1)
     parser.add_argument("--only", nargs="+", choices=sorted({p.case for p in PHASES.values()}),
                         default=sorted({p.case for p in PHASES.values()}), help="cases to (re)train")
     parser.add_argument("--role", choices=("teacher", "student", "both"), default="both",
                         help="train only the teachers or only the students (a student needs its teacher in --out)")
-    parser.add_argument("--out", type=Path, default=_ASSETS, help="assets folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every phase (default: 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; changes the numerics)")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    transformers.utils.logging.disable_progress_bar()
-    command = "python scripts/make_case_checkpoints.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = apply_options(parser, args, "cases", argv)
 
     from opd.models import load_model
 
@@ -297,13 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"{phase.name} needs its teacher at {path}: train it first")
             teacher = load_model(path).eval()
         print(f"training {phase.name}: {phase.layers}x{phase.hidden}", flush=True)
-        try:
-            model, card = train_case_phase(phase, teacher, log=lambda s: print(s, flush=True))
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
+        done = train_and_save(lambda: train_case_phase(phase, teacher, log=log), case_tokenizer(),
+                              args.out / phase.case / phase.role, command=command)
+        if done is None:
             return 1
-        card["command"] = command.strip()
-        size = save_shipped_checkpoint(model, case_tokenizer(), card, args.out / phase.case / phase.role)
+        _, card, size = done
         rows.append((phase.name, card["parameters"], size, card["checks"], card["steps"], card["train_seconds"]))
     print(f"\n{'checkpoint':<16} {'params':>8} {'size':>8} {'steps':>6} {'train s':>8}  checks")
     for name, params, size, checks, steps, secs in rows:

@@ -15,10 +15,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from opd.report.html import _CSS, _e
-from opd.report.html import _table as _html_table
-from opd.report.markdown import _table as _md_table
-from opd.report.plots import _COLORS, Plot, _smooth
+from opd.report.html import CSS, escape, html_table
+from opd.report.markdown import markdown_table
+from opd.report.plots import COLORS, Plot, smooth
 from opd.sweep.aggregate import CURVE_KEYS, CellResult, compare, table_metrics
 from opd.sweep.spec import SweepSpec
 
@@ -50,8 +49,8 @@ def curve_plots(cells: Sequence[CellResult], keys: Sequence[str] = CURVE_KEYS, d
             half = [0.0 if math.isnan(c.ci) else c.ci for _, c in curve]
             if not key.startswith("eval/") and len(xs) >= 8:
                 width = max(2, len(xs) // 25)
-                mean, half = _smooth(mean, width), _smooth(half, width)
-            color = _COLORS[i % len(_COLORS)]
+                mean, half = smooth(mean, width), smooth(half, width)
+            color = COLORS[i % len(COLORS)]
             marker = "o" if len(xs) < 12 else None
             ax.plot(xs, mean, color=color, lw=1.6, marker=marker, ms=3, label=f"{cell.cell.name} (n={len(cell.seeds)})")
             ax.fill_between(xs, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
@@ -110,40 +109,40 @@ def write_sweep_report(out: str | Path, spec: SweepSpec, cells: Sequence[CellRes
     title = f"opd sweep — {spec.name}"
     seeds_note = f"per-seed values of {table_metrics(spec, list(cells))[0]}" if "seeds" in tables else ""
 
-    html = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
-            f"<style>{_CSS}</style></head><body><main><h1>{_e(title)}</h1>"
-            f"<p class='sub'>generated {time.strftime('%Y-%m-%d %H:%M:%S')} · {_e(intro)}</p>"]
+    html = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><main><h1>{escape(title)}</h1>"
+            f"<p class='sub'>generated {time.strftime('%Y-%m-%d %H:%M:%S')} · {escape(intro)}</p>"]
     if command:
-        html.append(f"<p><code>{_e(command)}</code></p>")
-    html.append(f"<p class='sub'>base overrides: <code>{_e(base)}</code>"
-                + (f" · config: <code>{_e(spec.config)}</code>" if spec.config else "") + "</p>")
-    html.append("<h2>Final metrics</h2>" + _html_table(*tables["summary"]))
+        html.append(f"<p><code>{escape(command)}</code></p>")
+    html.append(f"<p class='sub'>base overrides: <code>{escape(base)}</code>"
+                + (f" · config: <code>{escape(spec.config)}</code>" if spec.config else "") + "</p>")
+    html.append("<h2>Final metrics</h2>" + html_table(*tables["summary"]))
     if "difference" in tables:
         html.append("<h2>Differences</h2><p class='sub'>cell − other cell, paired by seed, "
-                    "mean ± 95 % CI</p>" + _html_table(*tables["difference"]))
+                    "mean ± 95 % CI</p>" + html_table(*tables["difference"]))
     if "seeds" in tables:
-        html.append(f"<h2>Per seed</h2><p class='sub'>{_e(seeds_note)}</p>" + _html_table(*tables["seeds"]))
+        html.append(f"<h2>Per seed</h2><p class='sub'>{escape(seeds_note)}</p>" + html_table(*tables["seeds"]))
     html.append("<h2>Curves</h2>")
     for p in plots:
         data = base64.b64encode(p.png).decode("ascii")
-        html.append(f"<figure><img alt='{_e(p.title)}' src='data:image/png;base64,{data}'>"
-                    f"<figcaption><b>{_e(p.title)}</b>: {_e(p.caption)}</figcaption></figure>")
-    html.append("<h2>Cells</h2>" + _html_table(*_cells_table(spec)) + "</main></body></html>\n")
+        html.append(f"<figure><img alt='{escape(p.title)}' src='data:image/png;base64,{data}'>"
+                    f"<figcaption><b>{escape(p.title)}</b>: {escape(p.caption)}</figcaption></figure>")
+    html.append("<h2>Cells</h2>" + html_table(*_cells_table(spec)) + "</main></body></html>\n")
 
     md = [f"# {title}", "", intro, ""]
     if command:
         md += ["```bash", command, "```", ""]
     md += [f"Base overrides: `{base}`" + (f"; config `{spec.config}`" if spec.config else ""), "",
-           "## Final metrics", "", *_md_table(*tables["summary"])]
+           "## Final metrics", "", *markdown_table(*tables["summary"])]
     if "difference" in tables:
         md += ["## Differences", "", "cell − other cell, paired by seed, mean ± 95 % CI", "",
-               *_md_table(*tables["difference"])]
+               *markdown_table(*tables["difference"])]
     if "seeds" in tables:
-        md += ["## Per seed", "", seeds_note, "", *_md_table(*tables["seeds"])]
+        md += ["## Per seed", "", seeds_note, "", *markdown_table(*tables["seeds"])]
     md += ["## Curves", ""]
     for p in plots:
         md += [f"![{p.title}]({FILES_DIR}/{p.slug}.png)", "", f"*{p.title}*: {p.caption}", ""]
-    md += ["## Cells", "", *_md_table(*_cells_table(spec))]
+    md += ["## Cells", "", *markdown_table(*_cells_table(spec))]
     html_path, md_path = out / "sweep.html", out / "sweep.md"
     html_path.write_text("".join(html), encoding="utf-8")
     md_path.write_text("\n".join(md), encoding="utf-8")
