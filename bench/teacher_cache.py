@@ -1,4 +1,4 @@
-"""Teacher-signal compression and caching (opd/teacher_cache.py): bytes per token, time per batch,
+"""Teacher-signal compression and caching (opd/teachers/cache.py): bytes per token, time per batch,
 and the error half-precision storage adds.
 
     python bench/teacher_cache.py               # demo and large pairs (bench/end_to_end.py)
@@ -253,7 +253,7 @@ def render_pair(pair: str, res: dict[str, Any], a: argparse.Namespace) -> str:
 
 def render(out: dict[str, Any], a: argparse.Namespace) -> str:
     parts = ["## Teacher-signal compression and caching (bench/teacher_cache.py)", "",
-             f"`{common.command_line()}` — {common.stamp()}. opd/teacher_cache.py stores, per valid completion "
+             f"`{common.command_line()}` — {common.stamp()}. opd/teachers/cache.py stores, per valid completion "
              "token, the sampled token's log-prob (fp32), the teacher's top-k as int32 ids + log-probs in the store "
              "dtype and, for full access, the logits (small V) or the teacher's final hidden states (large V; the "
              "head is stored once). Keys are the exact teacher-prompt + completion ids.", ""]

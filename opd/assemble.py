@@ -28,6 +28,7 @@ from opd.objective import Objective
 from opd.overlap import Prefetcher
 from opd.rollout.engine import build_engine
 from opd.step import PolicyModule
+from opd.value_source import build_value_source
 
 __all__ = ["apply_recipe", "build_components", "build_objective", "make_scheduler"]
 
@@ -94,6 +95,7 @@ def build_components(cfg: Config, run_dir: Path, accelerator: Accelerator, *,
         teacher=teacher, reference=reference, objective=objective, engine=engine, optimizer=optimizer,
         scheduler=scheduler, value_head=value_head, monitor=monitor, log=log, vocab=vocab,
         access=resolve_teacher_access(cfg), chunked=objective.use_chunked(vocab), params=params,
+        value_source=build_value_source(cfg, vocab, device),
     )
     monitor.apply_fn = partial(apply_recipe, parts)  # the monitor's recipes rewire these parts
     if cfg.rollout.overlap:

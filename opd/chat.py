@@ -15,11 +15,17 @@ turns, earlier assistant turns and the template's own tokens (role headers, sepa
 tokens and never enter the loss. The dataset's text of the turn is the example's ``answer`` (the
 reference for verifiers and SFT baselines).
 
+A chat template's own default system prompt (e.g. SmolLM2's "You are a helpful AI assistant named
+SmolLM, trained by Hugging Face", written when the conversation has no system message) is part of the
+rendering, so the student reads it, as the model does in any chat front end.
+
 Teacher-only system prompt: ``teacher_context`` (``teacher.system_prompt`` for every row, or the
 row's ``data.context_field``) becomes a system message that only the teacher sees
-(:func:`with_system_prompt`: merged in front of the conversation's own system message, or
-prepended as one); ``Example.teacher_prompt`` holds that rendering. A teacher with its own
-tokenizer renders the same messages with its own template (:func:`render_prompt`).
+(:func:`teacher_messages`: merged in front of the conversation's own system message; without one,
+in front of the template's default system prompt, so the teacher's prompt is the student's plus the
+teacher-only text; prepended as a new system message when the template has no default);
+``Example.teacher_prompt`` holds that rendering. A teacher with its own tokenizer renders the same
+messages with its own template (and its own default).
 
 Every error names the row (``file:line``) and says what to fix, on one line.
 """
@@ -39,8 +45,10 @@ __all__ = [
     "ChatFormat",
     "check_messages",
     "conversation_examples",
+    "default_system_prompt",
     "render_prompt",
     "require_chat_template",
+    "teacher_messages",
     "trained_turns",
     "with_system_prompt",
 ]
@@ -50,6 +58,8 @@ __all__ = [
 CONTEXT_ROLES: tuple[str, ...] = ("system", "user", "tool", "ipython", "environment", "function")
 #: Separator between a teacher-only system prompt and the conversation's own system message.
 SYSTEM_SEPARATOR = "\n\n"
+_MARK = "§OPD-USER-TURN§"
+_SYS = "§OPD-SYSTEM§"
 
 
 class ChatDataError(ValueError):
@@ -129,16 +139,57 @@ def trained_turns(messages: Sequence[Mapping[str, str]], train_turns: str) -> li
     raise ValueError(f"train_turns must be 'last' or 'all', got {train_turns!r}")
 
 
-def with_system_prompt(messages: Sequence[Mapping[str, str]], system: str | None) -> list[dict[str, str]]:
+def with_system_prompt(messages: Sequence[Mapping[str, str]], system: str | None, *,
+                       default: str | None = None) -> list[dict[str, str]]:
     """``messages`` with a (teacher-only) system prompt: merged in front of an existing first system
-    message (``system + "\\n\\n" + its content``), or prepended as a new system message."""
+    message (``system + "\\n\\n" + its content``); without one, prepended as a new system message
+    holding ``system + "\\n\\n" + default`` (``default``: the template's own default system prompt,
+    which an explicit system message would otherwise replace) or ``system`` alone."""
     msgs = [dict(m) for m in messages]
     if system is None:
         return msgs
     if msgs and msgs[0]["role"] == "system":
         msgs[0]["content"] = system + SYSTEM_SEPARATOR + msgs[0]["content"]
         return msgs
-    return [{"role": "system", "content": system}, *msgs]
+    return [{"role": "system", "content": system + SYSTEM_SEPARATOR + default if default else system}, *msgs]
+
+
+def default_system_prompt(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The system message ``tokenizer``'s chat template inserts when the conversation has none
+    (None: the template adds nothing, or there is no template).
+
+    Found by rendering ``[user]`` and ``[system=_SYS, user]``: the text around ``_SYS`` in the second
+    is the template's system block; if the first rendering holds that block's opening, the template
+    wrote a system message by itself, and the text between the opening and the closing is returned.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    user = [{"role": "user", "content": _MARK}]
+    try:
+        plain = tokenizer.apply_chat_template(user, tokenize=False)
+        with_sys = tokenizer.apply_chat_template([{"role": "system", "content": _SYS}, *user], tokenize=False)
+    except Exception:  # noqa: BLE001 — a template that refuses a system turn inserts none of its own
+        return None
+    head, _, tail = with_sys.partition(_SYS)
+    opening = head[-min(len(head), 24):]
+    closing = tail[:tail.find(_MARK)] if _MARK in tail else tail
+    before_user = plain[:plain.find(_MARK)]
+    if not opening or opening not in before_user:
+        return None
+    start = before_user.find(opening) + len(opening)
+    end_marker = closing.split(_MARK)[0][:12] if closing else ""
+    end = before_user.find(end_marker, start) if end_marker else -1
+    return before_user[start:end if end >= 0 else len(before_user)]
+
+
+def teacher_messages(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]],
+                     system: str | None) -> list[dict[str, str]]:
+    """The conversation the teacher reads: ``messages`` with the teacher-only ``system`` prompt
+    (:func:`with_system_prompt`), kept in front of ``tokenizer``'s default system prompt when the
+    conversation has no system message of its own."""
+    has_own = bool(messages) and messages[0]["role"] == "system"
+    default = None if system is None or has_own else default_system_prompt(tokenizer)
+    return with_system_prompt(messages, system, default=default)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> RenderedPrompt:
@@ -177,7 +228,8 @@ def conversation_examples(fields: Mapping[str, Any], where: str, fmt: ChatFormat
                 raise ChatDataError(f"{where}: the conversation before assistant turn (message {i + 1}) is {n} tokens; "
                                     f"with room for rollout.max_new_tokens it exceeds {window} (at most "
                                     f"{fmt.max_prompt_tokens} prompt tokens); shorten the conversation or drop the row")
-        teacher_prompt = None if system is None else render_prompt(fmt.tokenizer, with_system_prompt(before, system))
+        teacher_prompt = (None if system is None
+                          else render_prompt(fmt.tokenizer, teacher_messages(fmt.tokenizer, before, system)))
         out.append(Example(prompt=prompt, answer=messages[i]["content"], teacher_context=system,
                            fields={**fields, "turn": i}, messages=tuple(before), teacher_prompt=teacher_prompt,
                            origin=where))

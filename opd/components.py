@@ -2,7 +2,7 @@
 
 A :class:`Components` holds the student and its tokenizer, the task, the teacher and reference
 (both see the *initial* student), the objective, the rollout engine, the prepared training module,
-the optimizer and LR schedule, the value head, the monitor and the run log. The loop
+the optimizer and LR schedule, the value head (and GAE-OPD's external values), the monitor and the run log. The loop
 (:mod:`opd.train`) and the step (:mod:`opd.step`) take this object and nothing else.
 
 It is a plain holder: it builds nothing. :func:`opd.assemble.build_components` fills it, in one
@@ -28,8 +28,9 @@ from opd.rollout.engine import RolloutEngine
 from opd.run_lock import RunFolderLock
 from opd.tasks.base import Task
 from opd.teachers import Teacher
+from opd.types import Feedback, Rollouts
 
-__all__ = ["BatchPrefetch", "Components"]
+__all__ = ["BatchPrefetch", "Components", "ExternalValues"]
 
 
 class BatchPrefetch(Protocol):
@@ -40,6 +41,19 @@ class BatchPrefetch(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class ExternalValues(Protocol):
+    """GAE-OPD values computed with the batch, outside the objective (:class:`opd.value_source.ValueSource`:
+    ``route2.value=exact_mc`` / ``critic``, the value probe)."""
+
+    def attach(self, parts: Components, rollouts: Rollouts, feedback: Feedback, step: int) -> Feedback:
+        """``feedback`` with the values of this batch (``Feedback.values_BT`` / ``value_probe_BT``)."""
+        ...
+
+    def after_step(self, rollouts: Rollouts, feedback: Feedback, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """After the student's update: train what learns from the batch; the step's value metrics."""
+        ...
 
 
 @dataclass
@@ -72,6 +86,7 @@ class Components:
     params: list[torch.nn.Parameter] = field(default_factory=list)
     lock: RunFolderLock | None = None  # the run folder's lock, held while the run is live (main process)
     prefetch: BatchPrefetch | None = None  # rollout.overlap: the next step's batch, prepared in the background
+    value_source: ExternalValues | None = None  # route2.value=exact_mc/critic, the value probe (opd/value_source.py)
 
     @property
     def world(self) -> int:

@@ -37,7 +37,7 @@ def resolve_model_path(name: str) -> str:
         from opd.tasks.arith_chat import arith_chat_checkpoint
 
         return str(arith_chat_checkpoint(ckpt))
-    if task in ("fork", "route", "modes", "long") and ckpt:
+    if task in ("fork", "route", "modes", "long", "reach") and ckpt:
         from opd.tasks.cases import case_checkpoint
 
         return str(case_checkpoint(task, ckpt))
@@ -49,7 +49,8 @@ def resolve_model_path(name: str) -> str:
         f"unknown built-in model {name!r}; the shipped checkpoints are builtin:arith/teacher, builtin:arith/student, "
         "builtin:arith/smoke_teacher, builtin:arith/smoke_student, builtin:arith_bpe/teacher, "
         "builtin:arith_chat/teacher, builtin:arith_chat/student and builtin:<case>/{teacher,student} for the case "
-        "studies fork, route, modes, long, and the GGUF models " + ", ".join(f"builtin:{k}" for k in BUILTIN_GGUF)
+        "studies fork, route, modes, long, reach, and the GGUF models "
+        + ", ".join(f"builtin:{k}" for k in BUILTIN_GGUF)
     )
 
 

@@ -246,6 +246,15 @@ def adapt_threads(ceiling: int, others: float) -> int:
     return max(1, min(ceiling, int(math.floor(ceiling - others + 0.5))))
 
 
+def may_adapt_threads(adaptive: bool, *, overlap: bool, engine: str) -> bool:
+    """Whether a run's :class:`ThreadGovernor` may change torch's thread count: the count was chosen by opd
+    (``adaptive``, not ``train.threads``), and nothing else depends on it staying fixed — not with
+    ``rollout.overlap`` (``torch.set_num_threads`` must not run while the sampler thread computes), not
+    with ``rollout.engine=vllm`` (vLLM's CPU attention fixes the count when the engine starts, and a later
+    change fails its check ``thread_num == thread_num``)."""
+    return adaptive and not overlap and engine != "vllm"
+
+
 class ThreadGovernor:
     """Adapts torch's thread count to the CPUs that other processes leave free (module docstring).
 

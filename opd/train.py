@@ -52,7 +52,7 @@ from opd.report.run_info import run_info
 from opd.run_lock import acquire_run_folder, check_run_folder
 from opd.sharding import gathered
 from opd.step import sync_flag, train_step
-from opd.threads import ThreadGovernor, apply_threads, choose_threads
+from opd.threads import ThreadGovernor, apply_threads, choose_threads, may_adapt_threads
 
 __all__ = ["EXIT_CODES", "RunSummary", "default_run_dir", "distill"]
 
@@ -175,9 +175,8 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
                     **run_info(cfg, student=parts.student, teacher=parts.teacher, reference=parts.reference,
                                vocab=parts.vocab, device=parts.device, world=parts.world, access=parts.access),
                     "precision": accelerator.mixed_precision})
-        # not with rollout.overlap: torch.set_num_threads must not run while the sampler thread computes
-        progress = _Progress(governor=ThreadGovernor(threads.threads,
-                                                     enabled=threads.adaptive and not cfg.rollout.overlap))
+        adaptive = may_adapt_threads(threads.adaptive, overlap=cfg.rollout.overlap, engine=cfg.rollout.engine)
+        progress = _Progress(governor=ThreadGovernor(threads.threads, enabled=adaptive))
         if resume is not None:
             progress.start = progress.done = restore(parts, run_dir, echo)
             for overrides in parts.monitor.resume(progress.start):  # recipes applied before the checkpoint

@@ -11,10 +11,19 @@ import pytest
 import torch
 
 
+#: torch's thread count when the session starts; every test starts and ends with it
+_THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+    # a run's ThreadGovernor lowers the count on a busy machine (by design); the next test, and the
+    # session's in-process vLLM engines (whose CPU attention checks the count it started with), must
+    # not inherit that
+    if torch.get_num_threads() != _THREADS:
+        torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")

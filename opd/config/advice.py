@@ -232,7 +232,7 @@ def warning_problems(cfg: Config) -> list[Problem]:
 
 
 def _data_knobs(cfg: Config) -> list[tuple[str, bool, str]]:
-    """The data options only some tasks read (opd/build.py: a built-in task reads none of the file options;
+    """The data options only some tasks read (opd/factories.py: a built-in task reads none of the file options;
     its verifier is refused by validation instead, since it decides what the accuracy means)."""
     task = cfg.data.task
     user = task in ("jsonl", "hf")

@@ -25,6 +25,7 @@ from opd.math.gates import ENTROPY_GATE_MODES, POSITION_WEIGHT_KINDS
 from opd.math.regularizers import KL_ESTIMATORS
 from opd.math.rewards import REWARD_KINDS
 from opd.math.routing import ROUTINGS
+from opd.math.routing_options import MASS_RULES
 from opd.math.support import SUPPORT_KINDS, SUPPORT_NORMS
 from opd.config.engines import ENGINE_NAMES
 
@@ -67,9 +68,9 @@ class StudentConfig:
 class DataConfig:
     """Where prompts come from: a built-in task, a JSONL file or a Hugging Face dataset."""
     task: str = opt("arith", "built-in task name (arith, or arith_chat: multi-turn conversations with tool turns; "
-                    "the case studies fork, route, modes, long of opd/tasks/cases.py, each with builtin:<task>/teacher "
-                    "and builtin:<task>/student) or 'jsonl' / 'hf' for user data",
-                    choices=("arith", "arith_chat", "fork", "route", "modes", "long", "jsonl", "hf"))
+                    "the case studies fork, route, modes, long, reach of opd/tasks/cases.py, each with "
+                    "builtin:<task>/teacher and builtin:<task>/student) or 'jsonl' / 'hf' for user data",
+                    choices=("arith", "arith_chat", "fork", "route", "modes", "long", "reach", "jsonl", "hf"))
     path: str | None = opt(None, "JSONL file (task=jsonl) or dataset id / local dataset folder (task=hf)")
     split: str = opt("train", "dataset split used for training prompts (task=hf)")
     eval_path: str | None = opt(None, "held-out JSONL file / dataset for evaluation (default: hold out eval.size prompts)")
@@ -270,10 +271,16 @@ class Route2Config:
     gamma: float = opt(1.0, "discount γ (discounted, gae, window)", low=0.0, high=1.0)
     lam: float = opt(0.95, "GAE λ", low=0.0, high=1.0)
     baseline: str = opt("none", "baseline subtracted from the credit", choices=BASELINE_NAMES)
-    value: str = opt("closed_form", "value estimate for gae / baseline=value: closed_form V = −RKL_t (vOPD), "
-                     "zero, or decomposed V = −RKL_t + γ·U with a learned head U",
-                     choices=VALUE_ESTIMATES)
+    value: str = opt("closed_form", "value estimate for gae / baseline=value: closed_form V = −RKL_t (vOPD), zero, "
+                     "decomposed V = −RKL_t + γ·U with a learned head U; [INFER] ablations: exact_mc (Monte-Carlo "
+                     "value of the student, opd/value_mc.py), critic (opd/critic.py)", choices=VALUE_ESTIMATES)
     value_coef: float = opt(0.5, "weight of the value-head regression loss (value=decomposed)", low=0.0)
+    value_samples: int = opt(4, "value=exact_mc and the value probe: K continuations sampled per state", low=1)
+    value_probe_every: int = opt(0, "log the used value's RMSE to the Monte-Carlo value every n steps (0 = off)", low=0)
+    critic_hidden: int = opt(64, "value=critic: GRU width of the separate critic", low=1)
+    critic_lr: float = opt(3e-3, "value=critic: Adam learning rate of the critic", low=0.0, low_open=True)
+    critic_updates: int = opt(1, "value=critic: critic gradient steps per batch", low=1)
+    critic_warmup: int = opt(100, "value=critic: critic-only batches before the student's first update", low=0)
     off_policy_rows: bool = opt(False, "apply route 2 also to the off-policy rows (dataset answers / teacher samples) "
                                 "with ρ = 1, as offline OPD on fixed data does (Lightning OPD arXiv 2604.13010)")
     future_only: bool = opt(False, "credit from t+1 on (MiniLLM's long-term term); pair with a route-1 term that "
@@ -307,6 +314,11 @@ class RoutingConfig:
     kappa: float = opt(1.0, "CR-OPD κ: ρ ∝ π_T^κ π_S^(1−κ)", low=0.0, high=1.0)
     eta: float = opt(1.0, "CR-OPD η_r: mix of routed target and student prior (0 = plain PG)", low=0.0, high=1.0)
     tau_a: float = opt(0.0, "CR-OPD τ_A: route only tokens with A_t < −τ_A", low=0.0)
+    reach_p: float | None = opt(None, "CR-OPD [INFER] option: ...or if v is in the student's top-p nucleus (null = "
+                                "off; all three off: every token is reachable)", low=0.0, high=1.0, low_open=True)
+    temperature: float = opt(1.0, "CR-OPD [INFER] option T_r: ρ ∝ (π_T^κ π_S^(1−κ))^(1/T_r)", low=0.0, low_open=True)
+    mass: str = opt("unit", "CR-OPD [INFER] option, gradient c·(e_y − ρ̃): unit (c = −A), matched (plain PG's push "
+                    "at y) or excess (c = π_S(y)(1 − e^A)); opd/math/routing_options.py", choices=MASS_RULES)
 
 
 @dataclass

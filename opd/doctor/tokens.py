@@ -19,13 +19,11 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from opd.chat import default_system_prompt
 from opd.doctor.checks import Check, judged, skipped
 from opd.tokenization import compare_tokenizers
 
 __all__ = ["default_system_prompt", "embedding_rows", "pad_eos", "round_trip", "special_tokens", "system_prompts"]
-
-_MARK = "§DOCTOR-USER-TURN§"
-_SYS = "§DOCTOR-SYSTEM§"
 
 
 def round_trip(texts: Sequence[str], teacher_tokenizer: PreTrainedTokenizerBase) -> Check:
@@ -74,34 +72,6 @@ def pad_eos(tokenizers: Sequence[tuple[str, PreTrainedTokenizerBase]]) -> Check:
             notes.append(f"{who}: pad == EOS ({tok.eos_token!r}; harmless in opd, which finds padding by position)")
     ok = ", ".join(f"{who} pad={tok.pad_token!r} eos={tok.eos_token!r}" for who, tok in tokenizers)
     return judged("pad / EOS", float(len(problems)), 0.0, "; ".join(problems + notes) or ok)
-
-
-def default_system_prompt(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The system message ``tokenizer``'s chat template inserts when the conversation has none
-    (None: the template adds nothing, or there is no template).
-
-    Found by rendering ``[user]`` and ``[system=_SYS, user]``: the text around ``_SYS`` in the second
-    is the template's system block; if the first rendering holds that block's opening, the template
-    wrote a system message by itself, and the text between the opening and the closing is returned.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    user = [{"role": "user", "content": _MARK}]
-    try:
-        plain = tokenizer.apply_chat_template(user, tokenize=False)
-        with_sys = tokenizer.apply_chat_template([{"role": "system", "content": _SYS}, *user], tokenize=False)
-    except Exception:  # noqa: BLE001 — a template that refuses a system turn inserts none of its own
-        return None
-    head, _, tail = with_sys.partition(_SYS)
-    opening = head[-min(len(head), 24):]
-    closing = tail[:tail.find(_MARK)] if _MARK in tail else tail
-    before_user = plain[:plain.find(_MARK)]
-    if not opening or opening not in before_user:
-        return None
-    start = before_user.find(opening) + len(opening)
-    end_marker = closing.split(_MARK)[0][:12] if closing else ""
-    end = before_user.find(end_marker, start) if end_marker else -1
-    return before_user[start:end if end >= 0 else len(before_user)]
 
 
 def system_prompts(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase | None, *,

@@ -35,8 +35,13 @@ from opd.math.registry import Registry
 from opd.math.window_credit import windowed_returns
 
 #: Value estimates ``V(s_t)`` for ``gae`` / ``baseline=value`` (``route2.value``): the closed form
-#: :func:`closed_form_value`, zero, or :func:`decomposed_value` with a learned head.
-VALUE_ESTIMATES: tuple[str, ...] = ("closed_form", "zero", "decomposed")
+#: :func:`closed_form_value`, zero, :func:`decomposed_value` with a learned head, or one computed with
+#: the batch outside the objective (:data:`EXTERNAL_VALUES`).
+VALUE_ESTIMATES: tuple[str, ...] = ("closed_form", "zero", "decomposed", "exact_mc", "critic")
+#: The value estimates computed when the batch is prepared, not by the objective ([INFER] oracle
+#: ablations of GAE-OPD): ``exact_mc``, the current student's value by Monte-Carlo continuations
+#: (:mod:`opd.math.value_targets`), and ``critic``, a separate small critic network.
+EXTERNAL_VALUES: tuple[str, ...] = ("exact_mc", "critic")
 
 
 def _prepare(name: str, values_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:

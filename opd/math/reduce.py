@@ -93,16 +93,12 @@ def reduce_tokens(
     reduction: Reduction = "token_mean",
     *,
     constant_normalizer: float | None = None,
-    num_tokens: float | Tensor | None = None,
-    num_sequences: float | Tensor | None = None,
 ) -> Tensor:
-    """Reduce per-token ``values_BT`` to a scalar with the named reducer (see module docstring)."""
+    """Reduce per-token ``values_BT`` to a scalar with the named reducer (see module docstring), with the
+    counts of this batch: ``masked_sum(values_BT, reduction_weights(mask_BT, ...))``. Global counts under
+    data parallelism go to :func:`reduction_weights` (``num_tokens``, ``num_sequences``)."""
     check_same_shape(values_BT=values_BT, mask_BT=mask_BT)
-    weights = reduction_weights(
-        mask_BT, reduction, constant_normalizer=constant_normalizer,
-        num_tokens=num_tokens, num_sequences=num_sequences,
-    )
-    return masked_sum(values_BT, weights)
+    return masked_sum(values_BT, reduction_weights(mask_BT, reduction, constant_normalizer=constant_normalizer))
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -16,28 +16,32 @@ student-reachable:
     L_t  = −A_t (log π_θ(y_t) − Σ_v sg[ρ̃_t(v)] log π_θ(v))        if A_t < −τ_A and C_t ≠ ∅
     L_t  = −A_t log π_θ(y_t)                                       otherwise
 
-so that ``∂L_t/∂z = −A_t (e_{y_t} − ρ̃_t)`` on routed tokens. Nearest published relative:
+so that ``∂L_t/∂z = −A_t (e_{y_t} − ρ̃_t)`` on routed tokens. Options of the reconstruction (a
+nucleus reachability rule, a routing temperature, the mass moved: ``unit`` as above, ``matched``
+to plain PG, or the route-1-style ``excess``) are in :mod:`opd.math.routing_options`. Nearest published relative:
 AOPD (Jia et al., arXiv 2605.06387), which replaces negative reinforcement by a local divergence
 (:func:`aopd_loss`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from opd.math import routing_options as ro
 from opd.math._checks import check_leading_shape, check_range, check_same_shape
 
 __all__ = [
     "RoutingKind",
     "ROUTINGS",
+    "CrOpdKnobs",
     "softmax_routing_loss",
     "cr_opd_target",
     "cr_opd_loss",
     "aopd_loss",
-    "routing_loss",
 ]
 
 RoutingKind = Literal["softmax", "cr_opd"]
@@ -83,12 +87,33 @@ def softmax_routing_loss(student_logp_NV: Tensor, sampled_ids_N: Tensor, advanta
     return -adv * logp_y
 
 
-def _check_knobs(V: int, student_k: int | None, tau_s: float, tau_t: float, kappa: float,
-                 eta: float) -> None:
-    if student_k is not None and not 1 <= student_k <= V:
-        raise ValueError(f"student_k must be in [1, {V}] (the vocabulary size), got {student_k}")
-    for name, val in (("tau_s", tau_s), ("tau_t", tau_t), ("kappa", kappa), ("eta", eta)):
-        check_range(name, val, 0.0, 1.0)
+@dataclass(frozen=True)
+class CrOpdKnobs:
+    """CR-OPD's routing knobs (see :func:`cr_opd_target` for what each one sets): reachability
+    (``student_k ∈ [1, V]`` or None, ``tau_s``), teacher support (``tau_t``), the target's mix of
+    teacher and student (``kappa``) and the routed share (``eta``); ``tau_s, tau_t, kappa, eta ∈ [0, 1]``;
+    the [INFER] options of :mod:`opd.math.routing_options`: nucleus reachability (``reach_p ∈ (0, 1]``
+    or None), the routing temperature (``temperature > 0``, ``ρ ∝ (π_T^κ π_S^{1−κ})^{1/T_r}``) and the
+    mass rule (``mass``: ``unit``, ``matched``, ``excess``; :func:`cr_opd_loss` only).
+    The defaults: every token reachable, every teacher top-k token supported, a teacher-only target,
+    full routing, temperature 1, unit mass."""
+
+    student_k: int | None = None
+    tau_s: float = 0.0
+    tau_t: float = 0.0
+    kappa: float = 1.0
+    eta: float = 1.0
+    temperature: float = 1.0
+    reach_p: float | None = None
+    mass: ro.MassRule = "unit"
+
+    def check(self, vocab_size: int) -> None:
+        """A ``ValueError`` for a knob out of its range (``student_k`` against ``vocab_size``)."""
+        if self.student_k is not None and not 1 <= self.student_k <= vocab_size:
+            raise ValueError(f"student_k must be in [1, {vocab_size}] (the vocabulary size), got {self.student_k}")
+        for name, val in (("tau_s", self.tau_s), ("tau_t", self.tau_t), ("kappa", self.kappa), ("eta", self.eta)):
+            check_range(name, val, 0.0, 1.0)
+        ro.check_options(self.temperature, self.reach_p, self.mass)
 
 
 def _route_on_topk(
@@ -96,11 +121,7 @@ def _route_on_topk(
     sampled_ids_N: Tensor,
     teacher_topk_ids_NK: Tensor,
     teacher_topk_logprobs_NK: Tensor,
-    *,
-    student_k: int | None,
-    tau_s: float,
-    tau_t: float,
-    kappa: float,
+    knobs: CrOpdKnobs,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The candidate logic, entirely on the teacher's ``K`` entries (``C_t ⊆ TopK_T``).
 
@@ -128,8 +149,9 @@ def _route_on_topk(
         earlier = torch.ones(k_, k_, dtype=torch.bool, device=t_ids.device).tril(-1)
         dup = ((safe.unsqueeze(-1) == safe.unsqueeze(-2)) & earlier & ~pad.unsqueeze(-2)).any(-1)
         valid = ~pad & ~dup
-        supported = valid & (t_lp > -float("inf")) & (t_lp.exp() >= tau_t)
-        if student_k is None and tau_s == 0:
+        student_k, tau_s, kappa = knobs.student_k, knobs.tau_s, knobs.kappa
+        supported = valid & (t_lp > -float("inf")) & (t_lp.exp() >= knobs.tau_t)
+        if student_k is None and tau_s == 0 and knobs.reach_p is None:
             reachable = torch.ones_like(supported)
         else:
             reachable = torch.zeros_like(supported)
@@ -138,13 +160,11 @@ def _route_on_topk(
                 reachable = reachable | (s_lp_d >= kth)
             if tau_s > 0:
                 reachable = reachable | (s_lp_d.exp() >= tau_s)
+            if knobs.reach_p is not None:
+                reachable = reachable | ro.nucleus_reachable(student_logp_NV, s_lp_d, knobs.reach_p)
         not_sampled = safe != sampled_ids_N.long().unsqueeze(-1)
         cand = supported & reachable & not_sampled & (s_lp_d > -float("inf"))
-        neg_inf = torch.full_like(s_lp_d, -float("inf"))
-        score = torch.where(cand, kappa * t_lp + (1.0 - kappa) * s_lp_d, neg_inf)
-        has = cand.any(dim=-1, keepdim=True)
-        score = torch.where(has, score, torch.zeros_like(score))     # no softmax of all -inf
-        rho = torch.where(cand, torch.softmax(score, dim=-1), torch.zeros_like(score))
+        rho = ro.route_weights(cand, t_lp, s_lp_d, kappa=kappa, temperature=knobs.temperature)
     return cand, rho, s_lp, valid
 
 
@@ -155,11 +175,7 @@ def cr_opd_target(
     teacher_topk_ids_NK: Tensor,
     teacher_topk_logprobs_NK: Tensor,
     *,
-    student_k: int | None = None,
-    tau_s: float = 0.0,
-    tau_t: float = 0.0,
-    kappa: float = 1.0,
-    eta: float = 1.0,
+    knobs: CrOpdKnobs = CrOpdKnobs(),
 ) -> tuple[Tensor, Tensor]:
     """CR-OPD routing target ``ρ̃`` and candidate set ``C`` on the vocabulary (docs/methods.md §3.4,
     **[INFER]**). Dense ``[..., V]`` view for diagnostics and tests; :func:`cr_opd_loss` never
@@ -175,20 +191,20 @@ def cr_opd_target(
     * ``ρ_t(v) ∝ π_T(v)^κ π_θ(v)^{1−κ}`` on ``C_t`` (κ = 1 teacher-only, κ = 0 student-only).
     * ``ρ̃_t = (1−η) π_θ + η ρ_t`` where ``C_t ≠ ∅``; ``ρ̃_t = π_θ`` where ``C_t = ∅`` (plain PG).
 
-    Knobs: ``student_k ∈ [1, V]``, ``tau_s, tau_t, kappa, eta ∈ [0, 1]``.
+    ``knobs``: :class:`CrOpdKnobs` (``student_k ∈ [1, V]``, ``tau_s, tau_t, kappa, eta ∈ [0, 1]``).
     Returns ``(rho_tilde_NV, candidates_NV)``: detached, ``ρ̃`` in the student's dtype
     (rows sum to 1), ``candidates`` bool.
     """
-    _check_knobs(student_logp_NV.shape[-1], student_k, tau_s, tau_t, kappa, eta)
-    cand, rho, _, _ = _route_on_topk(
-        student_logp_NV, sampled_ids_N, teacher_topk_ids_NK, teacher_topk_logprobs_NK,
-        student_k=student_k, tau_s=tau_s, tau_t=tau_t, kappa=kappa)
+    knobs.check(student_logp_NV.shape[-1])
+    cand, rho, _, _ = _route_on_topk(student_logp_NV, sampled_ids_N, teacher_topk_ids_NK, teacher_topk_logprobs_NK,
+                                     knobs)
     logp = student_logp_NV.detach()
     safe = teacher_topk_ids_NK.long().clamp(min=0)
     rho_V = torch.zeros_like(logp).scatter_add(-1, safe, rho)      # ρ is 0 off the candidates
     cand_V = torch.zeros_like(logp).scatter_add(-1, safe, cand.to(logp.dtype)) > 0
     probs = logp.exp()
     has = cand.any(dim=-1, keepdim=True)
+    eta = knobs.eta
     return torch.where(has, (1.0 - eta) * probs + eta * rho_V, probs), cand_V
 
 
@@ -199,12 +215,8 @@ def cr_opd_loss(
     teacher_topk_ids_NK: Tensor,
     teacher_topk_logprobs_NK: Tensor,
     *,
+    knobs: CrOpdKnobs = CrOpdKnobs(),
     tau_a: float = 0.0,
-    student_k: int | None = None,
-    tau_s: float = 0.0,
-    tau_t: float = 0.0,
-    kappa: float = 1.0,
-    eta: float = 1.0,
     mask_N: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Counterfactual Routed OPD loss per token (docs/methods.md §3.4, **[INFER]**).
@@ -223,7 +235,9 @@ def cr_opd_loss(
     ``η Σ_{v∈C_t} ρ_t(v) (log π_θ(v) − sg[·])`` — ``O(N·K)`` extra memory, no ``[N, V]``
     temporaries. With ``η = 0`` the term is identically 0: plain PG in value and gradient.
 
-    Args: see :func:`cr_opd_target` for ``student_k, tau_s, tau_t, kappa, eta``;
+    Args: ``knobs`` as for :func:`cr_opd_target` (``knobs.mass``: ``unit`` is the formula above;
+        ``matched``, ``excess``: the scale ``c_t`` of :func:`opd.math.routing_options.routing_scale`,
+        gradient ``c_t (e_{y_t} − ρ̃_t)``, value unchanged);
         ``tau_a ≥ 0`` gates how negative the feedback must be (strict: ``A_t < −τ_A``).
         ``advantages_N`` and teacher tensors are detached inside. ``mask_N``: masked tokens
         give 0 with no gradient and are never routed (their ids may be ``-1``).
@@ -238,21 +252,24 @@ def cr_opd_loss(
     keep = _token_mask(mask_N, sampled_ids_N)
     check_same_shape(sampled_ids_N=sampled_ids_N, advantages_N=advantages_N)
     check_range("tau_a", tau_a, 0.0)
-    _check_knobs(student_logp_NV.shape[-1], student_k, tau_s, tau_t, kappa, eta)
+    knobs.check(student_logp_NV.shape[-1])
+    eta = knobs.eta
     logp_y = _gather_sampled(student_logp_NV, sampled_ids_N, keep)
     safe_ids = torch.where(keep, sampled_ids_N, torch.zeros_like(sampled_ids_N)).long()
     adv = torch.where(keep, advantages_N.detach(), _zero(advantages_N)).to(logp_y.dtype)
 
-    cand, rho, s_lp, valid = _route_on_topk(
-        student_logp_NV, safe_ids, teacher_topk_ids_NK, teacher_topk_logprobs_NK,
-        student_k=student_k, tau_s=tau_s, tau_t=tau_t, kappa=kappa)
+    cand, rho, s_lp, valid = _route_on_topk(student_logp_NV, safe_ids, teacher_topk_ids_NK, teacher_topk_logprobs_NK,
+                                            knobs)
     n_cand = cand.sum(dim=-1)
     routed = keep & (adv < -tau_a) & (n_cand > 0)
 
     use = routed.unsqueeze(-1) & cand
     centred = torch.where(use, s_lp - s_lp.detach(), _zero(s_lp))
     routing_term = eta * (torch.where(use, rho, _zero(rho)) * centred).sum(dim=-1)
-    loss = -adv * (logp_y - routing_term)
+    if knobs.mass == "unit":
+        loss = -adv * (logp_y - routing_term)
+    else:
+        loss = ro.routed_surrogate(adv, logp_y, ro.routing_scale(knobs.mass, adv, logp_y, eta), routing_term, routed)
 
     with torch.no_grad():
         s_lp_d = torch.where(valid, s_lp.detach(), torch.full_like(s_lp.detach(), -float("inf")))
@@ -289,30 +306,3 @@ def aopd_loss(sampled_logprobs_N: Tensor, advantages_N: Tensor, local_divergence
                                                           _zero(sampled_logprobs_N))
     div = torch.where(neg, local_divergence_N, _zero(local_divergence_N))
     return torch.where(pos, pg, div.to(pg.dtype))
-
-
-def routing_loss(
-    kind: RoutingKind,
-    student_logp_NV: Tensor,
-    sampled_ids_N: Tensor,
-    advantages_N: Tensor,
-    *,
-    teacher_topk_ids_NK: Tensor | None = None,
-    teacher_topk_logprobs_NK: Tensor | None = None,
-    mask_N: Tensor | None = None,
-    **cr_opd_knobs: float | int | None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Dispatch on the routing kind: ``softmax`` (plain PG) or ``cr_opd`` (needs the teacher
-    top-K). Returns ``(loss_N, metrics)`` (metrics empty for ``softmax``)."""
-    if kind == "softmax":
-        if cr_opd_knobs:
-            raise ValueError(f"routing 'softmax' takes no CR-OPD knobs, got {sorted(cr_opd_knobs)}")
-        return softmax_routing_loss(student_logp_NV, sampled_ids_N, advantages_N,
-                                    mask_N=mask_N), {}
-    if kind == "cr_opd":
-        if teacher_topk_ids_NK is None or teacher_topk_logprobs_NK is None:
-            raise ValueError("routing 'cr_opd' needs teacher_topk_ids_NK and "
-                             "teacher_topk_logprobs_NK")
-        return cr_opd_loss(student_logp_NV, sampled_ids_N, advantages_N, teacher_topk_ids_NK,
-                           teacher_topk_logprobs_NK, mask_N=mask_N, **cr_opd_knobs)
-    raise ValueError(f"unknown routing {kind!r}; choose one of {', '.join(ROUTINGS)}")

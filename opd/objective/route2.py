@@ -48,7 +48,8 @@ def route2_term(inputs: TermInputs, r2: Route2Settings) -> Terms:
     adv_BT, outcome_BT = shaped_advantages(inputs, r2, adv_BT, rows_BT)
     pg_terms, stats = policy_gradient_term(inputs, r2, adv_BT, outcome_BT, rows_BT)
     terms.update(pg_terms)
-    stats = {"reward": reward_BT.detach(), "advantage": adv_BT, **stats}
+    stats = {"reward": reward_BT.detach(), "advantage": adv_BT,
+             **({} if values_BT is None else {"value": values_BT.detach()}), **stats}
     metrics = {
         "reward_mean": float(masked_mean(reward_BT, rows_BT)),
         "advantage_mean": float(masked_mean(adv_BT, rows_BT)),
@@ -90,7 +91,10 @@ def token_rewards(inputs: TermInputs, r2: Route2Settings, rows_BT: Tensor) -> Te
 
 
 def value_estimates(inputs: TermInputs, r2: Route2Settings, reward_BT: Tensor) -> Tensor | None:
-    """``V(s_t)`` of ``route2.value`` when a credit rule or baseline reads one (else None)."""
+    """``V(s_t)`` of ``route2.value`` when a credit rule or baseline reads one (else None); ``exact_mc`` and
+    ``critic`` were computed with the batch (``Feedback.values_BT``, :mod:`opd.value_source`)."""
+    if inputs.feedback.values_BT is not None:
+        return inputs.feedback.values_BT.to(reward_BT.device).float()
     if not (r2.needs_rkl or r2.value == "zero"):
         return None
     if r2.value == "zero":
@@ -177,8 +181,7 @@ def policy_gradient_term(inputs: TermInputs, r2: Route2Settings, adv_BT: Tensor,
         rt = r2.routing
         pg_BT, rmetrics = routing.cr_opd_loss(
             inputs.logp_BTV, rollouts.completion_ids_BT, adv_BT * rho_BT, feedback.topk_ids_BTK,
-            feedback.topk_logprobs_BTK.float(), tau_a=rt.tau_a, student_k=rt.student_k, tau_s=rt.tau_s,
-            tau_t=rt.tau_t, kappa=rt.kappa, eta=rt.eta, mask_N=keep_BT,
+            feedback.topk_logprobs_BTK.float(), knobs=rt.knobs, tau_a=rt.tau_a, mask_N=keep_BT,
         )
         for key, value in rmetrics.items():
             stats[f"routing_{key}"] = value.detach()

@@ -26,6 +26,7 @@ from opd.config.schema import Config
 from opd.math.credit import CREDIT_ESTIMATORS, uses_values
 from opd.math.divergences import DivergenceShaping
 from opd.math.fused import DivergenceOptions
+from opd.math.routing import CrOpdKnobs
 from opd.math.support import SupportSpec
 
 __all__ = ["DiagnosticSettings", "GateSettings", "ObjectiveSettings", "OutcomeSettings", "RegularizationSettings",
@@ -117,6 +118,15 @@ class RoutingSettings:
     kappa: float
     eta: float
     tau_a: float
+    temperature: float
+    reach_p: float | None
+    mass: str
+
+    @property
+    def knobs(self) -> CrOpdKnobs:
+        """CR-OPD's routing knobs, as :func:`opd.math.routing.cr_opd_loss` takes them."""
+        return CrOpdKnobs(student_k=self.student_k, tau_s=self.tau_s, tau_t=self.tau_t, kappa=self.kappa,
+                          eta=self.eta, temperature=self.temperature, reach_p=self.reach_p, mass=self.mass)
 
 
 @dataclass(frozen=True)

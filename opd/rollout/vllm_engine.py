@@ -17,7 +17,8 @@ batching may differ between runs).
 
 * :class:`VLLMEngine` — ``vllm.LLM`` in the training process (colocated). ``sync_weights`` pushes
   the live student's ``state_dict`` (a LoRA student's merged weights) with
-  ``collective_rpc("reload_weights", weights_iterator=...)`` and clears the prefix cache (cached prompt KV was computed with the old weights).
+  ``collective_rpc("reload_weights", weights_iterator=...)`` and clears the prefix cache (cached
+  prompt KV was computed with the old weights).
 * :class:`VLLMServerEngine` — a vLLM OpenAI-compatible server (``rollout.server``), started with
   ``--logprobs-mode processed_logprobs`` and ``VLLM_SERVER_DEV_MODE=1``: ``sync_weights`` writes the
   weights (:func:`write_weights`) under ``rollout.sync_dir`` and asks the server to reload them

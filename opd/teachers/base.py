@@ -9,7 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from opd.chat import render_prompt, with_system_prompt
+from opd.chat import render_prompt, teacher_messages
 from opd.tasks.base import Example
 from opd.types import ACCESS_LEVELS, Access, Feedback, Rollouts
 
@@ -71,7 +71,7 @@ def teacher_prompt_texts(
 
     Conversations (``example.messages`` set, ``data.format=chat``): the conversation before the
     student's turn, with ``teacher_context`` as a teacher-only system prompt when ``use_context``
-    (:func:`opd.chat.with_system_prompt`; ``template`` is not used). Without ``tokenizer`` the
+    (:func:`opd.chat.teacher_messages`; ``template`` is not used). Without ``tokenizer`` the
     renderings made with the student's chat template are returned (``example.prompt`` /
     ``example.teacher_prompt``); a teacher with its own tokenizer passes it to render the messages
     with *its* chat template.
@@ -83,7 +83,7 @@ def teacher_prompt_texts(
     def chat(e: Example, system: str | None) -> str:
         if tokenizer is None:
             return e.prompt if system is None else (e.teacher_prompt or e.prompt)
-        return render_prompt(tokenizer, with_system_prompt(e.messages or (), system))
+        return render_prompt(tokenizer, teacher_messages(tokenizer, e.messages or (), system))
 
     if not use_context:
         return [chat(e, None) if e.messages is not None else e.prompt for e in examples]

@@ -19,7 +19,7 @@ from opd.math.diagnostics import (
     truncation_flags,
     truncation_rate,
 )
-from opd.math.routing import cr_opd_loss
+from opd.math.routing import CrOpdKnobs, cr_opd_loss
 from tests.math.fused_call import call
 
 F64 = torch.float64
@@ -482,7 +482,8 @@ def test_summarize_cr_opd_matches_loop():
     ids = torch.randint(0, V, (5, 6), generator=g)
     adv = torch.randn(5, 6, dtype=F64, generator=g)
     mask = torch.rand(5, 6, generator=g) > 0.3
-    _, metrics = cr_opd_loss(logp, ids, adv, teacher.indices, teacher.values, mask_N=mask, student_k=3)
+    _, metrics = cr_opd_loss(logp, ids, adv, teacher.indices, teacher.values, mask_N=mask,
+                             knobs=CrOpdKnobs(student_k=3))
     routed = [bool(r) for r in metrics["routed"].reshape(-1)]
     kept = mask.reshape(-1).tolist()
     mass = metrics["mass_to_teacher_supported"].reshape(-1).tolist()

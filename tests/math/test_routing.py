@@ -5,10 +5,10 @@ import torch
 
 from opd.math.reduce import reduce_tokens
 from opd.math.routing import (
+    CrOpdKnobs,
     aopd_loss,
     cr_opd_loss,
     cr_opd_target,
-    routing_loss,
     softmax_routing_loss,
 )
 
@@ -84,10 +84,10 @@ def test_cr_opd_matches_loop_value_and_gradient(knobs):
     t_ids[0, 1, -1] = -1                                 # a padded teacher entry
     t_ids[1, 2, 3], t_logp[1, 2, 3] = t_ids[1, 2, 0], t_logp[1, 2, 0]   # a repeated id counts once
     mask = torch.rand(B, T) > 0.25
-    loss, metrics = cr_opd_loss(logits.log_softmax(-1), ids, adv, t_ids, t_logp, mask_N=mask,
-                                **knobs)
-    (g,) = torch.autograd.grad(loss.sum(), logits, retain_graph=True)
     tau_a = knobs.pop("tau_a", 0.0)
+    loss, metrics = cr_opd_loss(logits.log_softmax(-1), ids, adv, t_ids, t_logp, mask_N=mask,
+                                knobs=CrOpdKnobs(**knobs), tau_a=tau_a)
+    (g,) = torch.autograd.grad(loss.sum(), logits, retain_graph=True)
     g_ref, v_ref, routed_ref = naive_loss(logits, ids, adv, t_ids, t_logp, tau_a=tau_a,
                                           mask=mask, **knobs)
     torch.testing.assert_close(g, g_ref)
@@ -100,7 +100,7 @@ def test_cr_opd_target_matches_loop():
     logits, ids, _, t_ids, t_logp = make_problem(seed=1)
     logp = logits.detach().log_softmax(-1)
     for knobs in [{}, {"kappa": 0.5, "eta": 0.3}, {"student_k": 4}, {"tau_s": 0.1, "tau_t": 0.1}]:
-        rho_tilde, cands = cr_opd_target(logp, ids, t_ids, t_logp, **knobs)
+        rho_tilde, cands = cr_opd_target(logp, ids, t_ids, t_logp, knobs=CrOpdKnobs(**knobs))
         for b in range(B):
             for t in range(T):
                 ref, ref_c = naive_target(logp[b, t], int(ids[b, t]), t_ids[b, t], t_logp[b, t],
@@ -115,9 +115,9 @@ def test_logit_gradient_is_closed_form():
     logits, ids, adv, t_ids, t_logp = make_problem(seed=2)
     logp = logits.log_softmax(-1)
     for eta in (1.0, 0.6):
-        loss, metrics = cr_opd_loss(logp, ids, adv, t_ids, t_logp, eta=eta, kappa=0.5)
+        loss, metrics = cr_opd_loss(logp, ids, adv, t_ids, t_logp, knobs=CrOpdKnobs(eta=eta, kappa=0.5))
         (g,) = torch.autograd.grad(loss.sum(), logits, retain_graph=True)
-        rho_tilde, _ = cr_opd_target(logp, ids, t_ids, t_logp, eta=eta, kappa=0.5)
+        rho_tilde, _ = cr_opd_target(logp, ids, t_ids, t_logp, knobs=CrOpdKnobs(eta=eta, kappa=0.5))
         probs = logp.detach().exp()
         target = torch.where(metrics["routed"].unsqueeze(-1), rho_tilde, probs)
         onehot = torch.nn.functional.one_hot(ids, V).to(F64)
@@ -128,7 +128,7 @@ def test_eta_zero_is_exactly_plain_pg():
     logits, ids, adv, t_ids, t_logp = make_problem(seed=3)
     logp = logits.log_softmax(-1)
     mask = torch.rand(B, T) > 0.3
-    cr, metrics = cr_opd_loss(logp, ids, adv, t_ids, t_logp, eta=0.0, mask_N=mask)
+    cr, metrics = cr_opd_loss(logp, ids, adv, t_ids, t_logp, knobs=CrOpdKnobs(eta=0.0), mask_N=mask)
     pg = softmax_routing_loss(logp, ids, adv, mask_N=mask)
     assert metrics["routed"].any()
     assert torch.equal(cr, pg)                            # value: bit-identical
@@ -141,7 +141,7 @@ def test_descent_raises_only_candidates_for_negative_advantage():
     logits, ids, _, t_ids, t_logp = make_problem(seed=4)
     adv = -torch.rand(B, T, dtype=F64) - 0.1                # all negative
     logp = logits.log_softmax(-1)
-    loss, metrics = cr_opd_loss(logp, ids, adv, t_ids, t_logp, eta=1.0)
+    loss, metrics = cr_opd_loss(logp, ids, adv, t_ids, t_logp, knobs=CrOpdKnobs(eta=1.0))
     (g,) = torch.autograd.grad(loss.sum(), logits, retain_graph=True)
     _, cands = cr_opd_target(logp, ids, t_ids, t_logp)
     step = -g                                               # the descent direction on logits
@@ -192,7 +192,7 @@ def test_candidate_knobs():
     t_logp = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=F64).log()
 
     def cset(**kw):
-        return set(torch.nonzero(cr_opd_target(logp, y, t_ids, t_logp, **kw)[1][0]).flatten()
+        return set(torch.nonzero(cr_opd_target(logp, y, t_ids, t_logp, knobs=CrOpdKnobs(**kw))[1][0]).flatten()
                    .tolist())
 
     assert cset() == {2, 4, 5}                              # teacher-supported, v ≠ y
@@ -204,9 +204,9 @@ def test_candidate_knobs():
     assert set(torch.nonzero(cr_opd_target(logp, y, t_ids[:, :2], t_logp[:, :2])[1][0])
                .flatten().tolist()) == {2}
     # kappa = 1: ρ ∝ π_T on C = {2,4,5} -> (.3,.15,.05)/.5 ; kappa = 0: ρ ∝ π_θ on C
-    rho1, _ = cr_opd_target(logp, y, t_ids, t_logp, kappa=1.0)
+    rho1, _ = cr_opd_target(logp, y, t_ids, t_logp, knobs=CrOpdKnobs(kappa=1.0))
     torch.testing.assert_close(rho1[0, [2, 4, 5]], torch.tensor([0.6, 0.3, 0.1], dtype=F64))
-    rho0, _ = cr_opd_target(logp, y, t_ids, t_logp, kappa=0.0)
+    rho0, _ = cr_opd_target(logp, y, t_ids, t_logp, knobs=CrOpdKnobs(kappa=0.0))
     p = logp.exp()[0, [2, 4, 5]]
     torch.testing.assert_close(rho0[0, [2, 4, 5]], p / p.sum())
     assert rho1[0, [0, 1, 3]].abs().sum() == 0 and rho0[0, [0, 1, 3]].abs().sum() == 0
@@ -234,7 +234,7 @@ def test_mass_to_teacher_supported_metric():
     t_ids = torch.tensor([[0, 2], [0, 2]])
     t_logp = torch.tensor([[0.6, 0.4], [0.6, 0.4]], dtype=F64).log()
     adv = torch.tensor([-1.0, 1.0], dtype=F64)
-    _, m = cr_opd_loss(logp, y, adv, t_ids, t_logp, eta=0.5)
+    _, m = cr_opd_loss(logp, y, adv, t_ids, t_logp, knobs=CrOpdKnobs(eta=0.5))
     pi = logp.exp()[0]
     # routed row: ρ = e_2, ρ̃ = ½π + ½e_2 -> (½π_2 + ½) / (1 − ½π_0)
     # unrouted row: π_2 / (1 − π_0)
@@ -291,22 +291,13 @@ def test_softmax_routing_and_aopd_match_formulas():
     assert torch.equal(aopd_loss(logp_y, adv, div, mask_N=mask), torch.zeros(2, 5, dtype=F64))
 
 
-def test_routing_dispatch_and_errors():
+def test_routing_errors():
     logits, ids, adv, t_ids, t_logp = make_problem(b=2, t=3, seed=8)
     logp = logits.detach().log_softmax(-1)
-    l_soft, m = routing_loss("softmax", logp, ids, adv)
-    assert m == {} and torch.equal(l_soft, softmax_routing_loss(logp, ids, adv))
-    l_cr, _ = routing_loss("cr_opd", logp, ids, adv, teacher_topk_ids_NK=t_ids,
-                           teacher_topk_logprobs_NK=t_logp, eta=0.5)
-    torch.testing.assert_close(l_cr, cr_opd_loss(logp, ids, adv, t_ids, t_logp, eta=0.5)[0])
-    with pytest.raises(ValueError, match="needs teacher_topk_ids_NK"):
-        routing_loss("cr_opd", logp, ids, adv)
-    with pytest.raises(ValueError, match="unknown routing"):
-        routing_loss("nope", logp, ids, adv)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="eta must be <= 1.0"):
-        cr_opd_target(logp, ids, t_ids, t_logp, eta=1.5)
+        cr_opd_target(logp, ids, t_ids, t_logp, knobs=CrOpdKnobs(eta=1.5))
     with pytest.raises(ValueError, match=r"student_k must be in \[1, 11\]"):
-        cr_opd_target(logp, ids, t_ids, t_logp, student_k=0)
+        cr_opd_target(logp, ids, t_ids, t_logp, knobs=CrOpdKnobs(student_k=0))
     with pytest.raises(ValueError, match="tau_a must be >= 0"):
         cr_opd_loss(logp, ids, adv, t_ids, t_logp, tau_a=-1.0)
     with pytest.raises(ValueError, match=r"\(2, 3, 4\).*\(2, 3, 3\)|\(2, 3, 3\).*\(2, 3, 4\)"):

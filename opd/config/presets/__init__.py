@@ -8,11 +8,12 @@ does not use — cites its source (arXiv id / URL), states its formula, and labe
 source does not pin **[INFER]** (our reconstruction) or **[MEMORY]** (recalled, not re-verified);
 docs/methods.md §0 explains the tags and §4 lists every preset.
 
-The presets live in one module per family (:mod:`.foundations`, :mod:`.estimators`,
-:mod:`.stability`, :mod:`.self_distillation`, :mod:`.frameworks`, :mod:`.recent`), each a ``PRESETS``
-tuple that :func:`collect_presets` gathers; the values blocks are built by the helpers of
-:mod:`.base` (:func:`~.base.route1_values`, :func:`~.base.route2_values`). ``opd methods`` and
-``opd config-help`` print them (:mod:`opd.config.docs`). Adding a preset: CONTRIBUTING.md.
+The presets live in one module per family (:mod:`.foundations`: teacher-student and self-distillation;
+:mod:`.estimators`: route-2 estimators and stabilisation recipes; :mod:`.recent`: what other frameworks run
+and methods published since mid-2026), each a ``PRESETS`` tuple that :func:`collect_presets` gathers; the
+values blocks are built by the helpers of :mod:`.base` (:func:`~.base.route1_values`,
+:func:`~.base.route2_values`). ``opd methods`` and ``opd config-help`` print them (:mod:`opd.config.docs`).
+Adding a preset: CONTRIBUTING.md.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from __future__ import annotations
 from types import ModuleType
 
 from opd.config.fields import suggest
-from opd.config.presets import estimators, foundations, frameworks, recent, self_distillation, stability
+from opd.config.presets import estimators, foundations, recent
 from opd.config.presets.base import Preset
 
 __all__ = ["FAMILIES", "PRESETS", "Preset", "collect_presets", "unknown_method_message"]
 
 #: The family modules, in the order ``opd methods`` lists their presets (after :data:`INTRODUCED`).
-FAMILIES = (foundations, estimators, stability, self_distillation, frameworks, recent)
+FAMILIES = (foundations, estimators, recent)
 #: The first presets, listed first and in the order they were introduced.
 INTRODUCED = ("thinking-machines", "gkd", "minillm", "vopd", "gae-opd", "cr-opd", "opsd", "sft-teacher", "fu-topk",
               "distillm", "power-opd", "exopd")
