@@ -141,7 +141,7 @@ def test_batch_invariance_passes_on_the_teacher_and_fails_on_a_batch_dependent_o
         alone = teacher.score(rollouts.select([i]))
         for t in range(n):
             worst = max(worst, abs(float(alone.sampled_logprobs_BT[0, t]) - float(together.sampled_logprobs_BT[i, t])))
-    assert good.measured == pytest.approx(worst, abs=2e-6)
+    assert good.measured == pytest.approx(worst, abs=1e-5)  # fp32 noise of differently padded batches
     bad = batch_invariance(BatchDependent(teacher), rollouts, tolerance=TOL)
     assert bad.passed is False and bad.measured == pytest.approx(1e-3 * (rollouts.batch_size - 1), rel=1e-3)
 

@@ -100,6 +100,24 @@ def _quiet_vllm_logging() -> bool:
 
 
 @contextmanager
+def preload_kept() -> Iterator[None]:
+    """Keep the process's ``LD_PRELOAD`` as it was while a ``vllm.LLM`` starts.
+
+    vLLM's CPU platform sets ``LD_PRELOAD`` to torch's libgomp in ``os.environ`` for its worker processes;
+    left there, every process opd starts afterwards (a sweep's runs, a served teacher) would load libgomp
+    before opd sets its OpenMP wait policy (``opd.threads.set_openmp_defaults``) and spin-wait at
+    libgomp's default. The workers, if any, have started when ``LLM`` returns; this process already runs."""
+    before = os.environ.get("LD_PRELOAD")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = before
+
+
+@contextmanager
 def engine_log_quieted(enabled: bool = True) -> Iterator[None]:
     """While vLLM is imported and started, capture what it writes to the process's stdout and stderr —
     Python warnings, C++ warnings (NUMA binding, missing preload libraries), checkpoint-loading bars —
@@ -305,7 +323,7 @@ class VLLMEngine:
             if max_model_len is not None:
                 kwargs["max_model_len"] = max_model_len
             threads = torch.get_num_threads()
-            with engine_log_quieted(logging.getLogger("vllm").level >= logging.ERROR):
+            with engine_log_quieted(logging.getLogger("vllm").level >= logging.ERROR), preload_kept():
                 llm = vllm.LLM(**kwargs, use_tqdm_on_load=False)
             if torch.get_num_threads() != threads:  # vLLM's CPU worker may lower the process's threads
                 torch.set_num_threads(threads)
