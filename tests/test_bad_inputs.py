@@ -408,10 +408,17 @@ def test_ctrl_c_on_a_sweep_ends_in_one_line(tmp_path, monkeypatch, capsys):
         return False, 0.5, "interrupted"
 
     monkeypatch.setattr(execute_module, "run_distill", interrupted_run)
+    # a terminal's Ctrl-C reaches Python's default handler; a suite started in the background (`cmd &`,
+    # nohup) inherits SIGINT ignored, and the signal would never arrive
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     spec = tmp_path / "spec.yaml"
     spec.write_text("grid:\n  train.lr: [1.0e-4, 3.0e-4]\nseeds: 1\n")
     out = tmp_path / "sweep"
-    assert opd("sweep", str(spec), "--out", str(out), "--no-progress", "--jobs", "1", "train.steps=1") == 130
+    try:
+        code = opd("sweep", str(spec), "--out", str(out), "--no-progress", "--jobs", "1", "train.steps=1")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert error_lines(err) == [f"opd sweep: interrupted; the finished runs in {out} are kept: run the same command "
