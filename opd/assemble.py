@@ -23,6 +23,7 @@ from opd.overlap import Prefetcher
 from opd.rollout.engine import build_engine
 from opd.runlog import RunLog
 from opd.step import PolicyModule
+from opd.value_source import build_value_source
 
 __all__ = ["build_components", "make_scheduler"]
 
@@ -78,6 +79,7 @@ def build_components(cfg: Config, run_dir: Path, accelerator: Accelerator, *, ec
         teacher=teacher, reference=reference, objective=objective, engine=engine, optimizer=optimizer,
         scheduler=scheduler, value_head=value_head, monitor=None, log=log, vocab=vocab,  # type: ignore[arg-type]
         access=resolve_teacher_access(cfg), chunked=objective.use_chunked(vocab), params=params,
+        value_source=build_value_source(cfg, vocab, device),
     )
     if cfg.rollout.overlap:
         parts.prefetch = Prefetcher(parts)

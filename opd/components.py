@@ -76,6 +76,7 @@ class Components:
     params: list[torch.nn.Parameter] = field(default_factory=list)
     lock: RunFolderLock | None = None  # the run folder's lock, held while the run is live (main process)
     prefetch: BatchPrefetch | None = None  # rollout.overlap: the next step's batch, prepared in the background
+    value_source: Any = None  # route2.value=exact_mc/critic, value probe (opd.value_source.ValueSource)
 
     @property
     def world(self) -> int:

@@ -195,6 +195,8 @@ def prepare_batch(parts: "Components", step: int, *, sync: bool = True) -> StepB
         if parts.reference is not None:
             ref_access = "full" if cfg.regularization.ref_kl_estimator == "full" else "sampled"
             ref_fb = parts.reference.score(rollouts, access=ref_access, topk=1)
+        if parts.value_source is not None:  # route2.value=exact_mc/critic, value probe (opd/value_source.py)
+            feedback = parts.value_source.attach(parts, rollouts, feedback, step)
         needs_outcome = parts.objective.needs_outcome_rewards
         outcome = verify_rollouts(parts.task, parts.tokenizer, rollouts) if needs_outcome else None
     return StepBatch(rollouts=rollouts, feedback=feedback, reference=ref_fb, outcome_rewards_B=outcome,
@@ -277,6 +279,8 @@ def train_step(parts: "Components", step: int) -> dict[str, float]:
         metrics["outcome_reward"] = float(batch.outcome_rewards_B.mean())
     if skipped:
         metrics["skipped"] = 1.0
+    if parts.value_source is not None and not skipped:  # trains the separate critic; value-probe metrics
+        metrics.update(parts.value_source.after_step(rollouts, batch.feedback, stats))
     if parts.prefetch is not None:
         metrics["policy_lag"] = float(lag)  # steps between the sampling weights and the updated ones
     metrics.update(alignment_metrics(batch.feedback, rollouts.completion_mask_BT))  # teacher.tokenizer=own

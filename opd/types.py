@@ -184,6 +184,8 @@ class Feedback:
     cross_vocab: CrossVocabFeedback | None = None
     student_topk_ids_BTK: Tensor | None = None
     student_topk_teacher_logprobs_BTK: Tensor | None = None
+    values_BT: Tensor | None = None  # GAE-OPD values computed outside the objective (opd/value_source.py)
+    value_probe_BT: Tensor | None = None  # the Monte-Carlo value on probe steps (diagnostics only)
 
     def __post_init__(self) -> None:
         if self.access not in ACCESS_LEVELS:
@@ -217,4 +219,6 @@ class Feedback:
             cross_vocab=None if self.cross_vocab is None else self.cross_vocab.select(idx),
             student_topk_ids_BTK=pick(self.student_topk_ids_BTK),
             student_topk_teacher_logprobs_BTK=pick(self.student_topk_teacher_logprobs_BTK),
+            values_BT=pick(self.values_BT),
+            value_probe_BT=pick(self.value_probe_BT),
         )

@@ -263,9 +263,18 @@ class Route2Config:
     baseline: str = opt("none", "baseline subtracted from the credit", choices=(
         "none", "batch_mean", "group_mean", "leave_one_out", "value"))
     value: str = opt("closed_form", "value estimate for gae / baseline=value: closed_form V = −RKL_t (vOPD), "
-                     "zero, or decomposed V = −RKL_t + γ·U with a learned head U",
-                     choices=("closed_form", "zero", "decomposed"))
+                     "zero, decomposed V = −RKL_t + γ·U with a learned head U, exact_mc (the current student's value "
+                     "by Monte-Carlo continuations, an oracle: opd/value_mc.py) or critic (a separate small critic, "
+                     "opd/critic.py); the last two are [INFER] ablations",
+                     choices=("closed_form", "zero", "decomposed", "exact_mc", "critic"))
     value_coef: float = opt(0.5, "weight of the value-head regression loss (value=decomposed)", low=0.0)
+    value_samples: int = opt(4, "value=exact_mc and the value probe: K continuations sampled per state", low=1)
+    value_probe_every: int = opt(0, "every n steps (and at the first) log the used value's distance to the "
+                                 "Monte-Carlo value (value/rmse_vs_mc; 0 = off)", low=0)
+    critic_hidden: int = opt(64, "value=critic: GRU width of the separate critic", low=1)
+    critic_lr: float = opt(3e-3, "value=critic: Adam learning rate of the critic", low=0.0, low_open=True)
+    critic_updates: int = opt(1, "value=critic: critic gradient steps per batch", low=1)
+    critic_warmup: int = opt(100, "value=critic: critic-only batches before the student's first update", low=0)
     off_policy_rows: bool = opt(False, "apply route 2 also to the off-policy rows (dataset answers / teacher samples) "
                                 "with ρ = 1, as offline OPD on fixed data does (Lightning OPD arXiv 2604.13010)")
     future_only: bool = opt(False, "credit from t+1 on (MiniLLM's long-term term); pair with a route-1 term that "

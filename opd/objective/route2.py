@@ -73,7 +73,9 @@ def route2_term(
 
     values_BT = None
     terms: dict[str, Tensor] = {}
-    if obj.needs_closed_form_value or r2.value == "zero":
+    if feedback.values_BT is not None:  # exact_mc / critic: computed with the batch (opd/value_source.py)
+        values_BT = feedback.values_BT.to(device).float()
+    elif obj.needs_closed_form_value or r2.value == "zero":
         if r2.value == "zero":
             values_BT = torch.zeros_like(reward_BT)
         elif r2.value == "closed_form":
@@ -125,6 +127,8 @@ def route2_term(
                                sampled_logp_BT.detach().float())
     keep_BT = rows_BT
     stats: dict[str, Tensor] = {"reward": reward_BT.detach(), "advantage": adv_BT}
+    if values_BT is not None:
+        stats["value"] = values_BT.detach()
     if r2.is_correction == "dppo":
         sign_BT = adv_BT if r2.dppo_sign == "advantage" else (
             outcome_BT if outcome_BT is not None else torch.zeros_like(adv_BT))
