@@ -110,5 +110,5 @@ class Critic:
             loss.backward()
             self.optimizer.step()
         err = (v_old - targets)[m]
-        return {"critic/loss": float(loss), "critic/target_rmse": float(err.pow(2).mean().sqrt()),
+        return {"critic/loss": float(loss.detach()), "critic/target_rmse": float(err.pow(2).mean().sqrt()),
                 "critic/target_mean": float(targets[m].mean()), "critic/scale": self.scale}
