@@ -50,7 +50,7 @@ def resolve_model_path(name: str) -> str:
         from opd.tasks.arith_chat import arith_chat_checkpoint
 
         return str(arith_chat_checkpoint(ckpt))
-    if task in ("fork", "route", "modes", "long") and ckpt:
+    if task in ("fork", "route", "modes", "long", "reach") and ckpt:
         from opd.tasks.cases import case_checkpoint
 
         return str(case_checkpoint(task, ckpt))
@@ -81,7 +81,7 @@ def build_task(cfg: Config, *, eos_token: str | None = None, eval_only: bool = F
         return ArithTask(digits=d.digits, reverse_operands=d.reverse_operands,
                          eval_size=cfg.eval.size or 500, seed=d.eval_seed,
                          **({"eos_token": eos_token} if eos_token else {}))
-    if d.task in ("fork", "route", "modes", "long"):
+    if d.task in ("fork", "route", "modes", "long", "reach"):
         from opd.tasks.cases import make_case_task
 
         return make_case_task(d.task, length=d.length, eval_size=cfg.eval.size or 500, seed=d.eval_seed,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 #: The built-in tasks ``--task`` accepts (opd/tasks/): their held-out sets and verifiers.
-BUILTIN_TASKS = ("arith", "arith_chat", "fork", "route", "modes", "long")
+BUILTIN_TASKS = ("arith", "arith_chat", "fork", "route", "modes", "long", "reach")
 #: Above this share of completions cut at ``max_new_tokens``, ``opd eval`` warns (they score as wrong).
 TRUNCATION_WARNING = 0.05
 NAME = "eval"

@@ -57,9 +57,9 @@ class StudentConfig:
 class DataConfig:
     """Where prompts come from: a built-in task, a JSONL file or a Hugging Face dataset."""
     task: str = opt("arith", "built-in task name (arith, or arith_chat: multi-turn conversations with tool turns; "
-                    "the case studies fork, route, modes, long of opd/tasks/cases.py, each with builtin:<task>/teacher "
-                    "and builtin:<task>/student) or 'jsonl' / 'hf' for user data",
-                    choices=("arith", "arith_chat", "fork", "route", "modes", "long", "jsonl", "hf"))
+                    "the case studies fork, route, modes, long, reach of opd/tasks/cases.py, each with "
+                    "builtin:<task>/teacher and builtin:<task>/student) or 'jsonl' / 'hf' for user data",
+                    choices=("arith", "arith_chat", "fork", "route", "modes", "long", "reach", "jsonl", "hf"))
     path: str | None = opt(None, "JSONL file (task=jsonl) or dataset id / local dataset folder (task=hf)")
     split: str = opt("train", "dataset split used for training prompts (task=hf)")
     eval_path: str | None = opt(None, "held-out JSONL file / dataset for evaluation (default: hold out eval.size prompts)")
@@ -299,6 +299,16 @@ class RoutingConfig:
     kappa: float = opt(1.0, "CR-OPD κ: ρ ∝ π_T^κ π_S^(1−κ)", low=0.0, high=1.0)
     eta: float = opt(1.0, "CR-OPD η_r: mix of routed target and student prior (0 = plain PG)", low=0.0, high=1.0)
     tau_a: float = opt(0.0, "CR-OPD τ_A: route only tokens with A_t < −τ_A", low=0.0)
+    reach_p: float | None = opt(None, "CR-OPD [INFER] option: ...or if v is in the student's top-p nucleus (the smallest set "
+                                "of its most probable tokens with mass >= reach_p; null = off). With student_k, tau_s "
+                                "and reach_p all off every token is reachable", low=0.0, high=1.0, low_open=True)
+    temperature: float = opt(1.0, "CR-OPD [INFER] option T_r: ρ ∝ (π_T^κ π_S^(1−κ))^(1/T_r) (< 1 sharpens the target "
+                             "towards its best candidate, > 1 flattens it)", low=0.0, low_open=True)
+    mass: str = opt("unit", "CR-OPD [INFER] option: how much mass a routed token moves, gradient c·(e_y − ρ̃): unit "
+                    "(c = −A, shipped), matched (c = −A(1−π_S(y))/(1−(1−η)π_S(y)): the sampled token is pushed "
+                    "as much as by plain PG, only the destination changes) or excess (route-1 style: the target "
+                    "q = π_S + δ(ρ̃ − e_y) moves the excess δ = π_S(y)(1 − e^A) of the sampled token, c = δ); "
+                    "opd/math/routing_options.py", choices=("unit", "matched", "excess"))
 
 
 @dataclass

@@ -402,7 +402,7 @@ def _combination_problems(cfg: Config) -> list[Problem]:
     return P
 
 
-_CASE_TASKS = ("fork", "route", "modes", "long")
+_CASE_TASKS = ("fork", "route", "modes", "long", "reach")
 
 
 def _case_task_problems(cfg: Config) -> list[Problem]:

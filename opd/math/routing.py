@@ -16,7 +16,9 @@ student-reachable:
     L_t  = −A_t (log π_θ(y_t) − Σ_v sg[ρ̃_t(v)] log π_θ(v))        if A_t < −τ_A and C_t ≠ ∅
     L_t  = −A_t log π_θ(y_t)                                       otherwise
 
-so that ``∂L_t/∂z = −A_t (e_{y_t} − ρ̃_t)`` on routed tokens. Nearest published relative:
+so that ``∂L_t/∂z = −A_t (e_{y_t} − ρ̃_t)`` on routed tokens. Options of the reconstruction (a
+nucleus reachability rule, a routing temperature, the mass moved: ``unit`` as above, ``matched``
+to plain PG, or the route-1-style ``excess``) are in :mod:`opd.math.routing_options`. Nearest published relative:
 AOPD (Jia et al., arXiv 2605.06387), which replaces negative reinforcement by a local divergence
 (:func:`aopd_loss`).
 """
@@ -28,6 +30,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from opd.math import routing_options as ro
 from opd.math._checks import check_leading_shape, check_range, check_same_shape
 
 __all__ = [
@@ -101,6 +104,8 @@ def _route_on_topk(
     tau_s: float,
     tau_t: float,
     kappa: float,
+    temperature: float = 1.0,
+    reach_p: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The candidate logic, entirely on the teacher's ``K`` entries (``C_t ⊆ TopK_T``).
 
@@ -129,7 +134,7 @@ def _route_on_topk(
         dup = ((safe.unsqueeze(-1) == safe.unsqueeze(-2)) & earlier & ~pad.unsqueeze(-2)).any(-1)
         valid = ~pad & ~dup
         supported = valid & (t_lp > -float("inf")) & (t_lp.exp() >= tau_t)
-        if student_k is None and tau_s == 0:
+        if student_k is None and tau_s == 0 and reach_p is None:
             reachable = torch.ones_like(supported)
         else:
             reachable = torch.zeros_like(supported)
@@ -138,13 +143,11 @@ def _route_on_topk(
                 reachable = reachable | (s_lp_d >= kth)
             if tau_s > 0:
                 reachable = reachable | (s_lp_d.exp() >= tau_s)
+            if reach_p is not None:
+                reachable = reachable | ro.nucleus_reachable(student_logp_NV, s_lp_d, reach_p)
         not_sampled = safe != sampled_ids_N.long().unsqueeze(-1)
         cand = supported & reachable & not_sampled & (s_lp_d > -float("inf"))
-        neg_inf = torch.full_like(s_lp_d, -float("inf"))
-        score = torch.where(cand, kappa * t_lp + (1.0 - kappa) * s_lp_d, neg_inf)
-        has = cand.any(dim=-1, keepdim=True)
-        score = torch.where(has, score, torch.zeros_like(score))     # no softmax of all -inf
-        rho = torch.where(cand, torch.softmax(score, dim=-1), torch.zeros_like(score))
+        rho = ro.route_weights(cand, t_lp, s_lp_d, kappa=kappa, temperature=temperature)
     return cand, rho, s_lp, valid
 
 
@@ -160,6 +163,8 @@ def cr_opd_target(
     tau_t: float = 0.0,
     kappa: float = 1.0,
     eta: float = 1.0,
+    temperature: float = 1.0,
+    reach_p: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """CR-OPD routing target ``ρ̃`` and candidate set ``C`` on the vocabulary (docs/methods.md §3.4,
     **[INFER]**). Dense ``[..., V]`` view for diagnostics and tests; :func:`cr_opd_loss` never
@@ -175,14 +180,17 @@ def cr_opd_target(
     * ``ρ_t(v) ∝ π_T(v)^κ π_θ(v)^{1−κ}`` on ``C_t`` (κ = 1 teacher-only, κ = 0 student-only).
     * ``ρ̃_t = (1−η) π_θ + η ρ_t`` where ``C_t ≠ ∅``; ``ρ̃_t = π_θ`` where ``C_t = ∅`` (plain PG).
 
-    Knobs: ``student_k ∈ [1, V]``, ``tau_s, tau_t, kappa, eta ∈ [0, 1]``.
+    Knobs: ``student_k ∈ [1, V]``, ``tau_s, tau_t, kappa, eta ∈ [0, 1]``; the options
+    ``temperature`` (``ρ ∝ (π_T^κ π_S^{1−κ})^{1/T_r}``) and ``reach_p`` (nucleus reachability) of
+    :mod:`opd.math.routing_options`.
     Returns ``(rho_tilde_NV, candidates_NV)``: detached, ``ρ̃`` in the student's dtype
     (rows sum to 1), ``candidates`` bool.
     """
     _check_knobs(student_logp_NV.shape[-1], student_k, tau_s, tau_t, kappa, eta)
+    ro.check_options(temperature, reach_p, "unit")
     cand, rho, _, _ = _route_on_topk(
         student_logp_NV, sampled_ids_N, teacher_topk_ids_NK, teacher_topk_logprobs_NK,
-        student_k=student_k, tau_s=tau_s, tau_t=tau_t, kappa=kappa)
+        student_k=student_k, tau_s=tau_s, tau_t=tau_t, kappa=kappa, temperature=temperature, reach_p=reach_p)
     logp = student_logp_NV.detach()
     safe = teacher_topk_ids_NK.long().clamp(min=0)
     rho_V = torch.zeros_like(logp).scatter_add(-1, safe, rho)      # ρ is 0 off the candidates
@@ -205,6 +213,9 @@ def cr_opd_loss(
     tau_t: float = 0.0,
     kappa: float = 1.0,
     eta: float = 1.0,
+    temperature: float = 1.0,
+    reach_p: float | None = None,
+    mass: ro.MassRule = "unit",
     mask_N: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Counterfactual Routed OPD loss per token (docs/methods.md §3.4, **[INFER]**).
@@ -224,7 +235,10 @@ def cr_opd_loss(
     temporaries. With ``η = 0`` the term is identically 0: plain PG in value and gradient.
 
     Args: see :func:`cr_opd_target` for ``student_k, tau_s, tau_t, kappa, eta``;
-        ``tau_a ≥ 0`` gates how negative the feedback must be (strict: ``A_t < −τ_A``).
+        ``tau_a ≥ 0`` gates how negative the feedback must be (strict: ``A_t < −τ_A``);
+        ``temperature``, ``reach_p`` and ``mass`` (``unit``: the formula above; ``matched``,
+        ``excess``: the scale ``c_t`` of :func:`opd.math.routing_options.routing_scale`, gradient
+        ``c_t (e_{y_t} − ρ̃_t)``, value unchanged) are the options of :mod:`opd.math.routing_options`.
         ``advantages_N`` and teacher tensors are detached inside. ``mask_N``: masked tokens
         give 0 with no gradient and are never routed (their ids may be ``-1``).
 
@@ -239,20 +253,24 @@ def cr_opd_loss(
     check_same_shape(sampled_ids_N=sampled_ids_N, advantages_N=advantages_N)
     check_range("tau_a", tau_a, 0.0)
     _check_knobs(student_logp_NV.shape[-1], student_k, tau_s, tau_t, kappa, eta)
+    ro.check_options(temperature, reach_p, mass)
     logp_y = _gather_sampled(student_logp_NV, sampled_ids_N, keep)
     safe_ids = torch.where(keep, sampled_ids_N, torch.zeros_like(sampled_ids_N)).long()
     adv = torch.where(keep, advantages_N.detach(), _zero(advantages_N)).to(logp_y.dtype)
 
     cand, rho, s_lp, valid = _route_on_topk(
         student_logp_NV, safe_ids, teacher_topk_ids_NK, teacher_topk_logprobs_NK,
-        student_k=student_k, tau_s=tau_s, tau_t=tau_t, kappa=kappa)
+        student_k=student_k, tau_s=tau_s, tau_t=tau_t, kappa=kappa, temperature=temperature, reach_p=reach_p)
     n_cand = cand.sum(dim=-1)
     routed = keep & (adv < -tau_a) & (n_cand > 0)
 
     use = routed.unsqueeze(-1) & cand
     centred = torch.where(use, s_lp - s_lp.detach(), _zero(s_lp))
     routing_term = eta * (torch.where(use, rho, _zero(rho)) * centred).sum(dim=-1)
-    loss = -adv * (logp_y - routing_term)
+    if mass == "unit":
+        loss = -adv * (logp_y - routing_term)
+    else:
+        loss = ro.routed_surrogate(adv, logp_y, ro.routing_scale(mass, adv, logp_y, eta), routing_term, routed)
 
     with torch.no_grad():
         s_lp_d = torch.where(valid, s_lp.detach(), torch.full_like(s_lp.detach(), -float("inf")))

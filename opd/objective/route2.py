@@ -148,7 +148,8 @@ def route2_term(
         pg_BT, rmetrics = routing.cr_opd_loss(
             logp_BTV, rollouts.completion_ids_BT, adv_BT * rho_BT, feedback.topk_ids_BTK,
             feedback.topk_logprobs_BTK.float(), tau_a=rt.tau_a, student_k=rt.student_k, tau_s=rt.tau_s,
-            tau_t=rt.tau_t, kappa=rt.kappa, eta=rt.eta, mask_N=keep_BT,
+            tau_t=rt.tau_t, kappa=rt.kappa, eta=rt.eta, temperature=rt.temperature, reach_p=rt.reach_p,
+            mass=rt.mass, mask_N=keep_BT,
         )
         for key, value in rmetrics.items():
             stats[f"routing_{key}"] = value.detach()

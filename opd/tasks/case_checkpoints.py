@@ -52,7 +52,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.models import build_model, count_parameters, tiny_llama_config
 from opd.tasks.arith_checkpoints import generate_completions
-from opd.tasks.cases import CASE_EOS, CASE_TASKS, CaseTask, case_tokenizer, make_case_task
+from opd.tasks.cases import CASE_EOS, CASE_TASKS, CASE_TEACHER_OF, CaseTask, case_tokenizer, make_case_task
 from opd.tasks.shipped import save_shipped_checkpoint
 from opd.tasks.tiny_sft import lr_factor, pad_batch, sft_update
 
@@ -80,6 +80,7 @@ class CasePhase:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     stop_check: str = "greedy"
     withhold: tuple[str, int] | None = None  # (strategy, keep): students only, see the module docstring
+    designed: bool = False  # students only: train on task.student_answer (reach), not on the teacher's samples
     lengths: tuple[int, ...] = (6,)
     batch_size: int = 128
     warmup: int = 50
@@ -117,6 +118,13 @@ PHASES: dict[str, CasePhase] = {
                   ranges={"greedy@4": (0.95, 1.0), "greedy@8": (0.9, 1.0), "greedy@12": (0.8, 1.0)}),
         CasePhase("long", "student", **_S, lengths=_LONG, target=0.5, stop_check="greedy@8",
                   ranges={"greedy@8": (0.4, 0.75)}),
+        # reach: the route teacher; a designed student (ReachTask.student_answer: ascending order 50 %, slips
+        # a/b 25 % each). Ranges set before training: the student reaches y and a/b, not the other remaining
+        # digits X; the teacher supports X and not a/b (teacher_* are measured on the student's states). A
+        # first design (40 % / 30 % / 30 %, ranges shifted by 0.1) missed greedy >= 0.8 (5-25 % at 500-1450 steps)
+        CasePhase("reach", "student", **_S, target=0.9, designed=True,
+                  ranges={"greedy": (0.8, 1.0), "mass_y": (0.4, 0.6), "mass_slip": (0.4, 0.6),
+                          "mass_x": (0.0, 0.1), "teacher_mass_x": (0.4, 1.0), "teacher_mass_slip": (0.0, 0.01)}),
     )
 }
 
@@ -126,7 +134,35 @@ CHECKS: dict[str, tuple[str, ...]] = {
     "route": ("greedy",),
     "modes": ("greedy", "mode_rev", "mode_rsum"),
     "long": ("greedy@4", "greedy@8", "greedy@12"),
+    "reach": ("greedy", "mass_y", "mass_slip", "mass_x"),
 }
+
+
+@torch.no_grad()
+def reach_masses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: CaseTask) -> dict[str, float]:
+    """``reach`` checks: the model's mean probability, over the held-out inputs and the positions
+    ``i`` of the ascending answer (teacher-forced on ``sorted(x)[:i]``), on ``y = sorted(x)[i]``
+    (``mass_y``), on the slips ``a`` + ``b`` (``mass_slip``) and on the other remaining digits
+    ``X = set(sorted(x)[i:]) − {y}`` (``mass_x``; 0 where ``X`` is empty)."""
+    model.eval()
+    examples = task.eval_examples()
+    texts = [e.prompt + "".join(sorted(e.fields["x"])) for e in examples]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    probs = torch.softmax(model(**enc).logits.float(), dim=-1)
+    slip_ids = [tokenizer.convert_tokens_to_ids(c) for c in ("a", "b")]
+    digit_id = {d: tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
+    start = len(tokenizer(examples[0].prompt).input_ids) - 1  # the logits that predict answer position 0
+    sums = {"mass_y": 0.0, "mass_slip": 0.0, "mass_x": 0.0}
+    n = 0
+    for row, e in enumerate(examples):
+        s = sorted(e.fields["x"])
+        for i, y in enumerate(s):
+            p = probs[row, start + i]
+            sums["mass_y"] += float(p[digit_id[y]])
+            sums["mass_slip"] += float(p[slip_ids].sum())
+            sums["mass_x"] += float(sum(p[digit_id[d]] for d in set(s[i:]) - {y}))
+            n += 1
+    return {k: v / n for k, v in sums.items()}
 
 
 def _forced_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: CaseTask,
@@ -155,11 +191,15 @@ def case_checks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, case
     """The checks of ``case`` (:data:`CHECKS`) for ``model``, on the fixed held-out set (seed 0)."""
     model.eval()
     out: dict[str, float] = {}
+    masses: dict[str, float] | None = None  # reach: one teacher-forced pass for every mass_* check
     for check in CHECKS[case]:
         name, _, n = check.partition("@")
         task = make_case_task(case, length=int(n) if n else None, eval_size=eval_size)
         if name == "greedy":
             out[check] = _forced_accuracy(model, tokenizer, task, lambda x: "")
+        elif name.startswith("mass_"):
+            masses = masses or reach_masses(model, tokenizer, task)
+            out[check] = masses[name]
         elif name in ("path_a", "path_b"):
             out[check] = _forced_accuracy(model, tokenizer, task, lambda x, m=name[-1]: m)
         else:  # mode_<strategy>: force that answer up to the first token where the answers differ
@@ -207,8 +247,9 @@ def train_case_phase(phase: CasePhase, teacher: PreTrainedModel | None = None, *
         model.train()
         task = tasks[phase.lengths[rng.randrange(len(phase.lengths))]]
         examples = task.train_examples(step, phase.batch_size, seed=phase.seed)
-        if teacher is None:
-            completions = [tokenizer(task.sample_answer(e.fields["x"], rng) + CASE_EOS,
+        if teacher is None or phase.designed:
+            draw = task.student_answer if phase.designed else task.sample_answer
+            completions = [tokenizer(draw(e.fields["x"], rng) + CASE_EOS,
                                      add_special_tokens=False).input_ids for e in examples]
         else:
             completions = generate_completions(teacher, tokenizer, [e.prompt for e in examples],
@@ -248,6 +289,9 @@ def train_case_phase(phase: CasePhase, teacher: PreTrainedModel | None = None, *
         step, checks = best[1], best[3]
         model.load_state_dict(best[2])
     model.eval()
+    if phase.case == "reach" and teacher is not None:  # the pair's checks: the teacher on the student's states
+        t_mass = reach_masses(teacher, tokenizer, tasks[phase.lengths[0]])
+        checks = {**checks, "teacher_mass_x": t_mass["mass_x"], "teacher_mass_slip": t_mass["mass_slip"]}
     bad = [f"{k} = {checks.get(k, float('nan')):.1%} (accepted {lo:.0%}-{hi:.0%})"
            for k, (lo, hi) in phase.ranges.items() if not lo <= checks.get(k, float("nan")) <= hi]
     if bad:
@@ -292,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             phase = CasePhase(**{**asdict(phase), "seed": args.seed, "lengths": tuple(phase.lengths)})
         teacher = None
         if phase.role == "student":
-            path = args.out / phase.case / "teacher"
+            path = args.out / CASE_TEACHER_OF.get(phase.case, phase.case) / "teacher"
             if not (path / "config.json").is_file():
                 parser.error(f"{phase.name} needs its teacher at {path}: train it first")
             teacher = load_model(path).eval()

@@ -1,6 +1,6 @@
 """Case-study tasks: small digit tasks built so that one prediction of the survey can show.
 
-All four share one format and one character tokenizer (:func:`case_tokenizer`)::
+All the cases share one format and one character tokenizer (:func:`case_tokenizer`)::
 
     prompt      "305172="       n input digits x_1 … x_n, then "="  (the tokenizer prepends BOS "^")
     completion  "271503$"       the answer, then EOS "$"
@@ -27,6 +27,10 @@ task       what a correct completion is (``n`` = ``length``, default 6)
 ``long``   as ``route`` at any ``length`` (2–12; the input left-padded with ``a`` to 12 characters):
            the longer the answer, the more steps at which the student must track which digits are
            left (exposure bias, case d).
+``reach``  as ``route`` (the same teacher, ``builtin:route/teacher``), but the student is built so that
+           what it can reach and what the teacher supports differ on purpose: it writes the digits
+           in ascending order only (the other remaining digits are correct but out of its reach) and
+           slips to the wrong letters ``a`` / ``b``, which the teacher never writes (routing, case f).
 =========  ======================================================================================
 
 Held-out set: ``eval_size`` distinct inputs drawn once from ``seed``; training inputs that fall
@@ -54,10 +58,12 @@ __all__ = [
     "CASE_CHECKPOINTS",
     "CASE_EOS",
     "CASE_TASKS",
+    "CASE_TEACHER_OF",
     "CaseTask",
     "ForkTask",
     "LongTask",
     "ModesTask",
+    "ReachTask",
     "RouteTask",
     "case_checkpoint",
     "case_tokenizer",
@@ -270,13 +276,37 @@ class LongTask(RouteTask):
                        fields={"x": x, "length": self.length})
 
 
+class ReachTask(RouteTask):
+    """Case (f), reachable set ≠ teacher support: any permutation of the input digits (as ``route``;
+    the teacher is the route teacher, trained on uniformly random orders).
+
+    The student is warm-started on a *designed* distribution (:meth:`student_answer`), not on the
+    teacher's samples: at position ``i`` it writes ``sorted(x)[i]`` with probability
+    :attr:`p_sorted` and otherwise one of :attr:`slips` (``a``/``b``, never correct). So at every
+    step the teacher supports every remaining digit ``{y} ∪ X`` (``y`` the next digit in ascending
+    order), the student reaches ``y`` (≈ 0.5) and the wrong ``a``/``b`` (≈ 0.25 each) but not ``X``;
+    and because its ``i``-th digit is tied to the position, a prefix that leaves ascending order
+    (an ``X`` digit) is one it cannot complete.
+    """
+
+    name = "reach"
+    p_sorted = 0.5
+    slips = ("a", "b")
+
+    def student_answer(self, x: str, rng: random.Random) -> str:
+        """One completion of the student's designed warm-start distribution (see the class docstring)."""
+        return "".join(d if rng.random() < self.p_sorted else rng.choice(self.slips) for d in sorted(x))
+
+
 #: The case tasks by name.
-CASE_TASKS: dict[str, type[CaseTask]] = {t.name: t for t in (ForkTask, RouteTask, ModesTask, LongTask)}
+CASE_TASKS: dict[str, type[CaseTask]] = {t.name: t for t in (ForkTask, RouteTask, ModesTask, LongTask, ReachTask)}
+#: Cases whose teacher is another case's shipped teacher (same ground-truth distribution).
+CASE_TEACHER_OF: dict[str, str] = {"reach": "route"}
 
 
 def make_case_task(name: str, length: int | None = None, eval_size: int = 500, seed: int = 0,
                    eos_token: str = CASE_EOS) -> CaseTask:
-    """The case task ``name`` (``fork``, ``route``, ``modes``, ``long``); ``eos_token``: the EOS string
+    """The case task ``name`` (``fork``, ``route``, ``modes``, ``long``, ``reach``); ``eos_token``: the EOS string
     of the scored model's tokenizer."""
     if name not in CASE_TASKS:
         raise ValueError(f"unknown case task {name!r}; choose one of {sorted(CASE_TASKS)}")
@@ -284,7 +314,8 @@ def make_case_task(name: str, length: int | None = None, eval_size: int = 500, s
 
 
 def case_checkpoint(case: str, name: str) -> Path:
-    """Folder of a shipped case checkpoint (``builtin:<case>/<name>``, name ``teacher`` or ``student``).
+    """Folder of a shipped case checkpoint (``builtin:<case>/<name>``, name ``teacher`` or ``student``;
+    ``reach``'s teacher is ``route``'s, :data:`CASE_TEACHER_OF`).
 
     Raises:
         ValueError: unknown case or name. FileNotFoundError: not generated; run
@@ -293,7 +324,7 @@ def case_checkpoint(case: str, name: str) -> Path:
     if case not in CASE_TASKS or name not in CASE_CHECKPOINTS:
         raise ValueError(f"unknown case checkpoint {case}/{name}; the shipped ones are "
                          + ", ".join(f"builtin:{c}/{n}" for c in CASE_TASKS for n in CASE_CHECKPOINTS))
-    path = _ASSETS / case / name
+    path = _ASSETS / (CASE_TEACHER_OF.get(case, case) if name == "teacher" else case) / name
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the case checkpoint {case}/{name} is missing at {path}; generate it with "
                                 f"`python scripts/make_case_checkpoints.py --only {case}`")
