@@ -13,7 +13,19 @@ import pytest
 
 from opd.config.load import load_config
 from opd.tasks import TASKS, make_task
-from opd.tasks.cases import CASE_TASKS, ForkTask, LongTask, ModesTask, RouteTask, case_tokenizer, rev, rsum
+from opd.tasks.cases import (
+    CASE_TASKS,
+    CASE_TEACHER_OF,
+    ForkTask,
+    LongTask,
+    ModesTask,
+    ReachTask,
+    RouteTask,
+    case_checkpoint,
+    case_tokenizer,
+    rev,
+    rsum,
+)
 
 ASSETS = Path(__file__).resolve().parent.parent / "opd" / "assets"
 
@@ -82,6 +94,22 @@ def test_teacher_distributions():
     assert len(orders) == 6 and min(orders.values()) > 800  # all 3! orders, roughly uniform
 
 
+def test_reach_student_distribution_and_verifier():
+    """The designed warm start: ascending digit i with probability p_sorted, else a slip a/b (never correct)."""
+    task, rng, x = ReachTask(), random.Random(2), "305172"
+    draws = [task.student_answer(x, rng) for _ in range(4000)]
+    assert all(len(d) == len(x) and all(c == s or c in "ab" for c, s in zip(d, sorted(x))) for d in draws)
+    kept = sum(c == s for d in draws for c, s in zip(d, sorted(x))) / (4000 * len(x))
+    assert abs(kept - ReachTask.p_sorted) < 0.02
+    slips = Counter(c for d in draws for c in d if c in "ab")
+    assert abs(slips["a"] / sum(slips.values()) - 0.5) < 0.03
+    ex = task.example(x)
+    assert task.verify(ex, "012357$") == 1.0 and task.verify(ex, "753210$") == 1.0
+    assert task.verify(ex, "0a2357$") == 0.0 and task.strategy(ex, "012357$") == "sorted"
+    assert load_config(None, ["data.task=reach", "student.model=builtin:reach/student",
+                              "teacher.model=builtin:reach/teacher"]).data.task == "reach"
+
+
 def test_bad_lengths_and_settings_fail_clearly():
     with pytest.raises(ValueError, match="length must be"):
         ForkTask(length=13)
@@ -110,12 +138,21 @@ def test_shipped_pairs_have_the_designed_properties(case):
     from opd.models import load_model
     from opd.tasks.case_checkpoints import PHASES, case_checks
 
+    from opd.tasks.case_checkpoints import reach_masses
+
     for role in ("teacher", "student"):
+        if f"{case}/{role}" not in PHASES:  # reach's teacher is route's (checked with route)
+            assert CASE_TEACHER_OF[case] in CASE_TASKS and role == "teacher"
+            assert case_checkpoint(case, role) == case_checkpoint(CASE_TEACHER_OF[case], role)
+            continue
         card, phase = _card(case, role), PHASES[f"{case}/{role}"]
         for check, (lo, hi) in phase.ranges.items():
             assert lo <= card["checks"][check] <= hi, (case, role, check)
         assert card["bytes_on_disk"] < 2_000_000
         fresh = case_checks(load_model(ASSETS / case / role), case_tokenizer(), case, eval_size=100)
+        if case == "reach":  # the pair's checks: the teacher on the student's states
+            t = reach_masses(load_model(case_checkpoint(case, "teacher")), case_tokenizer(), ReachTask(eval_size=100))
+            fresh |= {"teacher_mass_x": t["mass_x"], "teacher_mass_slip": t["mass_slip"]}
         for check, (lo, hi) in phase.ranges.items():  # 100 prompts: a few points of slack
             assert lo - 0.06 <= fresh[check] <= hi + 0.06, (case, role, check, fresh[check])
 
@@ -138,3 +175,24 @@ def test_distill_and_sampled_evaluation_on_a_case(tmp_path):
     assert sum(sample_shares.values()) == pytest.approx(1.0)
     correct = sum(v for k, v in sample_shares.items() if k in ("sample/share/a", "sample/share/b"))
     assert post["sample/accuracy"] == pytest.approx(correct)
+
+
+def test_cr_opd_options_reach_the_update_on_reach(tmp_path):
+    """routing.mass / reach_p / temperature (opd/math/routing_options.py) change the update through the
+    objective: one step of cr-opd with each option set gives other weights than the shipped settings."""
+    from safetensors.torch import load_file
+
+    from opd.cli import main as opd_main
+
+    base = ["distill", "method=cr-opd", "data.task=reach", "student.model=builtin:reach/student",
+            "teacher.model=builtin:reach/teacher", "rollout.prompts_per_step=8", "eval.size=8", "eval.every=0",
+            "train.steps=1", "train.threads=1", "logging.progress=false", "logging.report=false"]
+    weights = {}
+    for name, extra in (("shipped", []), ("excess", ["routing.mass=excess"]),
+                        ("nucleus", ["routing.student_k=null", "routing.reach_p=0.5", "routing.temperature=0.5"])):
+        assert opd_main([*base, *extra, f"logging.run_dir={tmp_path / name}"]) == 0
+        weights[name] = load_file(str(tmp_path / name / "final" / "model.safetensors"))
+    for name in ("excess", "nucleus"):
+        assert any(not (weights[name][k] == weights["shipped"][k]).all() for k in weights["shipped"]), name
+    with pytest.raises(ValueError, match="routing.mass"):
+        load_config(None, ["method=cr-opd", "routing.mass=half"])
