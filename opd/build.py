@@ -62,7 +62,7 @@ def resolve_model_path(name: str) -> str:
         f"unknown built-in model {name!r}; the shipped checkpoints are builtin:arith/teacher, builtin:arith/student, "
         "builtin:arith/smoke_teacher, builtin:arith/smoke_student, builtin:arith_bpe/teacher, "
         "builtin:arith_chat/teacher, builtin:arith_chat/student and builtin:<case>/{teacher,student} for the case "
-        "studies fork, route, modes, long, and the GGUF models " + ", ".join(f"builtin:{k}" for k in BUILTIN_GGUF)
+        "studies fork, route, modes, long, reach, and the GGUF models " + ", ".join(f"builtin:{k}" for k in BUILTIN_GGUF)
     )
 
 

@@ -2,7 +2,8 @@
 
 ``python scripts/make_case_checkpoints.py`` (which calls :func:`main`) writes
 ``opd/assets/<case>/{teacher,student}`` for the cases of :mod:`opd.tasks.cases` (``fork``,
-``route``, ``modes``, ``long``), each a ``save_pretrained`` folder (model + tokenizer, safetensors,
+``route``, ``modes``, ``long``; ``reach`` ships only a student and uses ``route``'s teacher), each a
+``save_pretrained`` folder (model + tokenizer, safetensors,
 float32) with an ``opd_card.json`` recording the phase settings, the checks below, the training
 history and the command.
 
@@ -24,11 +25,17 @@ history and the command.
   sample is masked. The student learns how often the teacher takes the strategy and never how to
   carry it out — the situation a capacity limit creates, made by construction.
 
+  **Designed student** (``reach``): trained on :meth:`opd.tasks.cases.ReachTask.student_answer`
+  (ascending order, or a slip ``a``/``b``), not on the teacher's samples, so that its reachable set
+  and the teacher's support differ by construction; the pair's checks (``teacher_mass_*``: the
+  teacher on the student's states) are recorded in the student's card.
+
 Checks (greedy decoding on the held-out set): ``greedy`` (plain accuracy), ``path_a`` / ``path_b``
 (``fork``: accuracy when the first token is forced to ``a`` / ``b``), ``mode_rev`` / ``mode_rsum``
 (``modes``: accuracy when that answer is forced up to its first token that differs from the other
 answer — the second token unless ``x_n = 0``), ``greedy@n`` (``long``:
-accuracy at output length ``n``). The ranges encode each case's design (the module docstring of
+accuracy at output length ``n``), ``mass_y`` / ``mass_slip`` / ``mass_x`` (``reach``: mean probability
+on the next ascending digit, on ``a`` + ``b``, on the other remaining digits; :func:`reach_masses`). The ranges encode each case's design (the module docstring of
 :mod:`opd.tasks.cases`); they were set before any distillation run.
 
 Everything is seeded and runs with a fixed number of threads, so a rerun on the same machine
