@@ -5,7 +5,9 @@ decoding, the task's verifier (user data: the completion is cut at each model's 
 is compared), the same ``max_new_tokens`` and batch size.
 
 The held-out set is, in order of precedence: ``--prompts FILE`` (every row of a JSONL file, or the
-first ``--size``; nothing is split off for training), ``--task arith``, or the held-out set of the
+first ``--size``; nothing is split off for training; rows holding a conversation — a ``messages`` list
+and no ``prompt`` field — are read as ``data.format=chat``, rendered with each model's chat template,
+the last assistant turn being the reference answer), ``--task arith``, or the held-out set of the
 run the models come from; without a run, the built-in arith task.
 
 Defaults come from a run's ``config.yaml`` when a model is a run folder (its ``final/`` model, else
@@ -196,6 +198,9 @@ def settings(args: argparse.Namespace, located: list[Located]) -> Settings:
             raise FileNotFoundError(f"--prompts {args.prompts}: no such file; pass a JSONL file with one JSON "
                                     "object per line")
         d.task, d.path, d.eval_path, d.eval_split = "jsonl", str(prompts), None, None
+        prompt_field = args.prompt_field if _given(args.prompt_field) else d.prompt_field
+        if chat_rows(prompts, messages_field=d.messages_field, prompt_field=prompt_field):
+            d.format = "chat"
         d.context_field = d.route_field = None  # the student never reads them; a held-out file need not have them
         size = args.size if _given(args.size) else None
     elif _given(args.task) or run is None:
@@ -226,6 +231,22 @@ def settings(args: argparse.Namespace, located: list[Located]) -> Settings:
     source = f"defaults from {run / 'config.yaml'}" if run is not None else "opd's defaults (no run folder)"
     return Settings(cfg=cfg, eval_only=eval_only, size=size, max_new_tokens=max_new, batch_size=batch, source=source,
                     run=run)
+
+
+def chat_rows(path: Path, *, messages_field: str, prompt_field: str) -> bool:
+    """Whether the first record of the JSONL file ``path`` is a conversation: it has ``messages_field``
+    and no ``prompt_field`` (a file that is not JSON is left to the data loader's own error)."""
+    import json
+
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(row, dict) and messages_field in row and prompt_field not in row
+    return False
 
 
 def _scoring_options(cfg: Any) -> dict[str, Any]:
@@ -300,7 +321,9 @@ def describe(s: Settings, n: int, eos_tokens: list[str | None]) -> str:
     d = s.cfg.data
     if s.eval_only:
         rows = f"all {n} rows" if s.size is None else f"the first {n} rows"
-        what = f"{d.path}, {rows} (fields {d.prompt_field} / {d.answer_field})"
+        fields = (f"conversations in {d.messages_field!r}, rendered with each model's chat template; the last "
+                  "assistant turn is the answer" if d.format == "chat" else f"fields {d.prompt_field} / {d.answer_field}")
+        what = f"{d.path}, {rows} ({fields})"
     elif d.task == "arith":
         what = f"arith, {d.digits} digits, {n} held-out prompts (data.eval_seed={d.eval_seed})"
     elif d.task in BUILTIN_TASKS:
@@ -318,16 +341,17 @@ def describe(s: Settings, n: int, eos_tokens: list[str | None]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-def _check_answers(s: Settings, build_task: Any) -> None:
+def _check_answers(s: Settings, build_task: Any, cfg: Any) -> None:
     """Answer-based verifiers (auto, exact_match, contains) need an answer on every held-out row:
-    name the first row without one (file, line, field) instead of scoring nothing."""
-    d = s.cfg.data
+    name the first row without one (file, line, field) instead of scoring nothing (``cfg``: the
+    settings' config, for chat rows with the scored model as the student)."""
+    d = cfg.data
     if d.task == "arith" or d.verifier not in ("auto", "exact_match", "contains"):
         return
     if d.answer_field is None:
         raise ValueError(f"verifier {d.verifier} compares completions with reference answers, but no answer field is "
                          "set (data.answer_field); pass --answer-field, or --verifier python:module:function / none")
-    probe_cfg = copy.deepcopy(s.cfg)
+    probe_cfg = copy.deepcopy(cfg)
     probe_cfg.data.verifier = "none"
     probe = build_task(probe_cfg, eval_only=s.eval_only)
     examples = probe.eval_examples() if s.eval_only else probe.eval_examples(s.cfg.eval.size)
@@ -359,25 +383,33 @@ def run(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
-    tasks: dict[str | None, tuple[Any, list]] = {}
+    tasks: dict[tuple[str | None, str | None], tuple[Any, list]] = {}
+    chat = s.cfg.data.format == "chat"
 
-    def task_for(eos: str | None) -> tuple[Any, list]:
-        """The held-out task whose verifier cuts completions at ``eos`` (one per EOS string)."""
-        if eos not in tasks:
+    def task_for(eos: str | None, model_path: str) -> tuple[Any, list]:
+        """The held-out task whose verifier cuts completions at ``eos`` (one per EOS string; with chat
+        rows one per model too, since each model's own chat template renders the conversations)."""
+        key = (eos, model_path if chat else None)
+        if key not in tasks:
+            cfg = s.cfg
+            if chat:
+                cfg = copy.deepcopy(s.cfg)
+                cfg.student.model = model_path
+                cfg.student.tokenizer = resolve_model_path(args.tokenizer) if _given(args.tokenizer) else None
             if not tasks:
-                _check_answers(s, build_task)
-            task = build_task(s.cfg, eos_token=eos, eval_only=s.eval_only)
+                _check_answers(s, build_task, cfg)
+            task = build_task(cfg, eos_token=eos, eval_only=s.eval_only)
             examples = task.eval_examples() if s.eval_only else task.eval_examples(s.cfg.eval.size)
             if s.eval_only and s.size is not None and s.size > len(examples):
                 raise ValueError(f"--size {s.size}, but {s.cfg.data.path} holds {len(examples)} prompts; drop --size "
                                  "to score every row")
-            tasks[eos] = (task, examples)
-        return tasks[eos]
+            tasks[key] = (task, examples)
+        return tasks[key]
 
     paths = [resolve_model_path(loc.path) for loc in located]
     tokenizers = [load_tokenizer(resolve_model_path(args.tokenizer) if _given(args.tokenizer) else p) for p in paths]
-    for tok in tokenizers:  # every task is built (and its file checked) before any model is loaded
-        task_for(tok.eos_token)
+    for tok, path in zip(tokenizers, paths, strict=True):  # every task is built (its file checked) before any model
+        task_for(tok.eos_token, path)
     n = len(next(iter(tasks.values()))[1])
     if s.max_new_tokens is None:
         s.max_new_tokens, s.length_source = length_from_data(s, list(tasks.values()), tokenizers)
@@ -388,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     width = max(40, *(len(loc.arg) for loc in located))
     print(f"{'model':<{width}} {'accuracy':>9} {'mean len':>9} {'trunc':>6} {'n':>5}")
     for loc, path, tok in zip(located, paths, tokenizers, strict=True):
-        task, examples = task_for(tok.eos_token)
+        task, examples = task_for(tok.eos_token, path)
         model = load_model(path, device=device)
         r = evaluate(model, tok, task, examples, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
                      samples=args.samples)
