@@ -189,11 +189,19 @@ def choose_threads(requested: int | None, *, recorded: int | None = None,
 
 
 def apply_threads(threads: int) -> None:
-    """Set torch's intra-op thread count (imports torch)."""
+    """Set torch's intra-op thread count in the calling thread (imports torch).
+
+    Calls torch's own setter, ``torch._C.set_num_threads``: vLLM's CPU worker replaces
+    ``torch.set_num_threads`` with a function that only warns, once an in-process engine has started.
+    The count changes between training steps, in the thread that also calls the engine, and vLLM's CPU
+    attention reads it afresh at every model call (its scheduler metadata records the count and the
+    kernel checks it in the same call), so a change between steps is safe
+    (``tests/test_vllm_threads.py``).
+    """
     import torch
 
     if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+        torch._C.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,13 +254,14 @@ def adapt_threads(ceiling: int, others: float) -> int:
     return max(1, min(ceiling, int(math.floor(ceiling - others + 0.5))))
 
 
-def may_adapt_threads(adaptive: bool, *, overlap: bool, engine: str) -> bool:
+def may_adapt_threads(adaptive: bool, *, overlap: bool) -> bool:
     """Whether a run's :class:`ThreadGovernor` may change torch's thread count: the count was chosen by opd
-    (``adaptive``, not ``train.threads``), and nothing else depends on it staying fixed — not with
-    ``rollout.overlap`` (``torch.set_num_threads`` must not run while the sampler thread computes), not
-    with ``rollout.engine=vllm`` (vLLM's CPU attention fixes the count when the engine starts, and a later
-    change fails its check ``thread_num == thread_num``)."""
-    return adaptive and not overlap and engine != "vllm"
+    (``adaptive``, not ``train.threads``), and nothing else computes while it changes — not with
+    ``rollout.overlap`` (the sampler thread would compute during the change, and vLLM's CPU attention,
+    called from that thread, checks that the count it planned with is the count it runs with:
+    ``thread_num == thread_num``). An in-process vLLM engine without overlap is called from the
+    training thread between changes, so it adapts like the ``hf`` engine (:func:`apply_threads`)."""
+    return adaptive and not overlap
 
 
 class ThreadGovernor:

@@ -175,7 +175,7 @@ def _set_up(cfg: Config, resume: str | Path | None) -> tuple[Components, _Progre
                     **run_info(cfg, student=parts.student, teacher=parts.teacher, reference=parts.reference,
                                vocab=parts.vocab, device=parts.device, world=parts.world, access=parts.access),
                     "precision": accelerator.mixed_precision})
-        adaptive = may_adapt_threads(threads.adaptive, overlap=cfg.rollout.overlap, engine=cfg.rollout.engine)
+        adaptive = may_adapt_threads(threads.adaptive, overlap=cfg.rollout.overlap)
         progress = _Progress(governor=ThreadGovernor(threads.threads, enabled=adaptive))
         if resume is not None:
             progress.start = progress.done = restore(parts, run_dir, echo)

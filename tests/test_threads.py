@@ -294,10 +294,9 @@ def test_a_run_beside_a_busy_process_drops_to_one_thread_and_logs_it(tmp_path, m
     assert not [line for line in (with_overlap / "metrics.jsonl").read_text().splitlines() if '"threads"' in line]
 
 
-def test_the_governor_never_runs_beside_a_sampler_thread_or_an_in_process_vllm_engine():
-    """``rollout.overlap`` (a sampler thread computes) and ``rollout.engine=vllm`` (its CPU attention checks the
-    thread count it started with) keep the count fixed; a user's ``train.threads`` always does."""
-    assert threads.may_adapt_threads(True, overlap=False, engine="hf")
-    assert not threads.may_adapt_threads(True, overlap=True, engine="hf")
-    assert not threads.may_adapt_threads(True, overlap=False, engine="vllm")
-    assert not threads.may_adapt_threads(False, overlap=False, engine="hf")
+def test_the_governor_never_runs_beside_a_sampler_thread():
+    """``rollout.overlap`` (a sampler thread computes while the count would change) keeps the count fixed; a
+    user's ``train.threads`` always does. An in-process vLLM engine adapts (tests/test_vllm_threads.py)."""
+    assert threads.may_adapt_threads(True, overlap=False)
+    assert not threads.may_adapt_threads(True, overlap=True)
+    assert not threads.may_adapt_threads(False, overlap=False)
