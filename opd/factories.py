@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from opd.config.schema import Config
 from opd.lora import LoraSettings, apply_lora
 from opd.model_paths import is_server_url, resolve_model_path
-from opd.models import load_model, load_tokenizer
+from opd.models import load_model, load_model_config, load_tokenizer
 from opd.rollout import lm_head_vocab_size
 from opd.tasks.base import Task
 from opd.teachers import CrossTokenizerTeacher, ModelTeacher, RoutedTeacher, SelfTeacher, Teacher
@@ -51,14 +51,12 @@ def build_task(cfg: Config, *, eos_token: str | None = None, eval_only: bool = F
     if d.task == "arith_chat" or d.format == "chat":
         # conversations are rendered with the student's chat template, and a conversation that does not
         # fit the student's context with room for the completion is refused here, naming its row
-        from transformers import AutoConfig
-
         from opd.chat import ChatFormat, require_chat_template
 
         student_path = resolve_model_path(cfg.student.model)
         tokenizer = load_tokenizer(resolve_model_path(cfg.student.tokenizer) if cfg.student.tokenizer else student_path)
         require_chat_template(tokenizer)
-        window = getattr(AutoConfig.from_pretrained(student_path), "max_position_embeddings", None)
+        window = getattr(load_model_config(student_path), "max_position_embeddings", None)
         budget = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
         chat = ChatFormat(tokenizer=tokenizer, messages_field=d.messages_field, train_turns=d.train_turns,  # type: ignore[arg-type]
                           system_prompt=cfg.teacher.system_prompt, context_window=window,

@@ -320,6 +320,19 @@ def load_gguf_model(path: str | os.PathLike[str], *, dtype=None):
     return model
 
 
+def load_gguf_config(path: str | os.PathLike[str]):
+    """The ``transformers`` configuration stored in the GGUF file's metadata (no tensor is read).
+
+    Raises:
+        FileNotFoundError, GgufError: see :func:`check_gguf_file`.
+    """
+    check_gguf_file(path)
+    from transformers import AutoConfig
+
+    folder, name = _split(path)
+    return AutoConfig.from_pretrained(folder, gguf_file=name)
+
+
 def load_gguf_tokenizer(path: str | os.PathLike[str]):
     """The tokenizer (with its chat template) stored in the GGUF file's metadata.
 

@@ -22,10 +22,12 @@ from typing import Literal
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -261,6 +263,24 @@ def load_model(
     else:
         model = _hub_load(AutoModelForCausalLM.from_pretrained, name, "model", dtype=_DTYPES[dtype])
     return model.to(device).eval()
+
+
+def load_model_config(name_or_path: str | os.PathLike[str]) -> PretrainedConfig:
+    """A model's configuration without its weights: a local folder's ``config.json``, a ``.gguf`` file's
+    metadata (:func:`opd.gguf.load_gguf_config`; also ``builtin:smollm2-135m-instruct``) or a hub id's.
+
+    Raises:
+        FileNotFoundError, opd.gguf.GgufError, OSError: as :func:`load_model`.
+    """
+    name = _resolve_builtin_gguf(os.fspath(name_or_path))
+    if _is_gguf(name):
+        from opd.gguf import load_gguf_config
+
+        return load_gguf_config(name)
+    if _is_local(name):
+        _check_local_folder(Path(name).expanduser(), ("config.json",), "model", need_config=False)
+        return AutoConfig.from_pretrained(str(Path(name).expanduser()))
+    return _hub_load(AutoConfig.from_pretrained, name, "model configuration")
 
 
 def _is_gguf(name: str) -> bool:

@@ -6,6 +6,7 @@ check that fails in seconds when the hub is off. The real SmolLM2 file has its o
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -245,3 +246,29 @@ def test_student_teacher_server_and_eval_accept_a_gguf_file(tiny, capsys, tmp_pa
     assert main(["eval", str(path), "--prompts", str(prompts), "--max-new-tokens", "2"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(path))]
     assert len(row) == 1 and row[0].split()[-1] == "2"  # scored both prompts
+
+
+def test_a_gguf_student_reads_conversations(tiny, tmp_path, capsys):
+    """Chat data checks each conversation against the student's context window, read from the GGUF
+    file's metadata (its context length), and ``opd eval --prompts`` scores conversation rows."""
+    from opd.config.load import load_config
+    from opd.factories import build_task
+    from opd.models import load_model_config
+
+    model, path = tiny
+    assert load_model_config(path).max_position_embeddings == model.config.max_position_embeddings == 32
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                     {"role": "assistant", "content": "b"}]}) + "\n"
+                            for p in ("ab", "ba", "a b")))
+    cfg = load_config(None, [f"student.model={path}", "data.task=jsonl", "data.format=chat", f"data.path={rows}",
+                             "rollout.max_new_tokens=4"])
+    task = build_task(cfg, eos_token="<|im_end|>")
+    assert task.train_examples(0, 2, 0)[0].prompt.endswith("<|im_start|>assistant\n")
+    from opd.cli import main
+
+    assert main(["eval", str(path), "--prompts", str(rows), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "conversations in 'messages'" in out
+    row = [line for line in out.splitlines() if line.startswith(str(path))]
+    assert len(row) == 1 and row[0].split()[-1] == "3"
