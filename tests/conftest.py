@@ -24,9 +24,10 @@ def _seed():
     yield
     # a run's ThreadGovernor lowers the count on a busy machine (by design); the next test, and the
     # session's in-process vLLM engines (whose CPU attention checks the count it started with), must
-    # not inherit that
+    # not inherit that (torch's own setter: vLLM replaces torch.set_num_threads with a no-op; a vLLM engine
+    # called from another thread, such as the tests' stand-in servers, plans with the global count)
     if torch.get_num_threads() != _THREADS:
-        torch.set_num_threads(_THREADS)
+        torch._C.set_num_threads(_THREADS)
     if os.environ.get("LD_PRELOAD") != _PRELOAD:
         if _PRELOAD is None:
             os.environ.pop("LD_PRELOAD", None)
