@@ -320,17 +320,22 @@ def load_gguf_model(path: str | os.PathLike[str], *, dtype=None):
     return model
 
 
+def _from_metadata(auto_class_name: str, path: str | os.PathLike[str]):
+    """``transformers.<auto_class_name>.from_pretrained`` on the GGUF file (checked first)."""
+    check_gguf_file(path)
+    import transformers
+
+    folder, name = _split(path)
+    return getattr(transformers, auto_class_name).from_pretrained(folder, gguf_file=name)
+
+
 def load_gguf_config(path: str | os.PathLike[str]):
     """The ``transformers`` configuration stored in the GGUF file's metadata (no tensor is read).
 
     Raises:
         FileNotFoundError, GgufError: see :func:`check_gguf_file`.
     """
-    check_gguf_file(path)
-    from transformers import AutoConfig
-
-    folder, name = _split(path)
-    return AutoConfig.from_pretrained(folder, gguf_file=name)
+    return _from_metadata("AutoConfig", path)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike[str]):
@@ -339,8 +344,4 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]):
     Raises:
         FileNotFoundError, GgufError: see :func:`check_gguf_file`.
     """
-    check_gguf_file(path)
-    from transformers import AutoTokenizer
-
-    folder, name = _split(path)
-    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return _from_metadata("AutoTokenizer", path)
